@@ -1,3 +1,13 @@
 """gqa-convert: turn multi-head attention checkpoints into grouped-query attention ones."""
 
 __version__ = "0.1.0"
+
+from .checkpoint import Report, convert_checkpoint, describe  # noqa: E402
+from .core import convert_model, kv_cache_bytes_per_token  # noqa: E402
+from .families import FAMILIES, ConversionError, supported_model_types  # noqa: E402
+from .methods import METHODS  # noqa: E402
+
+__all__ = [
+    "__version__", "convert_checkpoint", "convert_model", "describe", "kv_cache_bytes_per_token", "Report",
+    "ConversionError", "FAMILIES", "METHODS", "supported_model_types",
+]

@@ -1,0 +1,578 @@
+"""Checkpoint folders in and out: resolve SOURCE, check everything before writing, stream the conversion into a
+temporary folder beside OUTPUT, verify it, and only then rename it into place.
+
+Memory stays flat: tensors are read one at a time with plain file reads, tensors the conversion does not touch are
+copied in bounded chunks, and output shards are written with headers declared up front.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from fnmatch import fnmatch
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .core import check_groups, convert_layer, kv_cache_bytes_per_token, valid_groups
+from .families import (
+    QK_NORM_FAMILIES,
+    Attention,
+    ConversionError,
+    Family,
+    Shapes,
+    family_for,
+    output_shapes,
+    shapes_for,
+)
+from .methods import get_method
+from .tensorio import ShardWriter, TensorInfo, nbytes, read_header, read_pickle_header, read_tensor
+
+# Files worth taking from a hub repo or copying beside the converted weights (tokenizer, generation settings).
+SIDE_FILES = [
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "vocab.txt", "merges.txt", "*.tiktoken", "chat_template.jinja", "chat_template.json",
+    "generation_config.json",
+]
+SAFETENSORS_FILES = ["config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors"]
+PICKLE_FILES = ["pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*.bin"]
+PROVENANCE = "gqa_convert.json"
+DTYPE_CHOICES = ("keep", "float32", "float16", "bfloat16")
+
+
+@dataclass
+class Source:
+    """A checkpoint opened for reading: config, family, sizes, and where every tensor lives (no data read)."""
+
+    folder: Path
+    name: str  # hub id or folder, for the model card
+    raw_config: dict
+    config: Any
+    family: Family
+    shapes: Shapes
+    tensors: dict[str, TensorInfo]
+    pickle: bool = False
+
+    def get(self, key: str) -> torch.Tensor:
+        return read_tensor(self.tensors[key])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+
+@dataclass
+class Report:
+    """What a conversion did (or, with dry_run, would do)."""
+
+    source: str
+    output: str
+    model_type: str
+    method: str
+    num_heads: int
+    kv_heads_before: int
+    kv_heads_after: int
+    head_dim: int
+    dtype: str
+    tensors_total: int
+    tensors_touched: list[str]
+    bytes_in: int
+    bytes_out: int
+    shards_out: int
+    kv_cache_bytes_per_token_before: int
+    kv_cache_bytes_per_token_after: int
+    dry_run: bool
+    per_layer: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading
+
+
+def resolve_source(source: str | Path, revision: str | None = None, allow_pickle: bool = False) -> tuple[Path, str]:
+    """A local folder as it is, or a hub id downloaded (config, tokenizer and weights only) into the hub cache."""
+    path = Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ConversionError(f"SOURCE {source} is a file: pass the folder that holds config.json")
+        return path, str(source)
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)):
+        raise ConversionError(f"SOURCE {source} is neither an existing folder nor a hub id like 'org/model'")
+    from huggingface_hub import snapshot_download
+
+    patterns = SAFETENSORS_FILES + SIDE_FILES + (PICKLE_FILES if allow_pickle else [])
+    try:
+        folder = snapshot_download(str(source), revision=revision, allow_patterns=patterns)
+    except Exception as e:  # huggingface_hub has many error types: offline, missing repo, gated, network
+        hint = "it is not in the local hub cache" if os.environ.get("HF_HUB_OFFLINE") == "1" else "check the id"
+        raise ConversionError(f"could not fetch {source} from the hub ({type(e).__name__}: {e}); {hint}")
+    return Path(folder), str(source)
+
+
+def _weight_files(folder: Path, allow_pickle: bool) -> tuple[list[Path], bool]:
+    """The weight shards of a folder, in index order; refuses pickle unless allowed."""
+    for index_name, single, is_pickle in (
+        ("model.safetensors.index.json", "model.safetensors", False),
+        ("pytorch_model.bin.index.json", "pytorch_model.bin", True),
+    ):
+        index, one = folder / index_name, folder / single
+        if not index.exists() and not one.exists():
+            continue
+        if is_pickle and not allow_pickle:
+            raise ConversionError(
+                f"{folder} has only pickle weights ({single}), which can run code when loaded. Pass "
+                "--allow-pickle to load them with torch.load(weights_only=True), or convert them to safetensors"
+            )
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ConversionError(f"{index} is not a valid shard index ({e}): re-download it")
+            files = list(dict.fromkeys(weight_map.values()))
+            missing = [f for f in files if not (folder / f).is_file()]
+            if missing:
+                raise ConversionError(
+                    f"{index.name} names shard(s) that do not exist: {', '.join(missing)}. "
+                    "The download is incomplete: fetch the missing files"
+                )
+            return [folder / f for f in files], is_pickle
+        return [one], is_pickle
+    raise ConversionError(f"no weights in {folder}: expected model.safetensors or model.safetensors.index.json")
+
+
+def read_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise ConversionError(f"no config.json in {folder}: SOURCE must be a transformers model folder")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConversionError(f"{path} is not valid JSON ({e}): fix or re-download it")
+    if not isinstance(raw, dict):
+        raise ConversionError(f"{path} must hold a JSON object")
+    return raw
+
+
+def open_source(
+    source: str | Path,
+    revision: str | None = None,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+) -> Source:
+    """Resolve and open SOURCE; checks config, family, shard files and head counts against weight shapes."""
+    from transformers import AutoConfig
+
+    folder, name = resolve_source(source, revision, allow_pickle)
+    raw = read_config(folder)
+    family = family_for(raw.get("model_type"))
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except Exception as e:  # transformers raises ValueError/TypeError/KeyError for bad fields
+        raise ConversionError(f"{folder}/config.json could not be read by transformers ({type(e).__name__}: {e})")
+    files, is_pickle = _weight_files(folder, allow_pickle)
+    tensors: dict[str, TensorInfo] = {}
+    for f in files:
+        infos = read_pickle_header(f) if is_pickle else read_header(f)[0]
+        tensors.update(infos)
+    src = Source(folder, name, raw, config, family, shapes_for(family, config), tensors, is_pickle)
+    _check_weights(src)
+    return src
+
+
+def _check_weights(src: Source) -> None:
+    """Every layer has its attention tensors, with the shapes the config implies."""
+    fam, s, present = src.family, src.shapes, set(src.tensors)
+    for fragment, reason in fam.refuse.items():
+        if any(fragment in k for k in present):
+            raise ConversionError(f"unsupported checkpoint: {reason}")
+    for layer in range(s.num_layers):
+        keys = fam.attention_keys(layer, present)
+        meta = {k: torch.empty(src.tensors[k].shape, device="meta") for k in keys}
+        try:
+            att = fam.split(layer, meta.__getitem__, keys, s)
+        except (KeyError, RuntimeError) as e:
+            shapes = {k: tuple(v.shape) for k, v in meta.items()}
+            raise ConversionError(
+                f"layer {layer}: the attention weights do not match config.json ({s.num_heads} heads, "
+                f"{s.num_kv_heads} KV heads, head_dim {s.head_dim}, hidden {s.hidden}); found {shapes or 'none'} "
+                f"({type(e).__name__}: {e}). The config and the weights disagree: fix config.json"
+            ) from None
+        expect = {"q": (s.num_heads, s.head_dim, s.hidden), "k": (s.num_kv_heads, s.head_dim, s.hidden)}
+        got = {"q": tuple(att.q.shape), "k": tuple(att.k.shape)}
+        prefix = fam.prefix.format(i=layer)
+        if expect != got or any(meta[k].numel() not in _allowed_numel(k[len(prefix):], s, fam) for k in keys):
+            found = {k[len(prefix):]: tuple(v.shape) for k, v in meta.items()}
+            raise ConversionError(
+                f"layer {layer}: the attention weights do not match config.json ({s.num_heads} heads, "
+                f"{s.num_kv_heads} KV heads, head_dim {s.head_dim}): found {found}. "
+                "The config and the weights disagree: fix config.json"
+            )
+
+
+def _allowed_numel(name: str, s: Shapes, fam: Family) -> set[int]:
+    """How many numbers a layer tensor may hold given the config (a reshape alone would accept wrong sizes)."""
+    H, Hkv, d, D = s.num_heads, s.num_kv_heads, s.head_dim, s.hidden
+    base, kind = name.rsplit(".", 1)
+    if base == fam.o:
+        return {D * H * d}
+    if base in (fam.q_norm, fam.k_norm):  # shared by all heads ([d]) or one weight per head
+        return {d, (H if base == fam.q_norm else Hkv) * d}
+    rows = {fam.q: H * d, fam.k: Hkv * d, fam.v: Hkv * d, fam.fused: (H + 2 * Hkv) * d}[base]
+    return {rows * (D if kind == "weight" else 1)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Planning
+
+
+@dataclass
+class OutTensor:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    source: TensorInfo  # the tensor it comes from (same name)
+    layer: int | None  # set when the conversion computes it; None when it passes through
+
+
+def natural_key(name: str) -> list:
+    """model.layers.2 before model.layers.10, so layers are converted in order, one at a time."""
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+def parse_size(size: str | int) -> int:
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", size.upper())
+    if not m:
+        raise ConversionError(f"--max-shard-size {size!r} is not a size like 5GB, 500MB or 2GiB")
+    unit = m.group(2).rstrip("B") or ""
+    scale = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+             "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}[unit]
+    return int(float(m.group(1)) * scale)
+
+
+def output_dtype(info_dtype: torch.dtype, dtype: str) -> torch.dtype:
+    if dtype == "keep" or not info_dtype.is_floating_point:
+        return info_dtype
+    return getattr(torch, dtype)
+
+
+def plan_tensors(src: Source, groups: int, dtype: str) -> tuple[list[OutTensor], Shapes]:
+    """Every output tensor with its dtype and shape, in layer order, before any data is read."""
+    fam, s_in = src.family, src.shapes
+    s_out = output_shapes(s_in, groups, src.raw_config, fam)
+    present = set(src.tensors)
+    computed: dict[str, tuple[int, tuple[int, ...]]] = {}
+    for layer in range(s_in.num_layers):
+        keys = fam.attention_keys(layer, present)
+        meta = {k: torch.empty(src.tensors[k].shape, device="meta") for k in keys}
+        att = fam.split(layer, meta.__getitem__, keys, s_in)
+        shrunk = att.replace(**{a: getattr(att, a)[:groups] for a in ("k", "v", "k_bias", "v_bias", "k_norm")
+                                if getattr(att, a) is not None})
+        for key, t in fam.join(layer, shrunk, keys, s_out).items():
+            computed[key] = (layer, tuple(t.shape))
+    plan = []
+    for name in sorted(src.tensors, key=natural_key):
+        info = src.tensors[name]
+        layer, shape = computed.get(name, (None, info.shape))
+        plan.append(OutTensor(name, output_dtype(info.dtype, dtype), shape, info, layer))
+    return plan, s_out
+
+
+def assign_shards(plan: list[OutTensor], max_bytes: int) -> list[list[OutTensor]]:
+    shards: list[list[OutTensor]] = [[]]
+    size = 0
+    for t in plan:
+        n = nbytes(t.dtype, t.shape)
+        if shards[-1] and size + n > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += n
+    return shards
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Writing
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _temp_folder(output: Path) -> Path:
+    """`.NAME.gqa-tmp-PID` beside OUTPUT; leftovers of killed runs (dead PIDs) are removed first."""
+    for stale in output.parent.glob(f".{output.name}.gqa-tmp-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    return output.parent / f".{output.name}.gqa-tmp-{os.getpid()}"
+
+
+def check_output(src_folder: Path, output: Path, overwrite: bool, needed_bytes: int) -> None:
+    """Refuse outputs that would lose data: inside SOURCE, non-empty without --overwrite, or no room on disk."""
+    out, srcp = output.resolve(), src_folder.resolve()
+    if out == srcp or srcp in out.parents:
+        raise ConversionError(f"OUTPUT {output} is inside SOURCE {src_folder}: choose a folder outside it")
+    if out in srcp.parents:
+        raise ConversionError(f"OUTPUT {output} contains SOURCE {src_folder}: choose another folder")
+    if output.exists() and not output.is_dir():
+        raise ConversionError(f"OUTPUT {output} is a file: choose a folder path")
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise ConversionError(f"OUTPUT {output} exists and is not empty: pass --overwrite to replace it")
+    parent = output.parent
+    while not parent.exists():
+        parent = parent.parent
+    free = shutil.disk_usage(parent).free
+    if free < needed_bytes + (64 << 20):
+        raise ConversionError(
+            f"not enough free disk space at {parent}: need {needed_bytes / 1e9:.2f} GB, have {free / 1e9:.2f} GB"
+        )
+
+
+def _write_shards(
+    src: Source,
+    shards: list[list[OutTensor]],
+    folder: Path,
+    compute_layer: Callable[[int], dict[str, torch.Tensor]],
+    progress: bool,
+) -> dict[str, str]:
+    """Stream every output tensor into its shard; returns the weight map."""
+    names = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
+    total = sum(nbytes(t.dtype, t.shape) for shard in shards for t in shard)
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="converting", disable=not progress)
+    weight_map: dict[str, str] = {}
+    cache: dict[str, torch.Tensor] = {}  # computed tensors of the current layer, dropped once written
+    for shard, name in zip(shards, names):
+        writer = ShardWriter(folder / name, [(t.name, t.dtype, t.shape) for t in shard], {"format": "pt"})
+        for t in shard:
+            if t.layer is not None:
+                if t.name not in cache:
+                    cache = compute_layer(t.layer)
+                writer.write(t.name, cache.pop(t.name).to(t.dtype))
+            elif t.dtype == t.source.dtype and not src.pickle:
+                writer.write_raw(t.name, t.source)  # byte for byte
+            else:
+                writer.write(t.name, read_tensor(t.source).to(t.dtype))
+            weight_map[t.name] = name
+            bar.update(nbytes(t.dtype, t.shape))
+        writer.close()
+    bar.close()
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return weight_map
+
+
+def _copy_side_files(src: Path, dst: Path) -> list[str]:
+    copied = []
+    for f in sorted(src.iterdir()):
+        if f.is_file() and any(fnmatch(f.name, p) for p in SIDE_FILES):
+            shutil.copy2(f, dst / f.name)
+            copied.append(f.name)
+    return copied
+
+
+def _model_card(report: Report, source_name: str) -> str:
+    base = source_name if re.fullmatch(r"[\w.-]+/[\w.-]+", source_name) else Path(source_name).name
+    return f"""---
+base_model: {base}
+tags:
+- gqa-convert
+- grouped-query-attention
+library_name: transformers
+---
+
+# {base}, {report.kv_heads_after} KV heads
+
+Converted from `{source_name}` with [gqa-convert](https://pypi.org/project/gqa-convert/) {__version__}:
+multi-head / grouped-query attention with {report.kv_heads_before} KV heads became
+{"multi-query" if report.kv_heads_after == 1 else "grouped-query"} attention with {report.kv_heads_after} KV heads
+({report.num_heads} query heads, head_dim {report.head_dim}).
+
+| | before | after |
+|---|---|---|
+| KV heads | {report.kv_heads_before} | {report.kv_heads_after} |
+| KV cache per token | {report.kv_cache_bytes_per_token_before:,} B | {report.kv_cache_bytes_per_token_after:,} B |
+
+- method: `{report.method}`
+- dtype: `{report.dtype}`
+- details and per-layer statistics: `{PROVENANCE}`
+
+Load it with stock transformers: `AutoModelForCausalLM.from_pretrained(path)`. A converted model has lost some
+quality; uptraining (`recipes/uptrain.py` in gqa-convert) wins most of it back.
+"""
+
+
+def verify_output(folder: Path, src: Source, expected: dict[str, tuple[int, ...]]) -> None:
+    """Re-read what was written: the source's keys exactly, shapes as planned and as the patched config implies."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    files, _ = _weight_files(folder, allow_pickle=False)
+    written: dict[str, TensorInfo] = {}
+    for f in files:
+        written.update(read_header(f)[0])
+    if set(written) != set(src.tensors):
+        extra, lost = set(written) - set(src.tensors), set(src.tensors) - set(written)
+        raise AssertionError(f"output keys differ from the source: extra {sorted(extra)}, lost {sorted(lost)}")
+    wrong = {k: (written[k].shape, v) for k, v in expected.items() if written[k].shape != v}
+    if wrong:
+        raise AssertionError(f"output shapes differ from the plan: {wrong}")
+    config = AutoConfig.from_pretrained(folder)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    model_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    bad = {k: (i.shape, model_shapes[k]) for k, i in written.items() if k in model_shapes and i.shape != model_shapes[k]}
+    if bad:
+        raise AssertionError(f"written shapes disagree with the patched config: {bad}")
+
+
+def convert_checkpoint(
+    source: str | Path,
+    output: str | Path,
+    num_kv_heads: int,
+    method: str = "mean",
+    *,
+    dtype: str = "keep",
+    revision: str | None = None,
+    max_shard_size: str | int = "5GB",
+    overwrite: bool = False,
+    dry_run: bool = False,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+    method_options: dict[str, Any] | None = None,
+) -> Report:
+    """Convert the checkpoint at SOURCE (folder or hub id) to `num_kv_heads` KV heads, written at OUTPUT.
+
+    Nothing is written until every check passes; OUTPUT appears only when complete; SOURCE is never modified.
+    """
+    if dtype not in DTYPE_CHOICES:
+        raise ConversionError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPE_CHOICES)}")
+    merger = get_method(method)
+    src = open_source(source, revision, allow_pickle, trust_remote_code)
+    s_in = src.shapes
+    check_groups(num_kv_heads, s_in)
+    plan, s_out = plan_tensors(src, num_kv_heads, dtype)
+    shards = assign_shards(plan, parse_size(max_shard_size))
+    out_dtype = next(t.dtype for t in plan if t.layer is not None)  # the attention weights' dtype
+    report = Report(
+        source=src.name,
+        output=str(output),
+        model_type=src.raw_config["model_type"],
+        method=method,
+        num_heads=s_in.num_heads,
+        kv_heads_before=s_in.num_kv_heads,
+        kv_heads_after=num_kv_heads,
+        head_dim=s_in.head_dim,
+        dtype=dtype,
+        tensors_total=len(plan),
+        tensors_touched=[t.name for t in plan if t.layer is not None],
+        bytes_in=src.nbytes,
+        bytes_out=sum(nbytes(t.dtype, t.shape) for t in plan),
+        shards_out=len(shards),
+        kv_cache_bytes_per_token_before=kv_cache_bytes_per_token(s_in, s_in.num_kv_heads, out_dtype),
+        kv_cache_bytes_per_token_after=kv_cache_bytes_per_token(s_in, num_kv_heads, out_dtype),
+        dry_run=dry_run,
+    )
+    if src.raw_config["model_type"] in QK_NORM_FAMILIES:
+        report.notes.append(
+            "this family normalizes keys per head after the projection (q/k norm): merged keys are pooled before "
+            "that norm, so the merge is approximate on the key side even when weights agree"
+        )
+    output = Path(output)
+    if dry_run:
+        return report
+    check_output(src.folder, output, overwrite, report.bytes_out)
+
+    present = set(src.tensors)
+    context = merger.layer_contexts(src, num_kv_heads, seed, **(method_options or {}))
+
+    def compute_layer(layer: int) -> dict[str, torch.Tensor]:
+        keys = src.family.attention_keys(layer, present)
+        out, stats = convert_layer(
+            src.family, merger, layer, src.get, keys, s_in, s_out, seed, context(layer) if context else None
+        )
+        report.per_layer.append({"layer": layer, **stats})
+        return out
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_folder(output)
+    tmp.mkdir()
+    try:
+        _write_shards(src, shards, tmp, compute_layer, progress)
+        raw = src.family.patch_config(src.raw_config, num_kv_heads)
+        if dtype != "keep":
+            raw["dtype"] = dtype
+            raw.pop("torch_dtype", None)
+        (tmp / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
+        _copy_side_files(src.folder, tmp)
+        (tmp / "README.md").write_text(_model_card(report, src.name))
+        provenance = {
+            "tool": "gqa-convert",
+            "version": __version__,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "settings": {"seed": seed, "revision": revision, "max_shard_size": str(max_shard_size),
+                         **(method_options or {})},
+            **{k: v for k, v in report.as_dict().items() if k not in ("tensors_touched", "output")},
+        }
+        (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n")
+        merger.finish(tmp, report)
+        verify_output(tmp, src, {t.name: t.shape for t in plan})
+        _move_into_place(tmp, output)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return report
+
+
+def _move_into_place(tmp: Path, output: Path) -> None:
+    """Rename the finished folder to OUTPUT; an existing OUTPUT (--overwrite) is moved aside first, then removed."""
+    old = None
+    if output.exists():
+        old = output.parent / f".{output.name}.gqa-old-{os.getpid()}"
+        os.replace(output, old)
+    os.replace(tmp, output)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def describe(source: str | Path, revision: str | None = None, allow_pickle: bool = False) -> dict:
+    """What `gqa-convert inspect` prints: family, heads, head_dim, valid G and KV-cache bytes per token for each."""
+    src = open_source(source, revision, allow_pickle)
+    s = src.shapes
+    dtype = next((t.dtype for t in src.tensors.values() if t.dtype.is_floating_point), torch.float32)
+    return {
+        "source": src.name,
+        "model_type": src.raw_config["model_type"],
+        "layers": s.num_layers,
+        "hidden_size": s.hidden,
+        "num_heads": s.num_heads,
+        "num_kv_heads": s.num_kv_heads,
+        "head_dim": s.head_dim,
+        "rotary_dim": s.rotary_dim,
+        "dtype": str(dtype).removeprefix("torch."),
+        "parameters": sum(int(torch.Size(t.shape).numel()) for t in src.tensors.values()),
+        "valid_num_kv_heads": {g: kv_cache_bytes_per_token(s, g, dtype) for g in valid_groups(s)},
+    }

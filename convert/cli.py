@@ -1,0 +1,122 @@
+"""`gqa-convert`: a thin click layer; every command parses its options and calls the library."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+
+from . import __version__
+from .families import ConversionError
+from .methods import METHODS
+
+
+def _fail(error: Exception) -> None:
+    click.echo(f"error: {error}", err=True)
+    sys.exit(2)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+@click.group()
+@click.version_option(__version__, prog_name="gqa-convert")
+def main() -> None:
+    """Convert multi-head attention checkpoints to grouped-query (GQA) or multi-query (MQA) attention."""
+
+
+@main.command()
+@click.argument("source")
+@click.argument("output", type=click.Path(file_okay=False))
+@click.option("--num-kv-heads", "-g", type=int, required=True, help="KV heads after conversion (G; 1 = MQA).")
+@click.option("--method", type=click.Choice(list(METHODS)), default="mean", show_default=True,
+              help="How the KV heads of a group are merged.")
+@click.option("--dtype", type=click.Choice(["keep", "float32", "float16", "bfloat16"]), default="keep",
+              show_default=True, help="Output dtype of floating tensors.")
+@click.option("--revision", default=None, help="Hub revision (branch, tag or commit) when SOURCE is a hub id.")
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 2GB, 500MB.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for the random method and calibration.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty OUTPUT.")
+@click.option("--dry-run", is_flag=True, help="Print the plan and write nothing.")
+@click.option("--allow-pickle", is_flag=True, help="Accept pickle (*.bin) weights, loaded with weights_only=True.")
+@click.option("--trust-remote-code", is_flag=True, help="Let transformers run code shipped with the config.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar, only the result line.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def convert(source: str, output: str, num_kv_heads: int, method: str, dtype: str, revision: str | None,
+            max_shard_size: str, seed: int, overwrite: bool, dry_run: bool, allow_pickle: bool,
+            trust_remote_code: bool, quiet: bool, as_json: bool) -> None:
+    """Convert SOURCE (folder or hub id) into OUTPUT with NUM_KV_HEADS key/value heads."""
+    from .checkpoint import convert_checkpoint
+
+    try:
+        report = convert_checkpoint(
+            source, output, num_kv_heads, method, dtype=dtype, revision=revision, max_shard_size=max_shard_size,
+            overwrite=overwrite, dry_run=dry_run, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+            seed=seed, progress=not (quiet or as_json),
+        )
+    except ConversionError as e:
+        _fail(e)
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), indent=2))
+        return
+    _print_report(report, quiet)
+
+
+def _print_report(r: Any, quiet: bool) -> None:
+    what = "would write" if r.dry_run else "wrote"
+    line = (f"{r.source} ({r.model_type}): {r.kv_heads_before} -> {r.kv_heads_after} KV heads by {r.method}; "
+            f"{what} {r.output}")
+    if quiet and not r.dry_run:
+        click.echo(line)
+        return
+    click.echo(line)
+    click.echo(f"  tensors: {r.tensors_total} total, {len(r.tensors_touched)} rewritten "
+               f"(attention of every layer), the rest copied unchanged")
+    click.echo(f"  bytes in: {_human(r.bytes_in)}, bytes out: {_human(r.bytes_out)} in {r.shards_out} shard(s)")
+    click.echo(f"  KV cache per token: {_human(r.kv_cache_bytes_per_token_before)} -> "
+               f"{_human(r.kv_cache_bytes_per_token_after)} "
+               f"({r.kv_cache_bytes_per_token_before / r.kv_cache_bytes_per_token_after:.1f}x smaller)")
+    if r.dry_run:
+        for name in r.tensors_touched[:8]:
+            click.echo(f"    rewrite {name}")
+        if len(r.tensors_touched) > 8:
+            click.echo(f"    ... and {len(r.tensors_touched) - 8} more")
+    for note in r.notes:
+        click.echo(f"  note: {note}")
+
+
+@main.command()
+@click.argument("source")
+@click.option("--revision", default=None, help="Hub revision when SOURCE is a hub id.")
+@click.option("--allow-pickle", is_flag=True, help="Accept pickle (*.bin) weights.")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def inspect(source: str, revision: str | None, allow_pickle: bool, as_json: bool) -> None:
+    """Family, heads, KV heads, head_dim, valid --num-kv-heads values and their KV-cache bytes per token."""
+    from .checkpoint import describe
+
+    try:
+        info = describe(source, revision, allow_pickle)
+    except ConversionError as e:
+        _fail(e)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    click.echo(f"{info['source']}: {info['model_type']}, {info['layers']} layers, hidden {info['hidden_size']}, "
+               f"{info['parameters'] / 1e6:.1f}M parameters ({info['dtype']})")
+    click.echo(f"  heads {info['num_heads']}, KV heads {info['num_kv_heads']}, head_dim {info['head_dim']}, "
+               f"rotary dims {info['rotary_dim']}")
+    click.echo("  --num-kv-heads   KV cache per token")
+    for g, n in info["valid_num_kv_heads"].items():
+        mark = "  (current)" if g == info["num_kv_heads"] else ""
+        click.echo(f"  {g:>14}   {n:>10,} B{mark}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""Tensor files, one tensor at a time: read safetensors (and, when allowed, pickle) shards; write safetensors
+shards whose header is known up front, so tensors stream to disk and no shard is ever held in memory.
+
+Reads use plain file reads, not mmap: pages of a mapped file count towards the process's resident memory,
+so mapping a 5 GB shard would make peak memory grow with shard size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Iterable
+
+import torch
+from torch import Tensor
+
+from .families import ConversionError
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+NAMES = {v: k for k, v in DTYPES.items()}
+COPY_CHUNK = 16 << 20  # bytes per read/write when copying a tensor verbatim
+
+
+def nbytes(dtype: torch.dtype, shape: Iterable[int]) -> int:
+    n = torch.empty((), dtype=dtype).element_size()
+    for s in shape:
+        n *= s
+    return n
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: file, dtype, shape, and (safetensors) absolute byte offset."""
+
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int = -1  # -1: pickle file, read through torch.load
+    key: str = ""  # the tensor's name inside a pickle file
+
+    @property
+    def nbytes(self) -> int:
+        return nbytes(self.dtype, self.shape)
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict]:
+    """Parse a safetensors header and check that the file holds every byte it promises."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ConversionError(f"{path} is not a safetensors file (too short): re-download or re-save it")
+        (hlen,) = struct.unpack("<Q", head)
+        if hlen > size - 8 or hlen > 100 << 20:
+            raise ConversionError(f"{path} has a corrupt safetensors header: re-download or re-save it")
+        try:
+            header = json.loads(f.read(hlen))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ConversionError(f"{path} has a corrupt safetensors header ({e}): re-download or re-save it")
+    meta = header.pop("__metadata__", {}) or {}
+    base = 8 + hlen
+    infos, end = {}, 0
+    for name, h in header.items():
+        if h["dtype"] not in DTYPES:
+            raise ConversionError(f"{path}: tensor {name} has unsupported dtype {h['dtype']}")
+        start, stop = h["data_offsets"]
+        info = TensorInfo(path, DTYPES[h["dtype"]], tuple(h["shape"]), base + start)
+        if stop - start != info.nbytes:
+            raise ConversionError(f"{path}: tensor {name} has {stop - start} bytes for shape {info.shape}")
+        infos[name] = info
+        end = max(end, stop)
+    if base + end > size:
+        raise ConversionError(
+            f"{path} is truncated: the header promises {base + end} bytes, the file has {size}. "
+            "Re-download or re-save the checkpoint."
+        )
+    return infos, meta
+
+
+def read_tensor(info: TensorInfo) -> Tensor:
+    if info.offset < 0:
+        return _pickle_tensor(info)
+    buf = torch.empty(info.nbytes, dtype=torch.uint8)
+    with open(info.file, "rb") as f:
+        f.seek(info.offset)
+        if f.readinto(buf.numpy()) != info.nbytes:
+            raise ConversionError(f"{info.file} ended early: the file is truncated; re-download it")
+    return buf.view(info.dtype).reshape(info.shape)
+
+
+def copy_raw(info: TensorInfo, out: BinaryIO) -> None:
+    """Copy a tensor's bytes verbatim, in bounded chunks (byte-for-byte pass-through)."""
+    left = info.nbytes
+    with open(info.file, "rb") as f:
+        f.seek(info.offset)
+        while left:
+            chunk = f.read(min(left, COPY_CHUNK))
+            if not chunk:
+                raise ConversionError(f"{info.file} ended early: the file is truncated; re-download it")
+            out.write(chunk)
+            left -= len(chunk)
+
+
+# Pickle (.bin) shards: only with --allow-pickle, loaded with weights_only=True and mmap so that a shard is not
+# read whole. One shard stays open at a time.
+_pickle_cache: dict[Path, dict[str, Tensor]] = {}
+
+
+def read_pickle_header(path: Path) -> dict[str, TensorInfo]:
+    state = _open_pickle(path)
+    return {k: TensorInfo(path, v.dtype, tuple(v.shape), key=k) for k, v in state.items() if isinstance(v, Tensor)}
+
+
+def _open_pickle(path: Path) -> dict[str, Tensor]:
+    if path not in _pickle_cache:
+        _pickle_cache.clear()
+        try:
+            _pickle_cache[path] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # torch raises many kinds here; all mean "not a loadable weights file"
+            raise ConversionError(f"{path} could not be loaded as weights ({type(e).__name__}: {e})")
+    return _pickle_cache[path]
+
+
+def _pickle_tensor(info: TensorInfo) -> Tensor:
+    return _open_pickle(info.file)[info.key]
+
+
+class ShardWriter:
+    """Write one safetensors file whose tensors (names, dtypes, shapes) are declared before any data."""
+
+    def __init__(self, path: Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict):
+        self.path = path
+        header: dict = {"__metadata__": metadata}
+        offset = 0
+        self.expected: list[tuple[str, int]] = []
+        for name, dtype, shape in entries:
+            size = nbytes(dtype, shape)
+            header[name] = {"dtype": NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            self.expected.append((name, size))
+            offset += size
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # keep the data 8-byte aligned, as the safetensors writer does
+        self.file = open(path, "wb")
+        self.file.write(struct.pack("<Q", len(raw)) + raw)
+        self.next = 0
+
+    def _check(self, name: str, size: int) -> None:
+        want, want_size = self.expected[self.next]
+        if (name, size) != (want, want_size):
+            raise AssertionError(f"{self.path}: wrote {name} ({size} B), header expects {want} ({want_size} B)")
+        self.next += 1
+
+    def write(self, name: str, tensor: Tensor) -> None:
+        t = tensor.detach().contiguous().reshape(-1)
+        self._check(name, t.numel() * t.element_size())
+        self.file.write(memoryview(t.view(torch.uint8).numpy()))
+
+    def write_raw(self, name: str, info: TensorInfo) -> None:
+        self._check(name, info.nbytes)
+        copy_raw(info, self.file)
+
+    def close(self) -> None:
+        if self.next != len(self.expected):
+            raise AssertionError(f"{self.path}: {len(self.expected) - self.next} tensors were never written")
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
