@@ -118,5 +118,36 @@ def inspect(source: str, revision: str | None, allow_pickle: bool, as_json: bool
         click.echo(f"  {g:>14}   {n:>10,} B{mark}")
 
 
+@main.command()
+@click.option("--output", type=click.Path(file_okay=False), default=None,
+              help="Where to write the converted model (default: in the gqa-convert cache).")
+@click.option("--num-kv-heads", "-g", type=int, default=1, show_default=True, help="KV heads after conversion.")
+@click.option("--method", type=click.Choice(list(METHODS)), default="mean", show_default=True)
+@click.option("--windows", type=int, default=8, show_default=True, help="512-token windows scored per model.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+def demo(output: str | None, num_kv_heads: int, method: str, windows: int, quiet: bool, as_json: bool) -> None:
+    """Convert the real SmolLM2-135M (shipped on PyPI, offline) from 3 KV heads to NUM_KV_HEADS and compare."""
+    from .demo import PROMPT, run_demo
+
+    try:
+        r = run_demo(output, num_kv_heads, method, windows, progress=not (quiet or as_json))
+    except (ConversionError, FileNotFoundError) as e:
+        _fail(e)
+    if as_json:
+        click.echo(json.dumps(r, indent=2))
+        return
+    before, after = r["models"]["original"], r["models"]["converted"]
+    click.echo(f"SmolLM2-135M-Instruct: {r['kv_heads'][0]} -> {r['kv_heads'][1]} KV heads by {r['method']} "
+               f"in {r['convert_seconds']:.1f} s, written to {r['output']}")
+    click.echo(f"KV cache per token: {r['kv_cache_bytes_per_token'][0]:,} B -> {r['kv_cache_bytes_per_token'][1]:,} B")
+    click.echo(f"perplexity on {r['eval_text']}, {after['windows']} x 512 tokens:")
+    click.echo(f"  original  {before['perplexity']:>12.2f}")
+    click.echo(f"  converted {after['perplexity']:>12.2f}")
+    click.echo(f"prompt: {PROMPT}")
+    click.echo(f"  original:  {before['completion']}")
+    click.echo(f"  converted: {after['completion']}")
+
+
 if __name__ == "__main__":
     main()

@@ -72,3 +72,19 @@ def tokenize_file(tokenizer, path: str, max_tokens: int | None = None) -> torch.
         text = text[: max_tokens * 8]
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
     return ids[:max_tokens] if max_tokens is not None else ids
+
+
+def builtin_text(part: str = "eval") -> str:
+    """English text that ships with every Python: the pydoc topic pages (~465 KB), for offline defaults.
+
+    Topics are sorted by name and split in two halves, so that calibration ("calibration") and evaluation
+    ("eval") never read the same text.
+    """
+    from pydoc_data.topics import topics
+
+    names = sorted(topics)
+    half = len(names) // 2
+    chosen = names[:half] if part == "calibration" else names[half:]
+    if part not in ("eval", "calibration"):
+        raise ValueError(f"part must be 'eval' or 'calibration', got {part!r}")
+    return "\n\n".join(topics[n] for n in chosen)

@@ -47,6 +47,7 @@ class Attention:
     v_bias: Tensor | None = None
     q_norm: Tensor | None = None
     k_norm: Tensor | None = None
+    norms_2d: bool = False  # per-head norm weights are stored [heads, d] (cohere), not flat [heads*d] (olmo2)
 
     @property
     def num_heads(self) -> int:
@@ -142,6 +143,7 @@ class Family:
             w = t.get(f"{name}.weight")
             if w is not None and w.numel() == heads * d and heads > 1:
                 setattr(att, attr, w.reshape(heads, d))
+                att.norms_2d = w.dim() == 2
         return att
 
     def join(self, layer: int, att: Attention, keys: list[str], s: Shapes) -> dict[str, Tensor]:
@@ -168,7 +170,7 @@ class Family:
         for attr, name in (("q_norm", self.q_norm), ("k_norm", self.k_norm)):
             w = getattr(att, attr)
             if w is not None:
-                out[f"{p}{name}.weight"] = w.reshape(-1)
+                out[f"{p}{name}.weight"] = w if att.norms_2d else w.reshape(-1)
         return out
 
 

@@ -1,0 +1,104 @@
+"""Every family in the table, end to end through real files: tiny model -> sharded safetensors -> convert ->
+`from_pretrained` -> logits compared with transformers' own forward pass."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch.testing import assert_close
+from transformers import AutoModelForCausalLM
+
+from convert import convert_checkpoint, convert_model
+from convert.families import supported_model_types
+from tiny import logits, make_groups_identical, save, tiny_model
+
+FAMILIES = supported_model_types()
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_same_kv_count_changes_nothing(model_type, tmp_path):
+    model = tiny_model(model_type)
+    src = save(model, tmp_path / "src")
+    convert_checkpoint(src, tmp_path / "out", _kv(model), progress=False)
+    out = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert_close(logits(out), logits(model), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_identical_heads_in_groups_pool_exactly(model_type, tmp_path):
+    model = tiny_model(model_type)
+    make_groups_identical(model, 2)
+    src = save(model, tmp_path / "src")
+    assert len(list(src.glob("model-*.safetensors"))) > 1, "the source should be sharded"
+    convert_checkpoint(src, tmp_path / "out", 2, progress=False)
+    out = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert _kv_raw(config, model_type) == 2
+    assert_close(logits(out), logits(model), rtol=1e-4, atol=1e-4)
+    # And the model is really smaller where it should be: K/V rows shrank by half.
+    assert sum(p.numel() for p in out.parameters()) < sum(p.numel() for p in model.parameters())
+    generated = out.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, do_sample=False)
+    assert generated.shape == (1, 7)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "phi3", "falcon", "olmo2", "gemma3_text"])
+def test_distinct_heads_change_logits(model_type, tmp_path):
+    """The identical-heads test means something only if pooling distinct heads does change the function."""
+    model = tiny_model(model_type)
+    out = convert_model(model, 1)
+    assert out.config is not model.config
+    assert (logits(out) - logits(model)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "phi3", "falcon", "cohere"])
+def test_convert_model_matches_convert_checkpoint(model_type, tmp_path):
+    model = tiny_model(model_type)
+    in_memory = convert_model(model, 2, method="mean")
+    convert_checkpoint(save(model, tmp_path / "src"), tmp_path / "out", 2, progress=False)
+    from_files = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert type(in_memory) is type(model)
+    assert_close(logits(in_memory), logits(from_files), rtol=0, atol=0)
+
+
+def test_falcon_classic_mha_to_grouped_and_multi_query(tmp_path):
+    """Classic falcon interleaves q/k/v per head; G=1 becomes multi_query, 1<G<H the new grouped architecture."""
+    model = tiny_model("falcon", new_decoder_architecture=False, multi_query=False, parallel_attn=True,
+                       num_kv_heads=None)
+    make_groups_identical(model, 1)
+    src = save(model, tmp_path / "src")
+    for groups in (1, 2):
+        convert_checkpoint(src, tmp_path / f"g{groups}", groups, progress=False)
+        raw = json.loads((tmp_path / f"g{groups}" / "config.json").read_text())
+        out = AutoModelForCausalLM.from_pretrained(tmp_path / f"g{groups}").eval()
+        assert_close(logits(out), logits(model), rtol=1e-4, atol=1e-4)
+        assert raw["multi_query"] if groups == 1 else raw["new_decoder_architecture"]
+
+
+def test_mean_pool_by_hand_on_four_heads(tmp_path):
+    """4 KV heads -> 2: the written k/v rows are exactly the mean of head pairs (0,1) and (2,3)."""
+    model = tiny_model("qwen2", num_attention_heads=4, num_key_value_heads=4, head_dim=16)
+    src = save(model, tmp_path / "src")
+    convert_checkpoint(src, tmp_path / "out", 2, progress=False)
+    out = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    for name in ("k_proj", "v_proj"):
+        before = getattr(model.model.layers[1].self_attn, name)
+        after = getattr(out.model.layers[1].self_attn, name)
+        w = before.weight.detach()  # [4*16, 64]
+        expected = torch.stack([(w[0:16] + w[16:32]) / 2, (w[32:48] + w[48:64]) / 2]).reshape(32, 64)
+        assert_close(after.weight.detach(), expected)
+        b = before.bias.detach()
+        assert_close(after.bias.detach(), torch.cat([(b[0:16] + b[16:32]) / 2, (b[32:48] + b[48:64]) / 2]))
+    # Queries are untouched, byte for byte.
+    assert torch.equal(out.model.layers[1].self_attn.q_proj.weight, model.model.layers[1].self_attn.q_proj.weight)
+
+
+def _kv(model) -> int:
+    from convert.families import family_for, shapes_for
+
+    return shapes_for(family_for(model.config.model_type), model.config).num_kv_heads
+
+
+def _kv_raw(config: dict, model_type: str) -> int:
+    return config["num_kv_heads"] if model_type == "falcon" else config["num_key_value_heads"]

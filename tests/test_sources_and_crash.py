@@ -1,0 +1,87 @@
+"""SOURCE as a hub id resolved from a real local hub cache (offline), and a converter killed with SIGKILL."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from transformers import AutoModelForCausalLM
+
+from convert.cli import main
+from tiny import save, tiny_model
+
+
+def fake_hub_cache(cache: Path, repo_id: str, files_from: Path, commit: str = "a" * 40) -> None:
+    """The layout huggingface_hub itself writes: blobs, a snapshot of links to them, and refs/main."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / commit
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for f in files_from.iterdir():
+        digest = hashlib.sha256(f.read_bytes()).hexdigest()
+        shutil.copy(f, repo / "blobs" / digest)
+        (snapshot / f.name).symlink_to(Path("../../blobs") / digest)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+
+
+def test_hub_id_resolves_from_the_local_cache_offline(tmp_path, monkeypatch):
+    src = save(tiny_model("qwen2"), tmp_path / "src")
+    cache = tmp_path / "hub"
+    fake_hub_cache(cache, "tiny-org/tiny-qwen2", src)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(cache))
+    runner = CliRunner()
+    result = runner.invoke(main, ["convert", "tiny-org/tiny-qwen2", str(tmp_path / "out"), "-g", "2", "-q"])
+    assert result.exit_code == 0, result.output
+    assert "tiny-org/tiny-qwen2" in result.output
+    assert "base_model: tiny-org/tiny-qwen2" in (tmp_path / "out" / "README.md").read_text()
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").config.num_key_value_heads == 2
+    missing = runner.invoke(main, ["convert", "tiny-org/not-cached", str(tmp_path / "out2"), "-g", "2"])
+    assert missing.exit_code == 2 and "not in the local hub cache" in missing.output
+    assert not (tmp_path / "out2").exists()
+
+
+def test_sigkill_leaves_no_output_and_an_intact_source(tmp_path):
+    # Large enough (~170 MB float32) that the kill lands while shards are being written.
+    model = tiny_model("llama", hidden_size=512, intermediate_size=1536, num_hidden_layers=12,
+                       num_attention_heads=8, num_key_value_heads=8, head_dim=64, vocab_size=8000)
+    src = save(model, tmp_path / "src", shard="40MB")
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in src.iterdir()}
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "convert.cli", "convert", str(src), str(out), "-g", "1", "-q",
+           "--max-shard-size", "20MB"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    killed_mid_write = False
+    while time.time() < deadline and proc.poll() is None:
+        tmp = list(tmp_path.glob(".out.gqa-tmp-*"))
+        if tmp and len(list(tmp[0].glob("*.safetensors"))) >= 2:
+            os.kill(proc.pid, signal.SIGKILL)
+            killed_mid_write = True
+            break
+        time.sleep(0.005)
+    proc.wait()
+    assert killed_mid_write, f"the converter finished before it could be killed: {proc.stderr.read()!r}"
+    assert proc.returncode == -signal.SIGKILL
+    assert not out.exists()
+    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in src.iterdir()} == before
+    # The next run removes the dead run's temporary folder and completes.
+    leftovers = list(tmp_path.glob(".out.gqa-tmp-*"))
+    assert leftovers
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert not any(p.exists() for p in leftovers)
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_key_value_heads == 1
