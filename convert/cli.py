@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -116,6 +117,48 @@ def inspect(source: str, revision: str | None, allow_pickle: bool, as_json: bool
     for g, n in info["valid_num_kv_heads"].items():
         mark = "  (current)" if g == info["num_kv_heads"] else ""
         click.echo(f"  {g:>14}   {n:>10,} B{mark}")
+
+
+@main.command("eval")
+@click.argument("models", nargs=-1, required=True)
+@click.option("--data", default=None,
+              help="Text to score: a .txt/.jsonl/.json/.parquet file or a hub dataset (default: Python's pydoc text).")
+@click.option("--window", type=int, default=512, show_default=True, help="Tokens per perplexity window.")
+@click.option("--stride", type=int, default=None, help="Tokens between window starts (default: the window).")
+@click.option("--max-windows", type=int, default=8, show_default=True, help="Windows scored per model.")
+@click.option("--contexts", default="128,512,2048", show_default=True,
+              help="Context lengths for the decode measurement (comma-separated; empty to skip).")
+@click.option("--new-tokens", type=int, default=32, show_default=True, help="Tokens decoded per measurement.")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... or auto.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+def eval_(models: tuple[str, ...], data: str | None, window: int, stride: int | None, max_windows: int,
+          contexts: str, new_tokens: int, device: str, as_json: bool) -> None:
+    """Perplexity, KV-cache bytes per token and decode speed of MODELS, as one table with ratios to the first."""
+    from transformers.utils import logging as hf_logging
+
+    from .compare import as_dicts, compare, format_table
+
+    hf_logging.disable_progress_bar()
+    try:
+        ctx = tuple(int(c) for c in contexts.split(",") if c.strip())
+    except ValueError:
+        _fail(ValueError(f"--contexts {contexts!r} must be comma-separated integers, e.g. 128,512,2048"))
+    for m in models:
+        if not (Path(m) / "config.json").is_file():
+            _fail(ValueError(f"MODEL {m} is not a model folder (no config.json): pass converted or original folders"))
+    try:
+        results = compare(list(models), data=data, window=window, stride=stride, max_windows=max_windows,
+                          contexts=ctx, new_tokens=new_tokens, device=device)
+    except (ValueError, OSError) as e:
+        _fail(e)
+    if as_json:
+        click.echo(json.dumps(as_dicts(results), indent=2))
+        return
+    r0 = results[0]
+    click.echo(f"perplexity: {r0.windows} windows x {r0.window} tokens, stride {r0.stride}, "
+               f"{r0.tokens} tokens scored, text {data or 'pydoc_data topics (second half)'}")
+    click.echo(f"decode: {new_tokens} new tokens after each context, greedy, with cache")
+    click.echo(format_table(results))
 
 
 @main.command()

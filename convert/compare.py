@@ -1,0 +1,212 @@
+"""`gqa-convert eval`: quality against KV-cache memory and decode speed, for several models side by side."""
+
+from __future__ import annotations
+
+import gc
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import psutil
+import torch
+
+from .evaluate import builtin_text, perplexity
+
+DEFAULT_CONTEXTS = (128, 512, 2048)
+
+
+@dataclass
+class Decode:
+    context: int
+    new_tokens: int
+    tokens_per_s: float
+    kv_cache_bytes: int  # measured: every tensor the cache holds after decoding
+    peak_memory_bytes: int  # peak RSS (CPU) or peak allocated (CUDA) while decoding
+
+
+@dataclass
+class ModelEval:
+    model: str
+    model_type: str
+    parameters: int
+    num_heads: int
+    num_kv_heads: int
+    dtype: str
+    kv_cache_bytes_per_token: int  # from the config: 2 * layers * KV heads * head_dim * element size
+    perplexity: float
+    tokens: int
+    windows: int
+    window: int
+    stride: int
+    decode: list[Decode] = field(default_factory=list)
+
+
+def text_ids(tokenizer, data: str | None, max_tokens: int) -> tuple[torch.Tensor, str]:
+    """Token ids to score, and a description of where they came from.
+
+    A `.txt` file is tokenized whole, as written (the protocol of the README's WikiText numbers); other sources
+    go through `convert.data` in their own order; no source means the pydoc text that ships with Python.
+    """
+    if data is None:
+        ids = tokenizer(builtin_text("eval"), add_special_tokens=False, return_tensors="pt").input_ids[0]
+        return ids[:max_tokens], "pydoc_data topics (second half)"
+    if data.endswith(".txt") and Path(data).is_file():
+        from .evaluate import tokenize_file
+
+        return tokenize_file(tokenizer, data, max_tokens), data
+    from .data import sample_token_ids
+
+    return sample_token_ids(data, tokenizer, max_tokens, seed=None), data
+
+
+class PeakMemory:
+    """Peak memory while a block runs: CUDA's own counter, or RSS sampled every 5 ms on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak = 0
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return self
+        self._proc = psutil.Process()
+        self._stop = threading.Event()
+        self.peak = self._proc.memory_info().rss
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+            return
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+
+
+def cache_bytes(cache) -> int:
+    """Bytes held by a transformers cache object (its layers' key and value tensors)."""
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
+
+
+@torch.no_grad()
+def measure_decode(model, prompt: torch.Tensor, new_tokens: int, device: torch.device) -> Decode:
+    """Decode speed with `generate` and its cache: (time for 1 + n tokens - time for 1 token) / n.
+
+    Subtracting the 1-token run removes the prefill, so the rate is that of the cached decode steps alone.
+    """
+    x = prompt[None].to(device)
+    kwargs = dict(do_sample=False, pad_token_id=model.config.eos_token_id, return_dict_in_generate=True)
+
+    def timed(n: int):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        out = model.generate(x, max_new_tokens=n, min_new_tokens=n, **kwargs)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start, out
+
+    timed(2)  # warm-up: first-call allocations and kernel selection
+    t1, _ = timed(1)
+    with PeakMemory(device) as mem:
+        tn, out = timed(1 + new_tokens)
+    rate = new_tokens / max(tn - t1, 1e-9)
+    return Decode(len(prompt), new_tokens, rate, cache_bytes(out.past_key_values), mem.peak)
+
+
+def evaluate_model(
+    path: str,
+    data: str | None = None,
+    window: int = 512,
+    stride: int | None = None,
+    max_windows: int | None = 8,
+    contexts: tuple[int, ...] = DEFAULT_CONTEXTS,
+    new_tokens: int = 32,
+    device: str = "auto",
+) -> ModelEval:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path).to(dev).eval()
+    cfg = model.config
+    need = max([window * (max_windows or 64) + 1] + [c for c in contexts])
+    ids, _ = text_ids(tokenizer, data, need)
+    ppl = perplexity(model, ids, window, stride, max_windows)
+    from .core import kv_cache_bytes_per_token
+    from .families import family_for, shapes_for
+
+    s = shapes_for(family_for(cfg.model_type), cfg)
+    dtype = next(model.parameters()).dtype
+    result = ModelEval(
+        model=str(path), model_type=cfg.model_type, parameters=sum(p.numel() for p in model.parameters()),
+        num_heads=s.num_heads, num_kv_heads=s.num_kv_heads, dtype=str(dtype).removeprefix("torch."),
+        kv_cache_bytes_per_token=kv_cache_bytes_per_token(s, s.num_kv_heads, dtype),
+        perplexity=ppl.ppl, tokens=ppl.tokens, windows=ppl.windows, window=ppl.window, stride=ppl.stride,
+    )
+    limit = getattr(cfg, "max_position_embeddings", None) or 1 << 30
+    for context in contexts:
+        if context + new_tokens + 1 > limit or context > len(ids):
+            continue  # longer than the model (or the text) allows: left out of the table
+        result.decode.append(measure_decode(model, ids[:context], new_tokens, dev))
+    del model
+    gc.collect()
+    return result
+
+
+def compare(models: list[str], **options) -> list[ModelEval]:
+    """Evaluate each model with the same text and settings, one after the other (one in memory at a time)."""
+    return [evaluate_model(m, **options) for m in models]
+
+
+def as_dicts(results: list[ModelEval]) -> list[dict]:
+    """JSON-ready rows, each with ratios to the first model."""
+    base = results[0]
+    rows = []
+    for r in results:
+        row = asdict(r)
+        row["ratio_to_first"] = {
+            "perplexity": r.perplexity / base.perplexity,
+            "kv_cache_bytes_per_token": r.kv_cache_bytes_per_token / base.kv_cache_bytes_per_token,
+        }
+        for d, b in zip(row["decode"], base.decode):
+            d["speedup_vs_first"] = d["tokens_per_s"] / b.tokens_per_s
+        rows.append(row)
+    return rows
+
+
+def format_table(results: list[ModelEval]) -> str:
+    """One Markdown table: quality, KV cache, decode speed per context, with ratios to the first model."""
+    base = results[0]
+    contexts = [d.context for d in base.decode]
+    head = ["model", "KV heads", "ppl", "ppl ×", "KV B/token", "KV ×"]
+    head += [f"tok/s @{c}" for c in contexts] + [f"peak MB @{contexts[-1]}"] if contexts else []
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        cells = [Path(r.model).name or r.model, str(r.num_kv_heads), f"{r.perplexity:.2f}",
+                 f"{r.perplexity / base.perplexity:.2f}", f"{r.kv_cache_bytes_per_token:,}",
+                 f"{r.kv_cache_bytes_per_token / base.kv_cache_bytes_per_token:.2f}"]
+        speeds = {d.context: d for d in r.decode}
+        for c, b in zip(contexts, base.decode):
+            d = speeds.get(c)
+            cells.append(f"{d.tokens_per_s:.1f} ({d.tokens_per_s / b.tokens_per_s:.2f}×)" if d else "-")
+        if contexts:
+            last = speeds.get(contexts[-1])
+            cells.append(f"{last.peak_memory_bytes / 1e6:.0f}" if last else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
