@@ -50,17 +50,32 @@ def main() -> None:
 @click.option("--trust-remote-code", is_flag=True, help="Let transformers run code shipped with the config.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar, only the result line.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--calibration-data", default=None,
+              help="Calibrated methods: text to calibrate on, a .txt/.jsonl/.json/.parquet file or a hub dataset "
+                   "(default 'builtin': Python's pydoc text, offline; 'random': random token ids).")
+@click.option("--calibration-tokens", type=int, default=None, help="Calibrated methods: tokens to calibrate on "
+              "(default 8192).")
+@click.option("--grouping", type=click.Choice(["contiguous", "similarity"]), default=None,
+              help="Calibrated methods: which KV heads share a group (default contiguous).")
 def convert(source: str, output: str, num_kv_heads: int, method: str, dtype: str, revision: str | None,
             max_shard_size: str, seed: int, overwrite: bool, dry_run: bool, allow_pickle: bool,
-            trust_remote_code: bool, quiet: bool, as_json: bool) -> None:
+            trust_remote_code: bool, quiet: bool, as_json: bool, calibration_data: str | None,
+            calibration_tokens: int | None, grouping: str | None) -> None:
     """Convert SOURCE (folder or hub id) into OUTPUT with NUM_KV_HEADS key/value heads."""
     from .checkpoint import convert_checkpoint
 
+    options = {k: v for k, v in (("calibration_data", calibration_data), ("calibration_tokens", calibration_tokens),
+                                 ("grouping", grouping)) if v is not None}
+    if options and not METHODS[method].needs_calibration:
+        flags = ", ".join("--" + k.replace("_", "-") for k in options)
+        calibrated = ", ".join(n for n, m in METHODS.items() if m.needs_calibration)
+        _fail(ConversionError(f"{flags}: only for calibrated methods ({calibrated}); --method {method} reads the "
+                              "weights alone"))
     try:
         report = convert_checkpoint(
             source, output, num_kv_heads, method, dtype=dtype, revision=revision, max_shard_size=max_shard_size,
             overwrite=overwrite, dry_run=dry_run, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
-            seed=seed, progress=not (quiet or as_json),
+            seed=seed, progress=not (quiet or as_json), method_options=options or None,
         )
     except ConversionError as e:
         _fail(e)

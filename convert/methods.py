@@ -166,3 +166,7 @@ def permute_kv_heads(att: Attention, order: list[int] | Tensor) -> Attention:
         v_bias=take(att.v_bias, order),
         k_norm=take(att.k_norm, order),
     )
+
+
+# Methods kept in modules of their own register themselves when imported.
+from . import calibrate  # noqa: E402,F401  ("calibrated")

@@ -239,3 +239,20 @@ def test_smollm2_mqa_perplexity(tmp_path, smollm2_path, wikitext_valid, wikitext
           f"{prov['calibration']['calibration_tokens']} calibration tokens, conversion {seconds:.1f} s")
     assert report.kv_heads_after == 1
     assert ppl <= 300
+
+
+def test_cli_calibrated(tmp_path):
+    from click.testing import CliRunner
+
+    from convert.cli import main
+
+    src = save(tiny_model("llama"), tmp_path / "src")
+    run = CliRunner().invoke(main, ["convert", str(src), str(tmp_path / "out"), "-g", "2", "--method", "calibrated",
+                                    "--calibration-data", "random", "--calibration-tokens", "256", "--grouping",
+                                    "similarity", "--quiet"])
+    assert run.exit_code == 0, run.output
+    prov = json.loads((tmp_path / "out" / "gqa_convert.json").read_text())
+    assert prov["settings"]["grouping"] == "similarity" and prov["calibration"]["calibration_tokens"] == 256
+    refused = CliRunner().invoke(main, ["convert", str(src), str(tmp_path / "m"), "-g", "2", "--grouping",
+                                        "similarity"])
+    assert refused.exit_code == 2 and "only for calibrated methods" in refused.output
