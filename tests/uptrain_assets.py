@@ -1,0 +1,86 @@
+"""Tiny, self-contained assets for the data and uptraining tests: a corpus, a BPE tokenizer, llama checkpoints.
+
+Everything is built offline in well under a second: a seeded toy corpus with real structure (so a model can learn
+it), a byte-level BPE tokenizer trained on it with `tokenizers`, and llama models built from configs.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+
+SUBJECTS = ["the cat", "a dog", "my friend", "the old man", "a small bird", "the teacher", "our neighbour"]
+VERBS = ["sat on", "looked at", "walked to", "found", "liked", "painted", "waited near"]
+OBJECTS = ["the mat", "a red house", "the river", "an apple", "the garden", "a blue car", "the station"]
+
+
+def toy_documents(n: int = 300, seed: int = 0) -> list[str]:
+    """`n` documents of 3-12 short sentences from a tiny grammar."""
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n):
+        sentences = [
+            f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)} ." for _ in range(rng.randint(3, 12))
+        ]
+        docs.append(" ".join(sentences))
+    return docs
+
+
+def write_corpus(path: Path, docs: list[str]) -> Path:
+    """Documents as a plain-text file, separated by blank lines (the `paragraphs` layout)."""
+    path.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
+    return path
+
+
+def train_tokenizer(docs: list[str], eos: bool = True):
+    """A byte-level BPE tokenizer (about 400 tokens) wrapped for transformers, EOS `<eos>` unless `eos=False`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<unk>", "<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(docs, trainer)
+    if eos:
+        return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+
+
+def tiny_llama(tokenizer, folder: Path, num_kv_heads: int = 1, seed: int = 0, hidden: int = 64) -> Path:
+    """A 2-layer llama with tied embeddings, saved with its tokenizer (a complete checkpoint folder)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=num_kv_heads, max_position_embeddings=256,
+        tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id, bos_token_id=None, pad_token_id=None,
+    )
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def mean_pool_kv(source: Path, folder: Path, tokenizer) -> Path:
+    """A multi-query copy of `source`: K/V heads averaged into one (the paper's mean-pool conversion)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(source)
+    config = model.config
+    groups, head_dim = config.num_key_value_heads, config.hidden_size // config.num_attention_heads
+    config.num_key_value_heads = 1
+    mqa = type(model)(config)
+    state = model.state_dict()
+    for key, value in list(state.items()):
+        if key.endswith(("k_proj.weight", "v_proj.weight")):
+            state[key] = value.view(groups, head_dim, -1).mean(0)
+    mqa.load_state_dict(state)
+    mqa.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
