@@ -33,7 +33,7 @@ import json
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import combinations
 from pathlib import Path
 from typing import Any, Callable
@@ -67,9 +67,9 @@ def _sqrt_psd(S: Tensor) -> Tensor:
 
 @dataclass
 class Shift:
-    """A rank-one change of the second moment per problem f: C_f = C - beta[f] u u^T."""
+    """A low-rank change of the second moment per problem f: C_f = C - beta[f] U U^T."""
 
-    u: Tensor  # [D']
+    U: Tensor  # [D', r]
     beta: Tensor  # [F]
 
 
@@ -77,9 +77,9 @@ def _cross(X: Tensor, Y: Tensor, C: Tensor, shift: Shift | None) -> Tensor:
     """X^H C_f Y for X [F, ..., D', a], Y [F, ..., D', b]."""
     out = X.mH @ (C.to(Y.dtype) @ Y)
     if shift is not None:
-        u = shift.u.to(Y.dtype)
+        U = shift.U.to(Y.dtype)
         beta = shift.beta.reshape(-1, *([1] * (out.dim() - 1))).to(out.dtype)
-        out = out - beta * ((X.mH @ u)[..., :, None] @ (u @ Y)[..., None, :])
+        out = out - beta * ((X.mH @ U) @ (U.T @ Y))
     return out
 
 
@@ -156,7 +156,17 @@ class LayerMath:
     C: Tensor  # [D+1, D+1] float64 second moment of [A 1]
     pairs: tuple[Tensor, Tensor]  # rotary (re, im) dim indices
     qk_norm: bool  # keys are normalized per head after the projection: no key-side fold
-    key_shift: Shift | None = None  # per rotary pair: the share of the input mean that does not move the softmax
+    slow: Tensor | None = None  # [F] per rotary pair: the share of a constant key offset the softmax ignores
+    means: Tensor | None = None  # [D', r]: means of [A 1] the softmax may ignore, as U with U U^T their moment
+    # Second moment and means for a group of KV heads (original indices), weighted by the attention its
+    # positions receive.
+    moment: Callable[[list[int]], tuple[Tensor, Tensor]] | None = None
+
+    def group_moment(self, heads: list[int]) -> tuple[Tensor, Tensor | None]:
+        return (self.C, self.means) if self.moment is None else self.moment(heads)
+
+    def key_shift(self, means: Tensor | None) -> Shift | None:
+        return None if self.slow is None or means is None else Shift(means, self.slow)
 
 
 class _Prepared:
@@ -219,6 +229,7 @@ def merge_layer(att: Attention, groups: int, lm: LayerMath) -> tuple[Attention, 
     for g in range(groups):
         heads = list(range(g * n, (g + 1) * n))
         qheads = [list(range(h * p.r, (h + 1) * p.r)) for h in heads]
+        C, means = lm.group_moment(heads)
         # Values.
         W, R = _value_problem(p, heads)
         sv = merge_subspace(W, C, R)
@@ -239,7 +250,7 @@ def merge_layer(att: Attention, groups: int, lm: LayerMath) -> tuple[Attention, 
             continue
         if len(p.re):
             W, R = _key_rot_problem(p, heads)
-            sk = merge_subspace(W, C, R, lm.key_shift)
+            sk = merge_subspace(W, C, R, lm.key_shift(means))
             k_new[g, p.re], k_new[g, p.im] = sk.P[:, :, 0].real, sk.P[:, :, 0].imag
             for i, js in enumerate(qheads):
                 c = sk.M[:, i, 0, 0].conj()  # [F]: q' = q * conj(c) on every pair
@@ -310,7 +321,7 @@ class GroupCost:
         self.grams: list[tuple[Tensor, int, int]] = []  # (gram, dims per head, rank kept)
         parts = [(_value_problem, self.d, "v", None)]
         if len(p.re):
-            parts.append((_key_rot_problem, 1, "k", lm.key_shift))
+            parts.append((_key_rot_problem, 1, "k", lm.key_shift(lm.means)))
         if len(p.nr):
             parts.append((_key_nr_problem, self.m, "k", None))
         self.totals = {"k": 0.0, "v": 0.0}
@@ -498,7 +509,7 @@ class _Probe(torch.nn.Module):
 class LayerRunner:
     """Builds a model skeleton on the meta device and materializes one decoder layer at a time from the source."""
 
-    def __init__(self, source: Any, groups: int, dtype: torch.dtype, chunk_tokens: int = 2048):
+    def __init__(self, source: Any, groups: int, dtype: torch.dtype, chunk_tokens: int = 2048, eager: bool = False):
         from .core import patched_config
 
         self.source, self.dtype, self.chunk_tokens = source, dtype, chunk_tokens
@@ -506,16 +517,17 @@ class LayerRunner:
         self.layer_prefix = fam.prefix[: fam.prefix.index("{i}")]  # "model.layers."
         inner = fam.prefix[fam.prefix.index("{i}") + 4 :].rstrip(".")  # "self_attn"
         self.attn_path, self.o_path = inner, f"{inner}.{fam.o}"
-        self.skeleton = self._skeleton(source.config)
+        self.skeleton = self._skeleton(source.config, "eager" if eager else None)
         self.skeleton_new = self._skeleton(patched_config(source.config, fam, groups))
         self.layer_types = getattr(source.config, "layer_types", None)
         self._kwargs: dict[tuple, dict] = {}
 
-    def _skeleton(self, config: Any) -> torch.nn.Module:
+    def _skeleton(self, config: Any, attn_implementation: str | None = None) -> torch.nn.Module:
         from transformers import AutoModelForCausalLM
 
+        extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, dtype=self.dtype)
+            model = AutoModelForCausalLM.from_config(config, dtype=self.dtype, **extra)
         model.eval()
         layers = model.get_submodule(self.layer_prefix.rstrip("."))
         inside = {id(m) for m in layers.modules()}
@@ -610,13 +622,13 @@ class LayerRunner:
     @torch.no_grad()
     def run(
         self, layer: torch.nn.Module, i: int, xs: list[Tensor], *, attn_input: bool = False, o_io: bool = False,
-        stop: str | None = None,
+        stop: str | None = None, received: bool = False,
     ) -> dict[str, Any]:
         """Run a materialized layer on chunks of hidden states. Captures the attention input ("A"), the o_proj
         input and output ("Z", "Y"); stop="attention" ends each chunk at the attention input, stop="o" after
         o_proj; otherwise the layer outputs come back as "out"."""
         attn, o = layer.get_submodule(self.attn_path), layer.get_submodule(self.o_path)
-        got: dict[str, list[Tensor]] = {"A": [], "Z": [], "Y": [], "out": []}
+        got: dict[str, list[Tensor]] = {"A": [], "Z": [], "Y": [], "out": [], "W": []}
 
         def pre_attn(_m, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
@@ -629,10 +641,16 @@ class LayerRunner:
             if o_io:
                 got["Z"].append(args[0].reshape(-1, args[0].shape[-1]).float())
                 got["Y"].append(output.reshape(-1, output.shape[-1]).float())
-            if stop == "o":
+
+        def after_attn(_m, args, output):
+            probs = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+            if received and probs is not None and probs.dim() == 4:  # [b, H, T, T] (eager attention)
+                got["W"].append(probs.float().sum(-2).permute(1, 0, 2).reshape(probs.shape[1], -1))
+            if stop == "o":  # o_proj runs inside the attention module
                 raise _Stop
 
-        handles = [attn.register_forward_pre_hook(pre_attn, with_kwargs=True), o.register_forward_hook(after_o)]
+        handles = [attn.register_forward_pre_hook(pre_attn, with_kwargs=True), o.register_forward_hook(after_o),
+                   attn.register_forward_hook(after_attn)]
         try:
             for x in xs:
                 args, kwargs = self.layer_call(i, x.shape[0], x.shape[1])
@@ -644,20 +662,21 @@ class LayerRunner:
         finally:
             for h in handles:
                 h.remove()
-        return {k: (torch.cat(v) if k != "out" else v) if v else None for k, v in got.items()}
+        cat = {"W": 1, "out": None}
+        return {k: (torch.cat(v, dim=cat.get(k, 0)) if cat.get(k, 0) is not None else v) if v else None
+                for k, v in got.items()}
 
 
-def slow_mean_shift(C: Tensor, inv_freq: Tensor | None, pairs: int, context: int) -> Shift | None:
+def slow_share(inv_freq: Tensor | None, pairs: int, context: int) -> Tensor | None:
     """Softmax ignores a logit offset shared by all keys. A key component that is constant over tokens adds, for
     rotary pair f, an offset that turns by theta_f per token: over a context of L tokens only the share
-    1 - |mean_t e^(i theta_f t)|^2 of it varies. So pair f's key merge is fitted with that share of the input mean
-    (beta_f = |mean_t e^(i theta_f t)|^2 of it removed): slow pairs spend nothing on key means."""
+    1 - |mean_t e^(i theta_f t)|^2 of it varies. Pair f's key merge is fitted with the rest,
+    beta_f = |mean_t e^(i theta_f t)|^2, of the input mean removed: slow pairs spend nothing on key means."""
     if inv_freq is None or len(inv_freq) != pairs or pairs == 0:
         return None
     t = torch.arange(max(context, 1), dtype=torch.float64)
     phase = inv_freq.double()[:, None] * t[None]
-    beta = torch.cos(phase).mean(1) ** 2 + torch.sin(phase).mean(1) ** 2
-    return Shift(C[:, -1] / C[-1, -1].sqrt(), beta)
+    return torch.cos(phase).mean(1) ** 2 + torch.sin(phase).mean(1) ** 2
 
 
 def second_moment(A: Tensor) -> Tensor:
@@ -720,7 +739,7 @@ class Calibrator:
     def __init__(
         self, source: Any, groups: int, seed: int, *, calibration_data: str | None, calibration_tokens: int,
         calibration_seq_len: int, grouping: str, stream: str, refit_o: bool, ridge: float, calibration_dtype: str,
-        drift: float, key_centering: bool,
+        drift: float, key_centering: str, attention_weighting: float,
     ):
         self.started = time.perf_counter()
         self.src, self.groups = source, groups
@@ -733,18 +752,22 @@ class Calibrator:
         ids, where = calibration_ids(
             getattr(source, "folder", None), calibration_data, calibration_tokens, calibration_seq_len, seed, vocab
         )
-        self.runner = LayerRunner(source, groups, self.dtype)
+        self.attention_weighting = float(attention_weighting)
+        self.runner = LayerRunner(source, groups, self.dtype, eager=self.attention_weighting > 0)
         x0 = self.runner.embed(ids)
         self.x_orig = x0 if stream in ("original", "both") else None
         self.x_new = x0 if stream in ("converted", "both") else None
         model_type = source.raw_config.get("model_type")
         self.pairs = rotary_pairs(model_type, source.shapes.rotary_dim)
         self.model_type = model_type
-        self.inv_freq = None
-        if key_centering:
+        self.inv_freq, self.centering = None, key_centering
+        if key_centering not in ("none", "global", "sequence"):
+            raise ConversionError(f"key_centering {key_centering!r}: none, global or sequence")
+        if key_centering != "none":
             self.inv_freq = next((b for n, b in self.runner.skeleton.named_buffers()
                                   if n.endswith("inv_freq") and not b.is_meta), None)
         self.context = max(1, int(ids.shape[1]) // 2)  # mean causal context of a calibration sequence
+        self.seq_len = int(ids.shape[1])
         self.pending: dict[str, Any] = {}
         self.summary = {
             "calibration_data": where,
@@ -757,6 +780,7 @@ class Calibrator:
             "refit_o": refit_o,
             "ridge": ridge,
             "key_centering": key_centering,
+            "attention_weighting": attention_weighting,
         }
 
     def _tensors(self, i: int) -> dict[str, Tensor]:
@@ -774,15 +798,15 @@ class Calibrator:
     def __call__(self, i: int) -> dict:
         tensors = self._tensors(i)
         run, layer = self.runner.run, self.runner.load(False, i, tensors)
-        nxt = None
+        nxt, recv = None, self.attention_weighting > 0
         if self.stream == "original":
-            r = run(layer, i, self.x_orig, attn_input=True, o_io=True)
+            r = run(layer, i, self.x_orig, attn_input=True, o_io=True, received=recv)
             A, Y, nxt = r["A"], r["Y"], r["out"]
         elif self.stream == "converted":
-            r = run(layer, i, self.x_new, attn_input=True, o_io=True, stop="o")
+            r = run(layer, i, self.x_new, attn_input=True, o_io=True, stop="o", received=recv)
             A, Y = r["A"], r["Y"]
         else:
-            r = run(layer, i, self.x_orig, o_io=True)
+            r = run(layer, i, self.x_orig, o_io=True, received=recv)
             Y, nxt = r["Y"], r["out"]
             A = run(layer, i, self.x_new, attn_input=True, stop="attention")["A"]
             if self.drift:
@@ -794,9 +818,47 @@ class Calibrator:
             Y = Y - bias.float()
         self.pending = {"layer": i, "Y": Y, "next_orig": nxt, "tensors": tensors}
         C = second_moment(A)
-        shift = slow_mean_shift(C, self.inv_freq, len(self.pairs[0]), self.context)
-        lm = LayerMath(C, self.pairs, self._qk_norm(i), shift)
+        slow = slow_share(self.inv_freq, len(self.pairs[0]), self.context)
+        moment = None
+        ones = torch.ones(A.shape[0])
+        means = self._means(A, ones)
+        if self.attention_weighting and r.get("W") is not None:
+            moment = self._moment(A, C, means, r["W"])
+        lm = LayerMath(C, self.pairs, self._qk_norm(i), slow, means, moment)
         return {"calibration": LayerCalibration(i, lm, self.grouping, self.finish)}
+
+    def _means(self, A: Tensor, w: Tensor) -> Tensor | None:
+        """U [D+1, r] with U U^T the (w-weighted) moment of the means the softmax may ignore: the global mean of
+        [A 1], or the mean of each calibration sequence."""
+        if self.centering == "none":
+            return None
+        T = self.seq_len if self.centering == "sequence" else A.shape[0]
+        aug = torch.cat([A.double(), torch.ones(A.shape[0], 1, dtype=torch.float64)], dim=1).reshape(-1, T, A.shape[1] + 1)
+        ws = w.double().reshape(-1, T)
+        tot = ws.sum(1).clamp_min(1e-300)  # [r]
+        mean = (aug * ws[..., None]).sum(1) / tot[:, None]  # [r, D+1]
+        return (mean * tot.sqrt()[:, None]).T
+
+    def _moment(self, A: Tensor, C: Tensor, means: Tensor | None, W: Tensor) -> Callable[[list[int]], tuple]:
+        """Second moments weighted by the attention each position receives from a group's query heads (mixed with
+        the plain one by `attention_weighting`): keys and values of the positions attention reads most (the first
+        token of a sequence, typically) count for what they weigh in the attention output."""
+        Hkv = self.src.shapes.num_kv_heads
+        w_kv = W.reshape(Hkv, W.shape[0] // Hkv, -1).mean(1)  # [Hkv, N], mean 1 per position
+        alpha = self.attention_weighting
+
+        def moment(heads: list[int]) -> tuple[Tensor, Tensor | None]:
+            w = w_kv[heads].mean(0)
+            Cw = torch.zeros_like(C)
+            for block, wb in zip(torch.split(A, 4096), torch.split(w, 4096)):
+                aug = torch.cat([block.float(), torch.ones(block.shape[0], 1)], dim=1)
+                Cw += ((aug * wb[:, None]).T @ aug).double()
+            mw = self._means(A, w)
+            if means is None or mw is None:
+                return (1 - alpha) * C + alpha * Cw, None
+            return (1 - alpha) * C + alpha * Cw, torch.cat([(1 - alpha) ** 0.5 * means, alpha**0.5 * mw], dim=1)
+
+        return moment
 
     def _load_new(self, i: int, att: Attention) -> torch.nn.Module:
         fam = self.src.family
@@ -838,7 +900,8 @@ OPTIONS: dict[str, Any] = {
     "ridge": 1e-3,
     "calibration_dtype": "float32",
     "drift": 0.0,
-    "key_centering": True,
+    "key_centering": "global",
+    "attention_weighting": 0.0,
 }
 
 
@@ -889,11 +952,14 @@ class Calibrated(Method):
                 "(gqa-convert convert --method calibrated), which calibrates layer by layer"
             )
         order = list(range(att.num_kv_heads))
+        lm = calibration.math
         if calibration.grouping == "similarity":
-            order = similarity_order(att, groups, calibration.math)
+            order = similarity_order(att, groups, lm)
             if order != sorted(order):
                 att = permute_kv_heads(att, order)
-        merged, stats = merge_layer(att, groups, calibration.math)
+                if lm.moment is not None:
+                    lm = replace(lm, moment=lambda heads, f=lm.moment: f([order[h] for h in heads]))
+        merged, stats = merge_layer(att, groups, lm)
         merged, more = calibration.finish(layer, merged)
         stats.update(more)
         stats["kv_order"] = order

@@ -1,0 +1,171 @@
+#!/usr/bin/env python
+"""Benchmark the merge methods side by side on real weights (issue #4): perplexity after conversion, calibration
+tokens, wall time and peak memory of the conversion.
+
+    python bench/bench_calibrated.py                     # SmolLM2-135M, GQA-3 -> MQA, the four methods
+    python bench/bench_calibrated.py --json              # results as JSON only
+    python bench/bench_calibrated.py --methods mean calibrated --calibration-tokens 4096
+
+Every conversion runs `gqa-convert convert` (this checkout's CLI, `python -m convert.cli`) in a fresh subprocess;
+wall time is measured around it (start to reap) and peak RSS is that child's kernel high-water mark (ru_maxrss from
+os.wait4), so interpreter start-up and imports are included in both. Perplexity is then measured in this process
+on WikiText-2 test, as everywhere in gqa-convert: the file tokenized whole without special tokens, the first
+12 windows of 512 tokens, no overlap. Calibration reads WikiText-2 valid (never test).
+
+Rows:
+    original                the unconverted model (reference perplexity)
+    mean / first            weight-only pooling (the paper's method and its ablation)
+    calibrated contiguous   --method calibrated --grouping contiguous
+    calibrated similarity   --method calibrated --grouping similarity (with G=1 there is one group: the same
+                            merge as contiguous, timed separately)
+
+The data folder comes from --data-dir or $GQA_DATA_DIR (it holds wikitext-2/valid.txt and test.txt).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ROWS = {
+    "mean": ["--method", "mean"],
+    "first": ["--method", "first"],
+    "calibrated contiguous": ["--method", "calibrated", "--grouping", "contiguous"],
+    "calibrated similarity": ["--method", "calibrated", "--grouping", "similarity"],
+}
+SHORT = {"mean": "mean", "first": "first", "calibrated": "calibrated contiguous",
+         "contiguous": "calibrated contiguous", "similarity": "calibrated similarity"}
+
+
+def log(msg: str, quiet: bool) -> None:
+    if not quiet:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def timed_convert(args: list[str]) -> tuple[float, int, str]:
+    """Run `python -m convert.cli convert ...` in a child; wall seconds, peak RSS bytes, output."""
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "convert.cli", "convert", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    out = proc.stdout.read().decode(errors="replace")
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"gqa-convert convert {' '.join(args)} failed ({proc.returncode}):\n{out}")
+    return wall, usage.ru_maxrss * 1024, out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="model folder (default: SmolLM2-135M-Instruct, materialized)")
+    ap.add_argument("--num-kv-heads", "-g", type=int, default=1)
+    ap.add_argument("--methods", nargs="+", default=list(ROWS), help=f"rows to run: {', '.join(ROWS)} "
+                    "(or mean, first, calibrated, similarity)")
+    ap.add_argument("--data-dir", default=os.environ.get("GQA_DATA_DIR"), help="folder with wikitext-2/ "
+                    "(default $GQA_DATA_DIR)")
+    ap.add_argument("--calibration-tokens", type=int, default=8192)
+    ap.add_argument("--windows", type=int, default=12, help="test windows of --window tokens")
+    ap.add_argument("--window", type=int, default=512)
+    ap.add_argument("--workdir", default=None, help="where outputs go (default: a temporary folder, removed)")
+    ap.add_argument("--json", action="store_true", help="print the results as JSON only")
+    args = ap.parse_args()
+    quiet = args.json
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    sys.path.insert(0, str(ROOT))
+    from convert.evaluate import perplexity, tokenize_file
+
+    if not args.data_dir or not (Path(args.data_dir) / "wikitext-2" / "test.txt").is_file():
+        ap.error("no WikiText-2: pass --data-dir or set GQA_DATA_DIR to the folder holding wikitext-2/")
+    valid = Path(args.data_dir) / "wikitext-2" / "valid.txt"
+    test = Path(args.data_dir) / "wikitext-2" / "test.txt"
+    if args.model is None:
+        from convert import smollm2
+
+        model_path = smollm2.materialize()
+        model_name = "SmolLM2-135M-Instruct (float32)"
+    else:
+        model_path = Path(args.model)
+        model_name = str(model_path)
+    rows = [SHORT.get(m, m) for m in args.methods]
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        ap.error(f"unknown method rows {unknown}: choose from {', '.join(ROWS)}")
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    ids = tokenize_file(tokenizer, str(test), args.windows * args.window + 1)
+
+    def ppl(folder: Path) -> float:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        value = perplexity(model, ids, args.window, max_windows=args.windows).ppl
+        del model
+        return value
+
+    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="gqa-bench-cal-"))
+    work.mkdir(parents=True, exist_ok=True)
+    results = []
+    try:
+        log(f"original: perplexity of {model_path}", quiet)
+        results.append({"method": "original", "ppl": ppl(model_path), "calibration_tokens": 0,
+                        "convert_s": None, "peak_rss_mb": None})
+        # Warm the page cache and the imports once, outside the measurements.
+        timed_convert([str(model_path), str(work / "warm"), "-g", str(args.num_kv_heads), "--quiet",
+                       "--overwrite", "--method", "mean"])
+        for row in rows:
+            out = work / row.replace(" ", "-")
+            cmd = [str(model_path), str(out), "-g", str(args.num_kv_heads), "--quiet", "--overwrite", *ROWS[row]]
+            if "calibrated" in ROWS[row]:
+                cmd += ["--calibration-data", str(valid), "--calibration-tokens", str(args.calibration_tokens)]
+            log(f"{row}: gqa-convert convert {' '.join(cmd)}", quiet)
+            wall, rss, _ = timed_convert(cmd)
+            prov = json.loads((out / "gqa_convert.json").read_text())
+            tokens = prov.get("calibration", {}).get("calibration_tokens", 0)
+            value = ppl(out)
+            results.append({"method": row, "ppl": value, "calibration_tokens": tokens, "convert_s": wall,
+                            "peak_rss_mb": rss / 2**20})
+            log(f"  ppl {value:.2f}, {wall:.1f} s, peak RSS {rss / 2**20:.0f} MiB", quiet)
+            shutil.rmtree(out, ignore_errors=True)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+
+    meta = {
+        "model": model_name,
+        "num_kv_heads": args.num_kv_heads,
+        "eval": f"WikiText-2 test, first {args.windows} windows x {args.window} tokens, stride {args.window}",
+        "calibration": f"WikiText-2 valid, {args.calibration_tokens} tokens",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_1m": os.getloadavg()[0],
+    }
+    if args.json:
+        print(json.dumps({"meta": meta, "results": results}, indent=2))
+        return 0
+    print(f"{meta['model']}, -> {args.num_kv_heads} KV heads; {meta['eval']}; calibration on {meta['calibration']}")
+    print(f"{'method':<24}{'ppl':>12}{'calib. tokens':>15}{'convert s':>11}{'peak RSS MiB':>14}")
+    for r in results:
+        conv = "" if r["convert_s"] is None else f"{r['convert_s']:.1f}"
+        rss = "" if r["peak_rss_mb"] is None else f"{r['peak_rss_mb']:.0f}"
+        print(f"{r['method']:<24}{r['ppl']:>12.2f}{r['calibration_tokens']:>15}{conv:>11}{rss:>14}")
+    print(f"(load average at the end: {meta['load_average_1m']:.2f} on {meta['cores']} cores)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
