@@ -51,8 +51,13 @@ def train_tokenizer(docs: list[str], eos: bool = True):
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
 
 
-def tiny_llama(tokenizer, folder: Path, num_kv_heads: int = 1, seed: int = 0, hidden: int = 64) -> Path:
-    """A 2-layer llama with tied embeddings, saved with its tokenizer (a complete checkpoint folder)."""
+def tiny_llama(
+    tokenizer, folder: Path, num_kv_heads: int = 1, seed: int = 0, hidden: int = 64, init_range: float = 0.02
+) -> Path:
+    """A 2-layer llama with tied embeddings, saved with its tokenizer (a complete checkpoint folder).
+
+    A larger `init_range` gives peaked predictions whose heads differ, which a teacher needs to be worth imitating.
+    """
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -60,6 +65,7 @@ def tiny_llama(tokenizer, folder: Path, num_kv_heads: int = 1, seed: int = 0, hi
         vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=num_kv_heads, max_position_embeddings=256,
         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id, bos_token_id=None, pad_token_id=None,
+        initializer_range=init_range,
     )
     model = LlamaForCausalLM(config)
     model.save_pretrained(folder)
