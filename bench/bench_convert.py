@@ -1,0 +1,480 @@
+#!/usr/bin/env python
+"""Benchmark `gqa-convert convert` against copying the checkpoint folder and against the naive transformers path.
+
+    python bench/bench_convert.py                 # ~1.04B-parameter llama, 2 GB shards, 3 rounds
+    python bench/bench_convert.py --small         # ~106M parameters, 100 MB shards: a quick sanity run
+    python bench/bench_convert.py --json --quiet  # results as JSON only
+
+A synthetic MHA llama checkpoint (bf16, random weights) is built once in a subprocess and cached under --workdir
+(default $GQA_BENCH_DIR, else /tmp/gqa-bench). Three methods are then measured, each run in a fresh subprocess:
+
+    copy     `cp -r SRC OUT`: the floor for anything that reads and writes every byte
+    convert  `gqa-convert convert SRC OUT --num-kv-heads G --quiet --max-shard-size S` (the installed script)
+    naive    from_pretrained(dtype=bfloat16), mean-pool k_proj/v_proj per group in float32, rebuild the Linear
+             modules, set config.num_key_value_heads, save_pretrained(max_shard_size=S)
+
+Wall time is measured around the subprocess (start to reap). Peak RSS is the kernel's high-water mark (ru_maxrss)
+of that one command, as GNU time reports it (`/usr/bin/time -f %M`, from wait4() on the command it forked). Not
+os.wait4() on our own child: a child forked from this process inherits this process's RSS as its high-water mark,
+which survives exec (see measure()); not getrusage(RUSAGE_CHILDREN) either, which takes the max over every child
+ever reaped. A psutil poll of the command's process tree every 10 ms is recorded beside it as a cross-check.
+
+Page cache: the source (about 2.1 GB) fits easily in RAM. Before measuring, one untimed `cp -r` reads the whole source
+into the page cache and one untimed `python -c "import torch, transformers, convert..."` warms the library files, so
+every measured run starts from a warm source. After every run its output is checked (cheap header reads), deleted, and
+os.sync() is called outside the timed region, so no run pays for the previous run's writeback. Rounds interleave the
+methods (copy, convert, naive, copy, ...) so slow spells on the shared CPU spread over all of them; the table reports
+the median over --repeats rounds.
+
+The table also gives the median CPU seconds (user + sys) of each command: on a shared machine wall time depends on
+the other users' load, CPU time much less.
+
+Goals (issue #2): convert takes at most 1.3x the time of copy, and naive needs at least 4x the peak memory of convert.
+Exit status: 0 when both goals pass and the outputs check out, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+TIME_GOAL = 1.3  # convert wall time / copy wall time must be at most this
+MEMORY_GOAL = 4.0  # naive peak RSS / convert peak RSS must be at least this
+
+# Model shapes. "full": 18 layers of hidden 2048 with untied embeddings is 1.042B parameters (2.08 GB in bf16).
+PRESETS = {
+    "full": dict(hidden_size=2048, intermediate_size=5504, num_hidden_layers=18, num_attention_heads=16,
+                 vocab_size=32000, shard="2GB"),
+    "small": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=12,
+                  vocab_size=32000, shard="100MB"),
+}
+
+_quiet = False
+
+
+def log(msg: str) -> None:
+    if not _quiet:
+        print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Workers: run as `python bench_convert.py --worker NAME ...` in their own process.
+
+
+def worker_build(folder: str, spec_json: str) -> None:
+    """Random-weight MHA llama in bf16, saved with save_pretrained in shards."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    spec = json.loads(spec_json)
+    config = LlamaConfig(
+        hidden_size=spec["hidden_size"],
+        intermediate_size=spec["intermediate_size"],
+        num_hidden_layers=spec["num_hidden_layers"],
+        num_attention_heads=spec["num_attention_heads"],
+        num_key_value_heads=spec["num_attention_heads"],  # MHA
+        vocab_size=spec["vocab_size"],
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    # Built directly in bf16: a float32 model would need twice the memory (8 GB at 1B parameters).
+    model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(folder, max_shard_size=spec["shard"])
+
+
+def worker_naive(source: str, output: str, groups: str, shard: str) -> None:
+    """The path a user takes without gqa-convert: load the whole model, pool, resize the modules, save."""
+    import torch
+    from torch import nn
+    from transformers import AutoModelForCausalLM
+
+    g = int(groups)
+    with torch.no_grad():
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16)
+        config = model.config
+        hkv = config.num_key_value_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        for layer in model.model.layers:
+            attn = layer.self_attn
+            for name in ("k_proj", "v_proj"):
+                old = getattr(attn, name)
+                w = old.weight.float().reshape(g, hkv // g, head_dim, old.in_features).mean(1)
+                new = nn.Linear(old.in_features, g * head_dim, bias=old.bias is not None, device="meta")
+                new.weight = nn.Parameter(w.reshape(g * head_dim, old.in_features).to(old.weight.dtype),
+                                          requires_grad=False)
+                if old.bias is not None:
+                    b = old.bias.float().reshape(g, hkv // g, head_dim).mean(1).reshape(-1)
+                    new.bias = nn.Parameter(b.to(old.bias.dtype), requires_grad=False)
+                setattr(attn, name, new)
+            attn.num_key_value_groups = config.num_attention_heads // g
+        config.num_key_value_heads = g
+        model.save_pretrained(output, max_shard_size=shard)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Measuring one subprocess
+
+
+def measure(cmd: list[str], log_path: Path, poll_s: float = 0.01) -> dict:
+    """Run cmd to completion: wall seconds, its exact peak RSS, and a polled peak as a cross-check.
+
+    The peak comes from GNU time (`/usr/bin/time -f %M`), which reads ru_maxrss from wait4() on the command it
+    forked itself. Reading wait4() here instead would be wrong: a child forked from this process starts with this
+    process's pages mapped, and the kernel carries that high-water mark across exec, so every child would report at
+    least this (large, torch-importing) process's RSS. GNU time is a ~2 MB process, so that floor is negligible.
+    """
+    import psutil
+
+    rss_file = log_path.with_suffix(".maxrss")
+    gnu_time = Path("/usr/bin/time")
+    wrapped = [str(gnu_time), "-f", "%M", "-o", str(rss_file), *cmd] if gnu_time.exists() else cmd
+    with open(log_path, "wb") as out:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(wrapped, stdout=out, stderr=subprocess.STDOUT)
+        stop = threading.Event()
+        polled = [0]
+
+        def poll() -> None:
+            try:
+                root = psutil.Process(proc.pid)
+            except psutil.Error:
+                return
+            kids: list = []
+            tick = 0
+            while not stop.is_set():
+                try:
+                    if tick < 50 or tick % 20 == 0:  # children() scans /proc: every tick at first, then every 200 ms
+                        kids = root.children(recursive=True)
+                    rss = root.memory_info().rss
+                    for k in kids:
+                        try:
+                            rss += k.memory_info().rss
+                        except psutil.Error:
+                            pass
+                    polled[0] = max(polled[0], rss)
+                except psutil.Error:  # exited (zombie until reaped) or gone
+                    pass
+                tick += 1
+                stop.wait(poll_s)
+
+        poller = threading.Thread(target=poll, daemon=True)
+        poller.start()
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        stop.set()
+        poller.join()
+    if gnu_time.exists():
+        peak_kib = int(rss_file.read_text().split()[-1])
+        rss_file.unlink()
+    else:  # no GNU time: wait4's figure, which has this process's RSS at fork time as its floor
+        peak_kib = usage.ru_maxrss
+    return {
+        "wall_s": wall,
+        "peak_rss_mib": peak_kib / 1024,  # Linux reports KiB
+        "polled_rss_mib": polled[0] / 2**20,
+        "user_s": usage.ru_utime,
+        "sys_s": usage.ru_stime,
+        "returncode": proc.returncode,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Output checks: headers and config only, plus one merged tensor compared numerically
+
+
+def st_header(path: Path) -> dict:
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return header
+
+
+def tensor_table(folder: Path) -> dict[str, tuple[str, tuple[int, ...], Path]]:
+    """name -> (dtype, shape, file) over every shard of a safetensors checkpoint folder."""
+    index = folder / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() \
+        else ["model.safetensors"]
+    table = {}
+    for name in files:
+        for key, h in st_header(folder / name).items():
+            table[key] = (h["dtype"], tuple(h["shape"]), folder / name)
+    return table
+
+
+def check_output(out: Path, src: Path, groups: int) -> list[str]:
+    """Problems with a converted folder: KV heads in config.json, every tensor's name/dtype/shape, layer 0's k_proj."""
+    problems = []
+    try:
+        cfg = json.loads((out / "config.json").read_text())
+        src_cfg = json.loads((src / "config.json").read_text())
+        if cfg.get("num_key_value_heads") != groups:
+            problems.append(f"config.json num_key_value_heads = {cfg.get('num_key_value_heads')}, want {groups}")
+        heads, hidden = src_cfg["num_attention_heads"], src_cfg["hidden_size"]
+        head_dim = src_cfg.get("head_dim") or hidden // heads
+        hkv = src_cfg["num_key_value_heads"]
+        before, after = tensor_table(src), tensor_table(out)
+        if set(before) != set(after):
+            problems.append(f"tensor names differ: missing {sorted(set(before) - set(after))[:5]}, "
+                            f"extra {sorted(set(after) - set(before))[:5]}")
+        for key in sorted(set(before) & set(after)):
+            dtype, shape, _ = before[key]
+            if key.endswith(("k_proj.weight", "v_proj.weight")):
+                shape = (groups * head_dim, hidden)
+            if after[key][:2] != (dtype, shape):
+                problems.append(f"{key}: {after[key][:2]}, want {(dtype, shape)}")
+        if len(problems) > 8:
+            problems[8:] = [f"... {len(problems) - 8} more"]
+        key = "model.layers.0.self_attn.k_proj.weight"
+        if key in before and key in after and not problems:
+            import torch
+            from safetensors import safe_open
+
+            with safe_open(before[key][2], "pt") as f:
+                k = f.get_tensor(key)
+            with safe_open(after[key][2], "pt") as f:
+                merged = f.get_tensor(key)
+            want = k.float().reshape(groups, hkv // groups, head_dim, hidden).mean(1).reshape(-1, hidden)
+            diff = (merged.float() - want).abs().max().item()
+            if diff > 1e-2 * want.abs().max().item():  # bf16 rounding only
+                problems.append(f"{key} is not the group mean of the source heads (max diff {diff:.3g})")
+    except (OSError, KeyError, ValueError) as e:
+        problems.append(f"could not read the output: {type(e).__name__}: {e}")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Orchestration
+
+
+def convert_script() -> str:
+    """The installed console script beside this interpreter (pyenv shims add a bash and a pyenv process)."""
+    beside = Path(sys.executable).parent / "gqa-convert"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("gqa-convert")
+    if not found:
+        sys.exit("gqa-convert is not installed: pip install -e . in the project root")
+    return found
+
+
+def du(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def build_source(workdir: Path, preset: str, rebuild: bool) -> tuple[Path, dict]:
+    spec = PRESETS[preset]
+    folder = workdir / f"llama-mha-{preset}"
+    stamp = folder / "bench_spec.json"
+    if folder.exists() and not rebuild and stamp.exists() and json.loads(stamp.read_text()) == spec:
+        log(f"using cached source {folder}")
+        return folder, spec
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp = workdir / f".llama-mha-{preset}.building"
+    shutil.rmtree(tmp, ignore_errors=True)
+    log(f"building the {preset} source model in {folder} (once; a subprocess)")
+    t0 = time.perf_counter()
+    cmd = [sys.executable, __file__, "--worker", "build", str(tmp), json.dumps(spec)]
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    if run.returncode:
+        sys.exit(f"building the source model failed:\n{run.stdout}\n{run.stderr}")
+    stamp_tmp = tmp / "bench_spec.json"
+    stamp_tmp.write_text(json.dumps(spec))
+    os.replace(tmp, folder)
+    log(f"built in {time.perf_counter() - t0:.0f} s ({du(folder) / 1e9:.2f} GB)")
+    return folder, spec
+
+
+def source_params(src: Path) -> int:
+    total = 0
+    for _, shape, _ in tensor_table(src).values():
+        n = 1
+        for s in shape:
+            n *= s
+        total += n
+    return total
+
+
+def git_state() -> dict:
+    """The commit measured, and whether convert/ had uncommitted changes (others may be editing the tree)."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "convert"], cwd=root, capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return {}
+    return {"commit": commit, "convert_dirty": bool(dirty)}
+
+
+def main() -> int:
+    global _quiet
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", type=Path,
+                   default=Path(os.environ.get("GQA_BENCH_DIR") or Path(tempfile.gettempdir()) / "gqa-bench"),
+                   help="cache for the source model and scratch space for outputs "
+                        "(default $GQA_BENCH_DIR, else /tmp/gqa-bench)")
+    p.add_argument("--small", action="store_true", help="~106M parameters and 100 MB shards, for a quick check")
+    p.add_argument("--rebuild", action="store_true", help="build the source model again even if cached")
+    p.add_argument("--repeats", type=int, default=3, help="rounds of (copy, convert, naive); the median is reported")
+    p.add_argument("--num-kv-heads", type=int, default=4, help="G for convert and naive")
+    p.add_argument("--methods", default="copy,convert,naive",
+                   help="comma-separated, in run order; also 'dryrun' (convert --dry-run: its startup cost alone). "
+                        "The goals need copy, convert and naive")
+    p.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
+    p.add_argument("--quiet", action="store_true", help="no progress messages")
+    p.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        {"build": worker_build, "naive": worker_naive}[args.worker[0]](*args.worker[1:])
+        return 0
+    _quiet = args.quiet
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if set(methods) - {"copy", "convert", "naive", "dryrun"} or not methods:
+        p.error(f"--methods: choose from copy, convert, naive, dryrun (got {args.methods})")
+    if args.repeats < 1:
+        p.error("--repeats must be at least 1")
+
+    preset = "small" if args.small else "full"
+    workdir = args.workdir.expanduser().resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    src, spec = build_source(workdir, preset, args.rebuild)
+    shard, g = spec["shard"], args.num_kv_heads
+    out = workdir / "out"
+    logs = workdir / "logs"
+    logs.mkdir(exist_ok=True)
+    script = convert_script()
+    commands = {
+        "copy": ["cp", "-r", str(src), str(out)],
+        "convert": [script, "convert", str(src), str(out), "--num-kv-heads", str(g), "--quiet",
+                    "--max-shard-size", shard],
+        "naive": [sys.executable, __file__, "--worker", "naive", str(src), str(out), str(g), shard],
+        # Startup floor of convert: imports, headers, plan; writes nothing. Off by default (--methods to add it).
+        "dryrun": [script, "convert", str(src), str(out), "--num-kv-heads", str(g), "--quiet", "--dry-run"],
+    }
+
+    def clean() -> None:
+        shutil.rmtree(out, ignore_errors=True)
+        for stale in workdir.glob(".out.gqa-*"):  # convert's temporary folder, if a run died
+            shutil.rmtree(stale, ignore_errors=True)
+        os.sync()
+
+    clean()
+    log("warm-up (untimed): cp -r of the source into the page cache, and the python imports")
+    subprocess.run(commands["copy"], check=True)
+    clean()
+    subprocess.run([sys.executable, "-c", "import torch, transformers, convert.checkpoint; "
+                    "from transformers import AutoModelForCausalLM, LlamaForCausalLM"], check=True)
+
+    samples: dict[str, list[dict]] = {m: [] for m in methods}
+    checks: dict[str, list[str]] = {}
+    for r in range(args.repeats):
+        for m in methods:
+            log(f"round {r + 1}/{args.repeats}: {m}")
+            load = os.getloadavg()[0]  # other users of the shared CPU: recorded beside every sample
+            res = measure(commands[m], logs / f"{m}-{r + 1}.log")
+            res["load1_before"] = load
+            if res["returncode"]:
+                tail = (logs / f"{m}-{r + 1}.log").read_text(errors="replace")[-2000:]
+                sys.exit(f"{m} failed (exit {res['returncode']}):\n{tail}")
+            res["cpu_s"] = res["user_s"] + res["sys_s"]
+            res["out_bytes"] = du(out) if out.exists() else 0
+            if m in ("convert", "naive") and m not in checks:  # first round: the outputs do not change
+                checks[m] = check_output(out, src, g)
+            log(f"  {res['wall_s']:.2f} s, peak RSS {res['peak_rss_mib']:.0f} MiB "
+                f"(polled {res['polled_rss_mib']:.0f} MiB), user {res['user_s']:.1f} s, sys {res['sys_s']:.1f} s, "
+                f"load before {load:.1f}")
+            samples[m].append(res)
+            clean()
+
+    med = {m: {k: statistics.median(s[k] for s in v) for k in ("wall_s", "peak_rss_mib", "polled_rss_mib",
+                                                                  "user_s", "sys_s", "cpu_s", "out_bytes")}
+           for m, v in samples.items()}
+    goals = {}
+    if "copy" in med and "convert" in med:
+        ratio = med["convert"]["wall_s"] / med["copy"]["wall_s"]
+        goals["time"] = {"what": f"convert wall time within {TIME_GOAL}x of copy", "value": ratio,
+                         "pass": ratio <= TIME_GOAL}
+    if "convert" in med and "naive" in med:
+        ratio = med["naive"]["peak_rss_mib"] / med["convert"]["peak_rss_mib"]
+        goals["memory"] = {"what": f"naive peak RSS at least {MEMORY_GOAL}x that of convert", "value": ratio,
+                           "pass": ratio >= MEMORY_GOAL}
+    load = os.getloadavg()
+    loads = [x["load1_before"] for v in samples.values() for x in v]
+    result = {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "host": {"cpus": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
+                 "loadavg_at_end": [round(x, 2) for x in load],
+                 "load1_before_runs": [round(min(loads), 2), round(max(loads), 2)]},
+        "model": {"preset": preset, **spec, "parameters": source_params(src), "bytes": du(src), "folder": str(src)},
+        "git": git_state(),
+        "num_kv_heads": g,
+        "repeats": args.repeats,
+        "commands": {m: " ".join(commands[m]) for m in methods},
+        "median": med,
+        "samples": samples,
+        "goals": goals,
+        "checks": checks,
+    }
+    try:
+        import torch
+        import transformers
+
+        result["host"].update(torch=torch.__version__, transformers=transformers.__version__)
+    except ImportError:
+        pass
+    ok = all(gl["pass"] for gl in goals.values()) and not any(checks.values())
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print_table(result)
+    return 0 if ok else 1
+
+
+def print_table(r: dict) -> None:
+    med, m = r["median"], r["model"]
+    print(f"{m['parameters'] / 1e9:.3f}B-parameter llama MHA, bf16, {m['bytes'] / 1e9:.2f} GB in {m['shard']} shards "
+          f"-> {r['num_kv_heads']} KV heads; median of {r['repeats']} round(s); {r['host']['cpus']} CPUs "
+          f"(1-min load {r['host']['load1_before_runs'][0]:.1f}-{r['host']['load1_before_runs'][1]:.1f}); {r['date']}"
+          + (f"; commit {r['git']['commit']}{' + uncommitted convert/' if r['git']['convert_dirty'] else ''}"
+             if r.get("git") else ""))
+    copy = med.get("copy", {}).get("wall_s")
+    conv = med.get("convert", {}).get("peak_rss_mib")
+    print(f"{'method':<9} {'wall s':>8} {'cpu s':>7} {'peak RSS MiB':>13} {'polled MiB':>11} {'time/copy':>10} "
+          f"{'mem/convert':>12}")
+    for name, v in med.items():
+        t = f"{v['wall_s'] / copy:.2f}x" if copy else "-"
+        mem = f"{v['peak_rss_mib'] / conv:.1f}x" if conv and name != "copy" else "-"
+        print(f"{name:<9} {v['wall_s']:>8.2f} {v['cpu_s']:>7.2f} {v['peak_rss_mib']:>13.0f} "
+              f"{v['polled_rss_mib']:>11.0f} {t:>10} {mem:>12}")
+    if r["repeats"] > 1:
+        print("all rounds, wall s: " + "; ".join(
+            f"{name} " + " ".join(f"{s['wall_s']:.2f}" for s in v) for name, v in r["samples"].items()))
+    if m["preset"] != "full":
+        print("note: the goals are set for the ~1B model; at ~100M the fixed cost of importing torch and "
+              "transformers dominates both")
+    for gl in r["goals"].values():
+        print(f"{'PASS' if gl['pass'] else 'FAIL'}  {gl['what']}: {gl['value']:.2f}x")
+    for name, problems in r["checks"].items():
+        print(f"{'FAIL' if problems else 'PASS'}  {name} output: config num_key_value_heads, tensor names/dtypes/"
+              f"shapes, layer-0 k_proj = group mean" + ("" if not problems else ": " + "; ".join(problems)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
