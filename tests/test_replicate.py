@@ -1,0 +1,149 @@
+"""bench/replicate_paper.py: the quick replication end to end (CI smoke test), and its analysis on known numbers."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import need
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "bench" / "replicate_paper.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("replicate_paper", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_quick_replication_end_to_end(tmp_path, wikitext_valid, wikitext_test):
+    """--quick: pretrain a tiny llama from scratch, convert to MQA by mean and random, uptrain 5%, score on test."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    cmd = [sys.executable, str(SCRIPT), "--quick", "--out", str(out), "--work", str(work), "--data", str(wikitext_valid),
+           "--test", str(wikitext_test), "--json", "--quiet"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    printed = json.loads(proc.stdout)
+
+    for name in ("results.json", "results.md", "fig_methods.png", "fig_alpha.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    for name in ("fig_methods.png", "fig_alpha.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    results = json.loads((out / "results.json").read_text())
+    assert results == printed
+
+    # pretraining ran through the recipe and its tokens are the reference for alpha
+    pre = results["pretrain"]
+    assert pre["tokens"] >= results["config"]["pretrain_tokens"] and pre["steps"] > 0
+    assert math.isfinite(pre["ppl"]) and math.isfinite(pre["init_ppl"])
+    assert pre["ppl"] < 0.5 * pre["init_ppl"], "pretraining must beat the random init by far"
+
+    rows = results["rows"]
+    cells = {(r["kind"], r["groups"], r["method"], r["alpha"]) for r in rows}
+    assert cells == {("mha", 4, "-", 0.0), ("gqa", 1, "mean", 0.0), ("gqa", 1, "mean", 0.05),
+                     ("gqa", 1, "random", 0.0), ("gqa", 1, "random", 0.05)}
+    for r in rows:
+        assert math.isfinite(r["ppl"]) and r["ppl"] > 1, r
+        if r["kind"] == "gqa" and r["alpha"] > 0:
+            # alpha x pretraining tokens, rounded up to whole steps of the recipe
+            step = results["config"]["micro_batch_size"] * results["config"]["block_size"]
+            assert r["alpha"] * pre["tokens"] <= r["uptrain_tokens"] < r["alpha"] * pre["tokens"] + step
+        if r["kind"] == "gqa" and r["alpha"] == 0:
+            assert r["uptrain_tokens"] == 0
+    # uptraining a mean-pooled MQA model helps
+    by = {(r["method"], r["alpha"]): r["ppl"] for r in rows if r["kind"] == "gqa"}
+    assert by[("mean", 0.05)] < by[("mean", 0.0)]
+
+    table = (out / "results.md").read_text()
+    for row in ("| random init (no training) |", "| MHA (pretrained", "| MQA mean | 1 |", "| MQA random | 1 |"):
+        assert row in table, row
+    assert "α = 0%" in table and "α = 5%" in table
+    assert "Wall time:" in table and "Command: `python bench/replicate_paper.py --quick" in table
+    assert {c["claim"].split(",")[0] for c in results["claims"]}  # the verdicts are written, whatever they are
+    assert all(c["holds"] in (True, False, None) for c in results["claims"])
+
+    # a second run reuses every finished cell and gives the same numbers
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    second = json.loads(again.stdout)
+    assert second["cells_reused"] == len(rows)  # the pretrained model and every grid cell
+    assert [r["ppl"] for r in second["rows"]] == [r["ppl"] for r in rows]
+
+
+def test_missing_data_is_a_clear_error(tmp_path, capsys):
+    script = load_script()
+    rc = script.main(["--quick", "--out", str(tmp_path / "out"), "--data", str(tmp_path / "nope.txt")])
+    assert rc == 2
+    assert "nope.txt not found" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_test_file_must_differ_from_training_text(tmp_path, capsys):
+    text = tmp_path / "a.txt"
+    text.write_text("hello world\n")
+    rc = load_script().main(["--quick", "--out", str(tmp_path / "out"), "--data", str(text), "--test", str(text)])
+    assert rc == 2
+    assert "held-out" in capsys.readouterr().err
+
+
+def test_bad_groups_are_refused(tmp_path, capsys):
+    text = tmp_path / "a.txt"
+    text.write_text("hello world\n")
+    rc = load_script().main(["--out", str(tmp_path / "o"), "--data", str(text), "--groups", "3"])
+    assert rc == 2
+    assert "--groups [3]" in capsys.readouterr().err
+
+
+def test_alpha_parsing():
+    script = load_script()
+    assert script.parse_alpha("5%") == pytest.approx(0.05)
+    assert script.parse_alpha("0.1") == pytest.approx(0.1)
+    assert script.parse_list("0,1%,5%", script.parse_alpha, "alphas") == pytest.approx([0, 0.01, 0.05])
+
+
+def _agg(script, table: dict) -> dict:
+    rows = []
+    for (kind, g, method, alpha), ppls in table.items():
+        for seed, ppl in enumerate(ppls if isinstance(ppls, list) else [ppls]):
+            rows.append({"kind": kind, "groups": g, "method": method, "alpha": alpha, "seed": seed, "ppl": ppl})
+    return script.aggregate(rows)
+
+
+def test_claims_on_known_numbers():
+    """The verdicts follow the stated thresholds: ranking, usable (<= 1.5x MHA), diminishing returns, close (<= 5%)."""
+    script = load_script()
+    cfg = script.Config(groups=[1, 4], methods=["mean", "first", "random"], alphas=[0.0, 0.01, 0.05, 0.10],
+                        control=False)
+    paper_like = {("mha", 8, "-", 0.0): 20.0}
+    for g, start in ((1, 200.0), (4, 25.0)):
+        for m, extra in (("mean", 0.0), ("first", 1.0), ("random", 3.0)):
+            paper_like[("gqa", g, m, 0.0)] = start * (1 + extra)
+            paper_like[("gqa", g, m, 0.01)] = 24.0 + extra
+            paper_like[("gqa", g, m, 0.05)] = 20.5 + extra
+            paper_like[("gqa", g, m, 0.10)] = 20.3 + extra
+    paper_like[("gqa", 4, "mean", 0.05)] = [20.4, 20.6]  # two seeds
+    claims = script.check_claims(_agg(script, paper_like), cfg, cfg.methods)
+    assert [c["holds"] for c in claims] == [True, True, True, True]
+
+    broken = dict(paper_like)
+    broken[("gqa", 1, "random", 0.05)] = 20.0  # random beats mean for MQA at 5%
+    broken[("gqa", 4, "mean", 0.0)] = 40.0  # GQA-4 at 2x MHA right after conversion: not usable
+    broken[("gqa", 4, "mean", 0.10)] = 10.0  # most of the gain comes after 5%
+    claims = script.check_claims(_agg(script, broken), cfg, cfg.methods)
+    assert [c["holds"] for c in claims] == [False, False, False, True]
+    assert any("order broken" in d for d in claims[0]["details"])
+
+    agg = _agg(script, paper_like)
+    cell = agg[("gqa", 4, "mean", 0.05)]
+    assert cell["n"] == 2 and cell["spread"] == pytest.approx(0.1)
+    assert cell["ppl"] == pytest.approx(math.sqrt(20.4 * 20.6))
