@@ -15,6 +15,7 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from fnmatch import fnmatch
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable
 
 import torch
@@ -54,11 +55,19 @@ class Source:
     folder: Path
     name: str  # hub id or folder, for the model card
     raw_config: dict
-    config: Any
     family: Family
     shapes: Shapes
     tensors: dict[str, TensorInfo]
     pickle: bool = False
+    trust_remote_code: bool = False
+    _config: Any = None
+
+    @property
+    def config(self) -> Any:
+        """transformers' config object, loaded on first use (importing it costs seconds the plain copy never pays)."""
+        if self._config is None:
+            self._config = load_config(self.folder, self.trust_remote_code)
+        return self._config
 
     def get(self, key: str) -> torch.Tensor:
         return read_tensor(self.tensors[key])
@@ -164,6 +173,31 @@ def read_config(folder: Path) -> dict:
     return raw
 
 
+def load_config(folder: Path, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except Exception as e:  # transformers raises ValueError/TypeError/KeyError for bad fields
+        raise ConversionError(f"{folder}/config.json could not be read by transformers ({type(e).__name__}: {e})")
+
+
+def _plain_view(raw: dict, family: Family) -> SimpleNamespace | None:
+    """config.json itself, when it states every size the shapes need; None sends the caller to transformers.
+
+    A missing key would take the config class's default (gemma's head_dim is 256, phi's rotary factor 0.5), so
+    only a complete config is read directly.
+    """
+    needed = ["num_attention_heads", "hidden_size", "num_hidden_layers", "head_dim", *family.config_keys]
+    rope = raw.get("rope_parameters")
+    if any(raw.get(k) is None for k in needed) or not (isinstance(rope, dict) or "partial_rotary_factor" in raw):
+        return None
+    if not all(isinstance(raw[k], int) and not isinstance(raw[k], bool) and raw[k] > 0
+               for k in needed[:4] + [family.kv_key] if k in raw):
+        return None  # odd values: let transformers validate them and say what is wrong
+    return SimpleNamespace(**raw)
+
+
 def open_source(
     source: str | Path,
     revision: str | None = None,
@@ -171,21 +205,19 @@ def open_source(
     trust_remote_code: bool = False,
 ) -> Source:
     """Resolve and open SOURCE; checks config, family, shard files and head counts against weight shapes."""
-    from transformers import AutoConfig
-
     folder, name = resolve_source(source, revision, allow_pickle)
     raw = read_config(folder)
     family = family_for(raw.get("model_type"))
-    try:
-        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    except Exception as e:  # transformers raises ValueError/TypeError/KeyError for bad fields
-        raise ConversionError(f"{folder}/config.json could not be read by transformers ({type(e).__name__}: {e})")
+    config = None
+    view = _plain_view(raw, family)
+    if view is None:
+        config = view = load_config(folder, trust_remote_code)
     files, is_pickle = _weight_files(folder, allow_pickle)
     tensors: dict[str, TensorInfo] = {}
     for f in files:
         infos = read_pickle_header(f) if is_pickle else read_header(f)[0]
         tensors.update(infos)
-    src = Source(folder, name, raw, config, family, shapes_for(family, config), tensors, is_pickle)
+    src = Source(folder, name, raw, family, shapes_for(family, view), tensors, is_pickle, trust_remote_code, config)
     _check_weights(src)
     return src
 
@@ -268,8 +300,14 @@ def output_dtype(info_dtype: torch.dtype, dtype: str) -> torch.dtype:
     return getattr(torch, dtype)
 
 
-def plan_tensors(src: Source, groups: int, dtype: str) -> tuple[list[OutTensor], Shapes]:
-    """Every output tensor with its dtype and shape, in layer order, before any data is read."""
+def plan_tensors(
+    src: Source, groups: int, dtype: str, rewrites_queries: bool = True
+) -> tuple[list[OutTensor], Shapes]:
+    """Every output tensor with its dtype and shape, in layer order, before any data is read.
+
+    With `rewrites_queries=False` (weight-only methods) a layer tensor is recomputed only when its shape changes
+    (K/V, fused QKV, per-head K norms); q/o pass through byte for byte, never read.
+    """
     fam, s_in = src.family, src.shapes
     s_out = output_shapes(s_in, groups, src.raw_config, fam)
     present = set(src.tensors)
@@ -281,7 +319,8 @@ def plan_tensors(src: Source, groups: int, dtype: str) -> tuple[list[OutTensor],
         shrunk = att.replace(**{a: getattr(att, a)[:groups] for a in ("k", "v", "k_bias", "v_bias", "k_norm")
                                 if getattr(att, a) is not None})
         for key, t in fam.join(layer, shrunk, keys, s_out).items():
-            computed[key] = (layer, tuple(t.shape))
+            if rewrites_queries or tuple(t.shape) != src.tensors[key].shape:
+                computed[key] = (layer, tuple(t.shape))
     plan = []
     for name in sorted(src.tensors, key=natural_key):
         info = src.tensors[name]
@@ -425,27 +464,18 @@ quality; uptraining (`recipes/uptrain.py` in gqa-convert) wins most of it back.
 """
 
 
-def verify_output(folder: Path, src: Source, expected: dict[str, tuple[int, ...]]) -> None:
-    """Re-read what was written: the source's keys exactly, shapes as planned and as the patched config implies."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    files, _ = _weight_files(folder, allow_pickle=False)
-    written: dict[str, TensorInfo] = {}
-    for f in files:
-        written.update(read_header(f)[0])
-    if set(written) != set(src.tensors):
-        extra, lost = set(written) - set(src.tensors), set(src.tensors) - set(written)
+def verify_output(folder: Path, src: Source, expected: dict[str, tuple[int, ...]], groups: int) -> None:
+    """Re-open what was written as a source: its patched config must say G KV heads, every layer's attention
+    shapes must agree with that config, the keys must be the source's exactly, and the shapes as planned."""
+    out = open_source(folder)
+    if out.shapes.num_kv_heads != groups:
+        raise AssertionError(f"the written config says {out.shapes.num_kv_heads} KV heads, not {groups}")
+    if set(out.tensors) != set(src.tensors):
+        extra, lost = set(out.tensors) - set(src.tensors), set(src.tensors) - set(out.tensors)
         raise AssertionError(f"output keys differ from the source: extra {sorted(extra)}, lost {sorted(lost)}")
-    wrong = {k: (written[k].shape, v) for k, v in expected.items() if written[k].shape != v}
+    wrong = {k: (out.tensors[k].shape, v) for k, v in expected.items() if out.tensors[k].shape != v}
     if wrong:
         raise AssertionError(f"output shapes differ from the plan: {wrong}")
-    config = AutoConfig.from_pretrained(folder)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    model_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    bad = {k: (i.shape, model_shapes[k]) for k, i in written.items() if k in model_shapes and i.shape != model_shapes[k]}
-    if bad:
-        raise AssertionError(f"written shapes disagree with the patched config: {bad}")
 
 
 def convert_checkpoint(
@@ -475,9 +505,10 @@ def convert_checkpoint(
     src = open_source(source, revision, allow_pickle, trust_remote_code)
     s_in = src.shapes
     check_groups(num_kv_heads, s_in)
-    plan, s_out = plan_tensors(src, num_kv_heads, dtype)
+    plan, s_out = plan_tensors(src, num_kv_heads, dtype, merger.rewrites_queries)
     shards = assign_shards(plan, parse_size(max_shard_size))
-    out_dtype = next(t.dtype for t in plan if t.layer is not None)  # the attention weights' dtype
+    first_kv = src.family.attention_keys(0, set(src.tensors))[0]
+    out_dtype = output_dtype(src.tensors[first_kv].dtype, dtype)  # the dtype the KV cache will have
     report = Report(
         source=src.name,
         output=str(output),
@@ -509,14 +540,19 @@ def convert_checkpoint(
 
     present = set(src.tensors)
     context = merger.layer_contexts(src, num_kv_heads, seed, **(method_options or {}))
+    rewritten = {t.name for t in plan if t.layer is not None}
+
+    def get(key: str) -> torch.Tensor:
+        # Tensors that pass through are never read: the merge sees only their shape.
+        return src.get(key) if key in rewritten else torch.empty(src.tensors[key].shape, device="meta")
 
     def compute_layer(layer: int) -> dict[str, torch.Tensor]:
         keys = src.family.attention_keys(layer, present)
         out, stats = convert_layer(
-            src.family, merger, layer, src.get, keys, s_in, s_out, seed, context(layer) if context else None
+            src.family, merger, layer, get, keys, s_in, s_out, seed, context(layer) if context else None
         )
         report.per_layer.append({"layer": layer, **stats})
-        return out
+        return {k: v for k, v in out.items() if k in rewritten}
 
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_folder(output)
@@ -540,7 +576,7 @@ def convert_checkpoint(
         }
         (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n")
         merger.finish(tmp, report)
-        verify_output(tmp, src, {t.name: t.shape for t in plan})
+        verify_output(tmp, src, {t.name: t.shape for t in plan}, num_kv_heads)
         _move_into_place(tmp, output)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -88,6 +88,8 @@ class Family:
     q_norm: str = "q_norm"
     k_norm: str = "k_norm"
     kv_key: str = "num_key_value_heads"
+    # config.json keys the shapes read besides the common sizes (absent ones fall back to transformers' defaults)
+    config_keys: tuple[str, ...] = ("num_key_value_heads",)
     notes: str = ""
     # Tensor-name fragments that mean "this checkpoint uses a variant we cannot express": fragment -> reason.
     refuse: Mapping[str, str] = field(default_factory=dict)
@@ -277,6 +279,7 @@ FAMILIES: tuple[Family, ...] = (
         fused="query_key_value",
         layout="falcon",
         kv_key="num_kv_heads",
+        config_keys=("new_decoder_architecture", "multi_query", "num_kv_heads"),
         kv_heads=_falcon_kv_heads,
         patch=_falcon_patch,
         notes="classic MHA falcon becomes multi-query (G=1) or the new grouped architecture (1<G<H)",
@@ -309,9 +312,10 @@ def shapes_for(family: Family, config: Any) -> Shapes:
     rope = getattr(config, "rope_parameters", None) or {}
     if isinstance(rope, dict) and "full_attention" in rope:  # per-layer-type rope (gemma3): same factor assumed
         rope = rope["full_attention"]
-    factor = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) if rope else 1.0
+    factor = rope.get("partial_rotary_factor") if rope else None
+    factor = factor or getattr(config, "partial_rotary_factor", None) or 1.0  # older configs keep it at top level
     uses_alibi = bool(getattr(config, "alibi", False))
-    rotary_dim = 0 if uses_alibi else int(head_dim * (factor or 1.0))
+    rotary_dim = 0 if uses_alibi else int(head_dim * factor)
     base = dict(
         num_heads=H,
         num_kv_heads=family.current_kv_heads(config),

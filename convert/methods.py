@@ -28,6 +28,8 @@ class Method(ABC):
     name: ClassVar[str]
     summary: ClassVar[str]
     needs_calibration: ClassVar[bool] = False
+    # False: only K/V (and their biases and norms) change, so q/o tensors are copied byte for byte, unread.
+    rewrites_queries: ClassVar[bool] = True
 
     @abstractmethod
     def merge(self, att: Attention, groups: int, *, layer: int, seed: int, **context: Any) -> tuple[Attention, dict]:
@@ -65,19 +67,16 @@ def grouped(x: Tensor, groups: int) -> Tensor:
     return x.reshape(groups, x.shape[0] // groups, *x.shape[1:])
 
 
-def expand(x: Tensor, n: int) -> Tensor:
-    """[G, ...] -> [G*n, ...]: what repeat_kv does at run time (each group's head serves its n old heads)."""
-    return x.repeat_interleave(n, dim=0)
-
-
 def relative_error(original: Tensor, merged: Tensor) -> float:
-    """||original - repeat(merged)|| / ||original|| over a layer's KV heads."""
-    n = original.shape[0] // merged.shape[0]
-    return float((original - expand(merged, n)).norm() / original.norm().clamp_min(1e-12))
+    """||original - repeat(merged)|| / ||original|| over a layer's KV heads (broadcast, no repeated copy)."""
+    diff = grouped(original, merged.shape[0]) - merged.unsqueeze(1)
+    return float(diff.norm() / original.norm().clamp_min(1e-12))
 
 
 class HeadPool(Method):
     """A method that pools each per-KV-head tensor on its own, from the weights alone (no data)."""
+
+    rewrites_queries = False
 
     @abstractmethod
     def pool(self, x: Tensor, groups: int, gen: torch.Generator) -> Tensor:

@@ -12,7 +12,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterable
+from typing import Iterable
 
 import torch
 from torch import Tensor
@@ -95,17 +95,36 @@ def read_tensor(info: TensorInfo) -> Tensor:
     return buf.view(info.dtype).reshape(info.shape)
 
 
-def copy_raw(info: TensorInfo, out: BinaryIO) -> None:
-    """Copy a tensor's bytes verbatim, in bounded chunks (byte-for-byte pass-through)."""
-    left = info.nbytes
-    with open(info.file, "rb") as f:
-        f.seek(info.offset)
+def copy_raw(info: TensorInfo, out_fd: int) -> None:
+    """Copy a tensor's bytes verbatim to the current position of `out_fd` (byte-for-byte pass-through).
+
+    `os.copy_file_range` moves the bytes inside the kernel (or the file system, which may share extents); where it
+    is missing or refused, bounded read/write chunks do the same.
+    """
+    left, offset = info.nbytes, info.offset
+    with open(info.file, "rb", buffering=0) as f:
+        fd = f.fileno()
         while left:
-            chunk = f.read(min(left, COPY_CHUNK))
-            if not chunk:
+            try:
+                done = os.copy_file_range(fd, out_fd, min(left, 1 << 30), offset)
+            except (AttributeError, OSError):
+                done = _copy_chunk(fd, out_fd, min(left, COPY_CHUNK), offset)
+            if done == 0:
                 raise ConversionError(f"{info.file} ended early: the file is truncated; re-download it")
-            out.write(chunk)
-            left -= len(chunk)
+            left -= done
+            offset += done
+
+
+def _copy_chunk(fd: int, out_fd: int, size: int, offset: int) -> int:
+    chunk = os.pread(fd, size, offset)
+    write_all(out_fd, chunk)
+    return len(chunk)
+
+
+def write_all(fd: int, data) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 # Pickle (.bin) shards: only with --allow-pickle, loaded with weights_only=True and mmap so that a shard is not
@@ -147,8 +166,9 @@ class ShardWriter:
             offset += size
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # keep the data 8-byte aligned, as the safetensors writer does
-        self.file = open(path, "wb")
-        self.file.write(struct.pack("<Q", len(raw)) + raw)
+        # A raw descriptor, not a buffered file: kernel copies and our writes then share one file position.
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        write_all(self.fd, struct.pack("<Q", len(raw)) + raw)
         self.next = 0
 
     def _check(self, name: str, size: int) -> None:
@@ -160,15 +180,14 @@ class ShardWriter:
     def write(self, name: str, tensor: Tensor) -> None:
         t = tensor.detach().contiguous().reshape(-1)
         self._check(name, t.numel() * t.element_size())
-        self.file.write(memoryview(t.view(torch.uint8).numpy()))
+        write_all(self.fd, t.view(torch.uint8).numpy())
 
     def write_raw(self, name: str, info: TensorInfo) -> None:
         self._check(name, info.nbytes)
-        copy_raw(info, self.file)
+        copy_raw(info, self.fd)
 
     def close(self) -> None:
         if self.next != len(self.expected):
             raise AssertionError(f"{self.path}: {len(self.expected) - self.next} tensors were never written")
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
+        os.fsync(self.fd)  # on disk before the folder is renamed into place
+        os.close(self.fd)

@@ -102,3 +102,18 @@ def _kv(model) -> int:
 
 def _kv_raw(config: dict, model_type: str) -> int:
     return config["num_kv_heads"] if model_type == "falcon" else config["num_key_value_heads"]
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_shapes_from_config_json_match_transformers(model_type, tmp_path):
+    """The converter reads sizes straight from a complete config.json; transformers' config must agree."""
+    from transformers import AutoConfig
+
+    from convert.checkpoint import _plain_view, read_config
+    from convert.families import family_for, shapes_for
+
+    tiny_model(model_type).config.save_pretrained(tmp_path)
+    family = family_for(model_type)
+    view = _plain_view(read_config(tmp_path), family)
+    expected = shapes_for(family, AutoConfig.from_pretrained(tmp_path))
+    assert view is None or shapes_for(family, view) == expected
