@@ -9,6 +9,7 @@ One vocabulary for every part of gqa-convert that reads text:
 * `tokenize_documents` + `pack_blocks` turn documents into fixed-size token blocks, documents joined with the
   tokenizer's EOS token after each one, the partial last block dropped;
 * `carve` splits documents into a training and a held-out part, deterministically by position;
+* `PackedStream` packs a streamed corpus epoch after epoch, with a JSON state to resume from without replay;
 * `sample_token_ids` draws a seeded stream of tokens from a source (calibration, quick evaluation).
 
 Plain-text files are cut into documents by `txt_documents`:
@@ -239,15 +240,19 @@ def iter_texts(ds, batch_size: int = 1000) -> Iterator[str]:
                 yield text
 
 
+def held_out(index: int, fraction: float) -> bool:
+    """Whether document `index` belongs to the held-out part: floor((i + 1) * f) > floor(i * f), which spreads
+    exactly `fraction` of the documents evenly (every 20th for 0.05)."""
+    return int((index + 1) * fraction) > int(index * fraction)
+
+
 def carve(texts: Iterable[str], fraction: float, part: Literal["train", "validation"]) -> Iterator[str]:
-    """The training or the held-out part of a document stream: document i is held out when
-    floor((i + 1) * fraction) > floor(i * fraction), which spreads exactly `fraction` of them evenly."""
+    """The training or the held-out part of a document stream (see `held_out`)."""
     if not 0 <= fraction < 1:
         raise DataError(f"validation fraction must be in [0, 1), got {fraction}")
     want_validation = part == "validation"
     for i, text in enumerate(texts):
-        held_out = int((i + 1) * fraction) > int(i * fraction)
-        if held_out == want_validation:
+        if held_out(i, fraction) == want_validation:
             yield text
 
 
@@ -313,6 +318,90 @@ def pack_blocks(token_docs: Iterable[Sequence[int]], block_size: int, eos_id: in
         if start > 1 << 16:  # drop the consumed head now and then, not on every block
             del buffer[:start]
             start = 0
+
+
+class PackedStream:
+    """Packed blocks from a streamed corpus, epoch after epoch, resumable without replaying what was read.
+
+    Documents (minus the held-out ones, when `holdout` > 0) pass a seeded shuffle buffer (reseeded every epoch),
+    are tokenized and packed with EOS after each one, exactly like `pack_blocks`. `state()` is everything needed
+    to continue from the current block: the epoch, the dataset's own position (`IterableDataset.state_dict`),
+    the document count, the shuffle buffer and its RNG, and the tokens of the unfinished block. It is plain JSON.
+    """
+
+    def __init__(self, open_dataset, tokenizer, block_size: int, buffer_size: int, seed: int,
+                 holdout: float = 0.0, state: dict | None = None):
+        if block_size < 2:
+            raise DataError(f"block_size must be at least 2, got {block_size}")
+        self.open_dataset, self.tokenizer, self.eos = open_dataset, tokenizer, eos_token_id(tokenizer)
+        self.block_size, self.buffer_size, self.seed, self.holdout = block_size, buffer_size, seed, holdout
+        self.epoch, self.documents, self.buffer, self.tokens, self.source = 0, 0, [], [], None
+        self.draining = False  # the epoch's documents are all read; the shuffled buffer is being emptied
+        self.rng = random.Random(self._epoch_seed())
+        if state is not None:
+            self.epoch, self.documents, self.source = state["epoch"], state["documents"], state["source"]
+            self.draining = state["draining"]
+            self.buffer, self.tokens = list(state["buffer"]), list(state["tokens"])
+            version, internal, gauss = state["rng"]
+            self.rng.setstate((version, tuple(internal), gauss))
+
+    def _epoch_seed(self) -> int:
+        return self.seed * 100_003 + self.epoch
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "documents": self.documents, "source": self.source, "draining": self.draining,
+                "buffer": list(self.buffer), "tokens": list(self.tokens), "rng": list(self.rng.getstate())}
+
+    def _epoch_documents(self) -> Iterator[str]:
+        """The rest of this epoch's documents, from the saved position of the source."""
+        ds = self.open_dataset()
+        if self.source is not None:
+            ds.load_state_dict(self.source)
+        for example in ds:
+            self.source = ds.state_dict()
+            text = example["text"]
+            if text is None or not str(text).strip():
+                continue  # not a document (and not counted, as in `iter_texts`)
+            index = self.documents
+            self.documents += 1
+            if self.holdout and held_out(index, self.holdout):
+                continue
+            yield text
+
+    def _pack(self, text: str) -> Iterator[list[int]]:
+        self.tokens.extend(self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+        self.tokens.append(self.eos)
+        yield from self._full_blocks()
+
+    def _full_blocks(self) -> Iterator[list[int]]:
+        while len(self.tokens) >= self.block_size:
+            block = self.tokens[: self.block_size]
+            del self.tokens[: self.block_size]  # the state moves before the block leaves
+            yield block
+
+    def blocks(self) -> Iterator[list[int]]:
+        yield from self._full_blocks()  # a restored stream first finishes its unfinished tokens
+        while True:
+            fresh, kept = self.source is None and not self.buffer, 0
+            if not self.draining:
+                for text in self._epoch_documents():
+                    kept += 1
+                    if len(self.buffer) < self.buffer_size:
+                        self.buffer.append(text)
+                        continue
+                    j = self.rng.randrange(self.buffer_size)
+                    text, self.buffer[j] = self.buffer[j], text
+                    yield from self._pack(text)
+                self.rng.shuffle(self.buffer)
+                self.draining = True
+            while self.buffer:
+                kept += 1
+                yield from self._pack(self.buffer.pop())
+            if fresh and not kept:
+                raise DataError("the data stream holds no training documents")
+            # the next epoch: the unfinished block carries over
+            self.epoch, self.documents, self.source, self.draining = self.epoch + 1, 0, None, False
+            self.rng = random.Random(self._epoch_seed())
 
 
 def count_tokens(texts: Iterable[str], tokenizer) -> int:

@@ -17,7 +17,7 @@ Launch it from the repository root (see recipes/README.md for every setting):
 
     # a 7B llama sharded with FSDP over 2 nodes x 8 GPUs (run on every node with its --machine_rank)
     accelerate launch --config_file recipes/accelerate_fsdp.yaml --num_machines 2 --num_processes 16 \
-        --machine_rank 0 --main_process_ip HOST recipes/uptrain.py recipes/configs/llama-7b-mqa-fsdp.yaml
+        --machine_rank 0 --main_process_ip HOST recipes/uptrain.py recipes/configs/llama-7b-fsdp.yaml
 
 Settings come from a YAML file with `key=value` or `--key value` overrides after it; `--quiet` drops the progress
 bar and the chatter, `--json` prints the training summary as JSON on stdout (the chatter goes to stderr).
@@ -434,7 +434,7 @@ def find_resume_point(s: Settings, run: dict) -> Path | None:
     return candidates[-1]
 
 
-def save_checkpoint(accelerator, s: Settings, step: int, trainer_state: dict) -> Path:
+def save_checkpoint(accelerator, s: Settings, step: int, trainer_state: dict, stream) -> Path:
     """`save_state` into a temporary folder, renamed into place when complete; keep the newest K."""
     root = checkpoint_dir(s)
     final, tmp = root / f"{CHECKPOINT_PREFIX}{step:06d}", root / f".tmp-{CHECKPOINT_PREFIX}{step:06d}"
@@ -445,6 +445,8 @@ def save_checkpoint(accelerator, s: Settings, step: int, trainer_state: dict) ->
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if stream is not None:  # the position in a streamed corpus (the same on every process)
+            (tmp / "stream_state.json").write_text(json.dumps(stream.state()))
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
         if final.exists():
             shutil.rmtree(final)
@@ -466,10 +468,14 @@ def load_documents(s: Settings, part: str):
         split = s.validation_split if s.validation_split is not None else s.data_split
     else:
         source, split = s.data, s.data_split
-    ds = textdata.load_text_dataset(
-        source, config=s.data_config, split=split, text_column=s.text_column,
-        streaming=s.streaming, txt_documents=s.txt_documents,
-    )
+
+    def open_dataset():
+        return textdata.load_text_dataset(
+            source, config=s.data_config, split=split, text_column=s.text_column,
+            streaming=s.streaming, txt_documents=s.txt_documents,
+        )
+
+    ds = open_dataset()
 
     def texts():
         stream = textdata.iter_texts(ds)
@@ -480,19 +486,22 @@ def load_documents(s: Settings, part: str):
     name = textdata.describe_source(source, s.data_config, split)
     if part == "validation" and not separate:
         name = f"{s.validation_fraction:g} of the documents of {name}, held out"
-    return texts, name
+    return texts, name, open_dataset
 
 
 def prepare_data(s: Settings, tokenizer) -> dict:
     """Training blocks (all in memory, or a stream), validation blocks, and what the plan reports about them."""
     eos = textdata.eos_token_id(tokenizer)
-    train_texts, train_name = load_documents(s, "train")
+    train_texts, train_name, open_train = load_documents(s, "train")
     data = {"train_name": train_name, "eos": eos}
-    if s.streaming:
-        first = next(textdata.pack_blocks(textdata.tokenize_documents(train_texts(), tokenizer), s.block_size, eos), None)
+    if s.streaming:  # look at the first block only; training packs the stream as it goes
+        tokens = textdata.tokenize_documents(train_texts(), tokenizer)
+        first = next(textdata.pack_blocks(tokens, s.block_size, eos), None)
         if first is None:
             raise SettingsError(f"training data {train_name} holds fewer tokens than one block ({s.block_size})")
-        data.update(train_blocks=None, train_texts=train_texts, train_tokens=None)
+        separate = s.validation is not None or s.validation_split is not None
+        data.update(train_blocks=None, open_train=open_train, train_tokens=None,
+                    holdout=0.0 if separate else s.validation_fraction)
     else:
         docs = list(train_texts())
         if not docs:
@@ -510,7 +519,7 @@ def prepare_data(s: Settings, tokenizer) -> dict:
     use_validation = s.validation is not None or s.validation_split is not None or s.validation_fraction > 0
     data["val_blocks"] = None
     if use_validation:
-        val_texts, val_name = load_documents(s, "validation")
+        val_texts, val_name, _ = load_documents(s, "validation")
         stream = textdata.pack_blocks(textdata.tokenize_documents(val_texts(), tokenizer), s.block_size, eos)
         val = list(itertools.islice(stream, s.max_eval_blocks))
         if not val:
@@ -526,8 +535,8 @@ def global_batches(s: Settings, data: dict, global_batch: int, start_step: int):
     """Global batches of `global_batch` blocks from `start_step` on; the same on every process.
 
     In memory: each epoch visits the blocks in a permutation seeded by (seed, epoch), so the batch of a step
-    depends on nothing but the step. Streaming: documents pass a seeded shuffle buffer (seed + epoch), and a
-    resumed run replays the stream up to its position (tokenizing, not training).
+    depends on nothing but the step. Streaming: `data["stream"]`, a `PackedStream` (seeded shuffle buffer,
+    packing on the fly) that a checkpoint stores the position of, so a resumed run reads on from there.
     """
     if data["train_blocks"] is not None:
         blocks = data["train_blocks"]
@@ -544,14 +553,9 @@ def global_batches(s: Settings, data: dict, global_batch: int, start_step: int):
             yield blocks[torch.stack(rows)]
         return
 
-    def stream_blocks():
-        for epoch in itertools.count():
-            texts = textdata.shuffled(data["train_texts"](), s.shuffle_buffer, s.seed * 100_003 + epoch)
-            yield from textdata.pack_blocks(textdata.tokenize_documents(texts, data["tokenizer"]), s.block_size, data["eos"])
-
-    stream = itertools.islice(stream_blocks(), start_step * global_batch, None)
+    blocks = data["stream"].blocks()
     while True:
-        yield torch.tensor(list(itertools.islice(stream, global_batch)), dtype=torch.long)
+        yield torch.tensor([next(blocks) for _ in range(global_batch)], dtype=torch.long)
 
 
 # ============================================================================================== math
@@ -681,7 +685,8 @@ class Metrics:
             path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
 
     def log(self, row: dict) -> None:
-        self.accelerator.log({f"{row['kind']}/{k}": v for k, v in row.items() if isinstance(v, float)}, step=row["step"])
+        scalars = {f"{row['kind']}/{k}": v for k, v in row.items() if isinstance(v, float)}
+        self.accelerator.log(scalars, step=row["step"])
         if self.accelerator.is_main_process:
             self.rows.append(row)
             with open(self.path, "a") as f:
@@ -761,7 +766,8 @@ def save_output(accelerator, model, s: Settings, tokenizer, summary: dict, rows:
         if s.train == "lora":
             result = result.merge_and_unload()  # LoRA folded into the weights: a plain checkpoint
         result.requires_grad_(False)
-        save_dtype = s.save_dtype or str(AutoConfig.from_pretrained(s.model).dtype or s.model_dtype).replace("torch.", "")
+        stored = AutoConfig.from_pretrained(s.model).dtype  # the input checkpoint's dtype
+        save_dtype = s.save_dtype or str(stored or s.model_dtype).replace("torch.", "")
         result = result.to(getattr(torch, save_dtype))
         result.config.use_cache = True
         shutil.rmtree(tmp, ignore_errors=True)
@@ -850,7 +856,10 @@ def run(s: Settings, options: dict) -> int:
     data = prepare_data(s, tokenizer)
     data["tokenizer"] = tokenizer
     if data["val_blocks"] is not None and len(data["val_blocks"]) < num_processes:
-        raise SettingsError(f"{len(data['val_blocks'])} validation blocks cannot be shared by {num_processes} processes")
+        raise SettingsError(
+            f"{len(data['val_blocks'])} validation blocks cannot be shared by {num_processes} processes: "
+            f"raise max_eval_blocks or the validation data"
+        )
 
     # ---------------------------------------------------------------------- 2. accelerate, model, optimizer
     from accelerate import Accelerator
@@ -910,10 +919,15 @@ def run(s: Settings, options: dict) -> int:
         accelerator.load_state(str(resume_from))  # model, optimizer, scheduler, RNG
         saved = json.loads((resume_from / "trainer_state.json").read_text())
         start_step, previous_seconds = saved["step"], saved["train_seconds"]
+    if s.streaming:
+        saved_stream = resume_from / "stream_state.json" if resume_from is not None else None
+        data["stream"] = textdata.PackedStream(
+            data["open_train"], tokenizer, s.block_size, s.shuffle_buffer, s.seed, data["holdout"],
+            state=json.loads(saved_stream.read_text()) if saved_stream is not None else None,
+        )
     metrics = Metrics(accelerator, Path(s.output_dir) / "metrics.jsonl", start_step if resume_from else None)
-    accelerator.init_trackers(
-        "uptrain", config={k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in dataclasses.asdict(s).items()}
-    )
+    hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in dataclasses.asdict(s).items()}
+    accelerator.init_trackers("uptrain", config=hparams)
 
     # ---------------------------------------------------------------------- 3. the plan
     tokens = plan["tokens"]
@@ -955,7 +969,8 @@ def run(s: Settings, options: dict) -> int:
     if resume_from is None:
         run_eval(0)
         if eval_rows:
-            say(f"  step 0      validation loss {eval_rows[-1]['val_loss']:.4f}, perplexity {eval_rows[-1]['val_ppl']:.3f}")
+            first = eval_rows[-1]
+            say(f"  step 0      validation loss {first['val_loss']:.4f}, perplexity {first['val_ppl']:.3f}")
 
     fault_nan_at = int(os.environ.get("GQA_UPTRAIN_FAULT_NAN_AT", "0"))  # test hook: poison this step's loss
     step_delay = float(os.environ.get("GQA_UPTRAIN_STEP_DELAY", "0"))  # test hook: slow steps down
@@ -1028,7 +1043,7 @@ def run(s: Settings, options: dict) -> int:
                           f"perplexity {eval_rows[-1]['val_ppl']:.3f}")
         if s.save_every and step % s.save_every == 0:
             seconds = previous_seconds + time.time() - session_start
-            last_ckpt = save_checkpoint(accelerator, s, step, trainer_state(step, seconds)).name
+            last_ckpt = save_checkpoint(accelerator, s, step, trainer_state(step, seconds), data.get("stream")).name
     bar.close()
 
     # ---------------------------------------------------------------------- 5. the result

@@ -110,7 +110,8 @@ def test_globs_lists_and_hub_names(tmp_path, docs):
     files = td.local_files(str(tmp_path / "*.txt"))
     assert [f.name for f in files] == ["a.txt", "b.txt"]
     assert list(td.iter_texts(td.load_text_dataset(str(tmp_path / "*.txt")))) == docs[:20]
-    assert list(td.iter_texts(td.load_text_dataset([tmp_path / "b.txt", tmp_path / "a.txt"]))) == docs[10:20] + docs[:10]
+    listed = td.load_text_dataset([tmp_path / "b.txt", tmp_path / "a.txt"])
+    assert list(td.iter_texts(listed)) == docs[10:20] + docs[:10]
     assert td.local_files("wikitext") is None and td.local_files("Salesforce/wikitext") is None
 
 
@@ -223,3 +224,40 @@ def test_sample_token_ids_real_wikitext(wikitext_valid, smollm2_path):
     first_eos = int((ids == tok.eos_token_id).nonzero()[0])
     head = tok.decode(ids[: min(first_eos, 200)])
     assert head.lstrip().startswith("= ") and head in wikitext_valid.read_text(encoding="utf-8")  # an article's start
+
+
+def test_packed_stream_resumes_from_its_state(tmp_path, docs, tokenizer):
+    """Blocks after a JSON round trip of the state equal the blocks of the stream that went on, across epochs."""
+    path = write_corpus(tmp_path / "c.txt", docs)
+
+    def open_dataset():
+        return td.load_text_dataset(str(path), streaming=True)
+
+    def stream(state=None):
+        return td.PackedStream(open_dataset, tokenizer, 64, buffer_size=7, seed=5, holdout=0.1, state=state)
+
+    per_epoch = td.count_tokens(td.carve(docs, 0.1, "train"), tokenizer) // 64
+    reference = stream().blocks()
+    expected = [next(reference) for _ in range(3 * per_epoch)]  # three epochs
+    for cut in (0, 5, per_epoch - 1, per_epoch + 3):
+        first = stream()
+        blocks = first.blocks()
+        taken = [next(blocks) for _ in range(cut)]
+        state = json.loads(json.dumps(first.state()))
+        resumed = stream(state).blocks()
+        assert taken + [next(resumed) for _ in range(len(expected) - cut)] == expected, cut
+
+    eos = td.eos_token_id(tokenizer)
+    flat = [t for b in expected[:per_epoch] for t in b]
+    held = set(td.carve(docs, 0.1, "validation"))
+    assert flat.count(eos) >= len(docs) - len(held) - 8  # every kept document ends with EOS (buffer tail aside)
+    text = tokenizer.decode([t for t in flat if t != eos])
+    assert not any(h in text for h in held)  # held-out documents never reach training
+    assert expected[:per_epoch] != expected[per_epoch : 2 * per_epoch]  # each epoch reshuffles
+
+
+def test_packed_stream_refuses_an_empty_stream(tmp_path, tokenizer):
+    (tmp_path / "e.jsonl").write_text(json.dumps({"text": " "}) + "\n")
+    s = td.PackedStream(lambda: td.load_text_dataset(str(tmp_path / "e.jsonl"), streaming=True), tokenizer, 8, 4, 0)
+    with pytest.raises(td.DataError, match="no training documents"):
+        next(s.blocks())

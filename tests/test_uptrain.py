@@ -359,7 +359,8 @@ def test_bad_data(recipe, assets, tmp_path, capsys):
     ],
 )
 def test_bad_budgets(recipe, assets, tmp_path, capsys, budget, message):
-    err = fails(recipe, capsys, [f"model={assets['model']}", f"data={assets['corpus']}", f"output_dir={tmp_path}", *budget])
+    common = [f"model={assets['model']}", f"data={assets['corpus']}", f"output_dir={tmp_path}"]
+    err = fails(recipe, capsys, [*common, *budget])
     assert message in err
 
 
