@@ -156,17 +156,39 @@ class LayerMath:
     C: Tensor  # [D+1, D+1] float64 second moment of [A 1]
     pairs: tuple[Tensor, Tensor]  # rotary (re, im) dim indices
     qk_norm: bool  # keys are normalized per head after the projection: no key-side fold
-    slow: Tensor | None = None  # [F] per rotary pair: the share of a constant key offset the softmax ignores
+    slow: Tensor | None = None  # [F] or [H, F] per rotary pair (and query head): the share of a constant key
+    # offset the softmax ignores
     means: Tensor | None = None  # [D', r]: means of [A 1] the softmax may ignore, as U with U U^T their moment
     # Second moment and means for a group of KV heads (original indices), weighted by the attention its
-    # positions receive.
-    moment: Callable[[list[int]], tuple[Tensor, Tensor]] | None = None
+    # positions receive; mixed into C with weight key_weighting for keys, value_weighting for values.
+    moment: Callable[[list[int]], tuple[Tensor, Tensor | None]] | None = None
+    key_weighting: float = 0.0
+    value_weighting: float = 0.0
 
-    def group_moment(self, heads: list[int]) -> tuple[Tensor, Tensor | None]:
-        return (self.C, self.means) if self.moment is None else self.moment(heads)
+    def group_moment(self, heads: list[int], alpha: float) -> tuple[Tensor, Tensor | None]:
+        if self.moment is None or alpha == 0:
+            return self.C, self.means
+        Cw, mw = self.moment(heads)
+        C = (1 - alpha) * self.C + alpha * Cw
+        if self.means is None or mw is None:
+            return C, None
+        return C, torch.cat([(1 - alpha) ** 0.5 * self.means, alpha**0.5 * mw], dim=1)
 
-    def key_shift(self, means: Tensor | None) -> Shift | None:
-        return None if self.slow is None or means is None else Shift(means, self.slow)
+    def key_shift(self, means: Tensor | None, q_energy: Tensor | None = None, qheads: list[int] | None = None,
+                  ) -> Shift | None:
+        """The shift for one group; a per-query-head share is averaged over the group's query heads, weighted by
+        their energy on each pair."""
+        if self.slow is None or means is None:
+            return None
+        slow = self.slow
+        if slow.dim() == 2:
+            heads = qheads if qheads is not None else list(range(slow.shape[0]))
+            if q_energy is None:
+                slow = slow[heads].mean(0)
+            else:
+                e = q_energy[heads]
+                slow = (e * slow[heads]).sum(0) / e.sum(0).clamp_min(1e-300)
+        return Shift(means, slow)
 
 
 class _Prepared:
@@ -189,6 +211,7 @@ class _Prepared:
         self.kc = torch.complex(self.k[:, self.re], self.k[:, self.im])  # [Hkv, F, D']
         qc = torch.complex(self.q[:, self.re], self.q[:, self.im])  # [H, F, D']
         q_energy = (qc.real @ C * qc.real).sum(-1) + (qc.imag @ C * qc.imag).sum(-1)  # [H, F]
+        self.q_energy = q_energy
         self.k_weight = q_energy.reshape(Hkv, self.r, -1).sum(1)  # [Hkv, F]
         # Keys without rotary: query covariance of those dims.
         qn = self.q[:, self.nr]  # [H, m, D']
@@ -229,8 +252,8 @@ def merge_layer(att: Attention, groups: int, lm: LayerMath) -> tuple[Attention, 
     for g in range(groups):
         heads = list(range(g * n, (g + 1) * n))
         qheads = [list(range(h * p.r, (h + 1) * p.r)) for h in heads]
-        C, means = lm.group_moment(heads)
         # Values.
+        C, _ = lm.group_moment(heads, lm.value_weighting)
         W, R = _value_problem(p, heads)
         sv = merge_subspace(W, C, R)
         v_new[g] = sv.P[0].T
@@ -240,6 +263,7 @@ def merge_layer(att: Attention, groups: int, lm: LayerMath) -> tuple[Attention, 
         v_err_num += float((sv.rel_err**2 * sv.energy).sum())
         v_err_den += float(sv.energy.sum())
         # Keys.
+        C, means = lm.group_moment(heads, lm.key_weighting)
         if lm.qk_norm:
             k_new[g], stats = _weighted_mean_keys(p, heads)
             if k_norm is not None:
@@ -250,7 +274,8 @@ def merge_layer(att: Attention, groups: int, lm: LayerMath) -> tuple[Attention, 
             continue
         if len(p.re):
             W, R = _key_rot_problem(p, heads)
-            sk = merge_subspace(W, C, R, lm.key_shift(means))
+            group_q = [j for js in qheads for j in js]
+            sk = merge_subspace(W, C, R, lm.key_shift(means, p.q_energy, group_q))
             k_new[g, p.re], k_new[g, p.im] = sk.P[:, :, 0].real, sk.P[:, :, 0].imag
             for i, js in enumerate(qheads):
                 c = sk.M[:, i, 0, 0].conj()  # [F]: q' = q * conj(c) on every pair
@@ -321,7 +346,7 @@ class GroupCost:
         self.grams: list[tuple[Tensor, int, int]] = []  # (gram, dims per head, rank kept)
         parts = [(_value_problem, self.d, "v", None)]
         if len(p.re):
-            parts.append((_key_rot_problem, 1, "k", lm.key_shift(lm.means)))
+            parts.append((_key_rot_problem, 1, "k", lm.key_shift(lm.means, p.q_energy)))
         if len(p.nr):
             parts.append((_key_nr_problem, self.m, "k", None))
         self.totals = {"k": 0.0, "v": 0.0}
@@ -622,13 +647,16 @@ class LayerRunner:
     @torch.no_grad()
     def run(
         self, layer: torch.nn.Module, i: int, xs: list[Tensor], *, attn_input: bool = False, o_io: bool = False,
-        stop: str | None = None, received: bool = False,
+        stop: str | None = None, received: bool = False, attention_output: list[Tensor] | None = None,
+        phases: Tensor | None = None,
     ) -> dict[str, Any]:
         """Run a materialized layer on chunks of hidden states. Captures the attention input ("A"), the o_proj
-        input and output ("Z", "Y"); stop="attention" ends each chunk at the attention input, stop="o" after
-        o_proj; otherwise the layer outputs come back as "out"."""
+        input and output ("Z", "Y") and the attention each position receives ("W", eager attention only);
+        stop="attention" ends each chunk at the attention input, stop="o" after the attention module; otherwise the
+        layer outputs come back as "out". `attention_output` (one tensor per chunk) stands in for the attention
+        module's output, which is then not computed."""
         attn, o = layer.get_submodule(self.attn_path), layer.get_submodule(self.o_path)
-        got: dict[str, list[Tensor]] = {"A": [], "Z": [], "Y": [], "out": [], "W": []}
+        got: dict[str, list[Tensor]] = {"A": [], "Z": [], "Y": [], "out": [], "W": [], "coherence": []}
 
         def pre_attn(_m, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
@@ -643,14 +671,28 @@ class LayerRunner:
                 got["Y"].append(output.reshape(-1, output.shape[-1]).float())
 
         def after_attn(_m, args, output):
+            self._attn_tuple = len(output) if isinstance(output, tuple) else 0
             probs = output[1] if isinstance(output, tuple) and len(output) > 1 else None
             if received and probs is not None and probs.dim() == 4:  # [b, H, T, T] (eager attention)
                 got["W"].append(probs.float().sum(-2).permute(1, 0, 2).reshape(probs.shape[1], -1))
+                if phases is not None:  # |sum_n p_mn e^(-i theta_f n)|^2, summed over queries m: [H, F]
+                    T = probs.shape[-1]
+                    z = torch.complex(probs.float() @ phases.real[:T].float(), probs.float() @ phases.imag[:T].float())
+                    got["coherence"].append((z.abs() ** 2).sum((0, 2))[None])
             if stop == "o":  # o_proj runs inside the attention module
                 raise _Stop
 
         handles = [attn.register_forward_pre_hook(pre_attn, with_kwargs=True), o.register_forward_hook(after_o),
                    attn.register_forward_hook(after_attn)]
+        if attention_output is not None:
+            given = iter(attention_output)
+            width = getattr(self, "_attn_tuple", 2)
+
+            def stand_in(*_args: Any, **_kwargs: Any) -> Any:
+                out = next(given)
+                return (out, *([None] * (width - 1))) if width else out
+
+            attn.forward = stand_in
         try:
             for x in xs:
                 args, kwargs = self.layer_call(i, x.shape[0], x.shape[1])
@@ -662,7 +704,9 @@ class LayerRunner:
         finally:
             for h in handles:
                 h.remove()
-        cat = {"W": 1, "out": None}
+            if attention_output is not None:
+                del attn.forward
+        cat = {"W": 1, "out": None, "coherence": 0}
         return {k: (torch.cat(v, dim=cat.get(k, 0)) if cat.get(k, 0) is not None else v) if v else None
                 for k, v in got.items()}
 
@@ -739,7 +783,7 @@ class Calibrator:
     def __init__(
         self, source: Any, groups: int, seed: int, *, calibration_data: str | None, calibration_tokens: int,
         calibration_seq_len: int, grouping: str, stream: str, refit_o: bool, ridge: float, calibration_dtype: str,
-        drift: float, key_centering: str, attention_weighting: float,
+        drift: float, key_centering: str, key_weighting: float, value_weighting: float,
     ):
         self.started = time.perf_counter()
         self.src, self.groups = source, groups
@@ -752,8 +796,9 @@ class Calibrator:
         ids, where = calibration_ids(
             getattr(source, "folder", None), calibration_data, calibration_tokens, calibration_seq_len, seed, vocab
         )
-        self.attention_weighting = float(attention_weighting)
-        self.runner = LayerRunner(source, groups, self.dtype, eager=self.attention_weighting > 0)
+        self.weighting = (float(key_weighting), float(value_weighting))
+        self.eager = max(self.weighting) > 0 or key_centering == "attention"
+        self.runner = LayerRunner(source, groups, self.dtype, eager=self.eager)
         x0 = self.runner.embed(ids)
         self.x_orig = x0 if stream in ("original", "both") else None
         self.x_new = x0 if stream in ("converted", "both") else None
@@ -761,12 +806,16 @@ class Calibrator:
         self.pairs = rotary_pairs(model_type, source.shapes.rotary_dim)
         self.model_type = model_type
         self.inv_freq, self.centering = None, key_centering
-        if key_centering not in ("none", "global", "sequence"):
-            raise ConversionError(f"key_centering {key_centering!r}: none, global or sequence")
+        if key_centering not in ("none", "global", "sequence", "attention"):
+            raise ConversionError(f"key_centering {key_centering!r}: none, global, sequence or attention")
         if key_centering != "none":
             self.inv_freq = next((b for n, b in self.runner.skeleton.named_buffers()
                                   if n.endswith("inv_freq") and not b.is_meta), None)
         self.context = max(1, int(ids.shape[1]) // 2)  # mean causal context of a calibration sequence
+        self.phases = None
+        if key_centering == "attention" and self.inv_freq is not None:
+            angle = torch.arange(ids.shape[1], dtype=torch.float64)[:, None] * self.inv_freq.double()[None]
+            self.phases = torch.polar(torch.ones_like(angle), -angle)  # [T, F]: e^(-i theta_f n)
         self.seq_len = int(ids.shape[1])
         self.pending: dict[str, Any] = {}
         self.summary = {
@@ -780,7 +829,8 @@ class Calibrator:
             "refit_o": refit_o,
             "ridge": ridge,
             "key_centering": key_centering,
-            "attention_weighting": attention_weighting,
+            "key_weighting": key_weighting,
+            "value_weighting": value_weighting,
         }
 
     def _tensors(self, i: int) -> dict[str, Tensor]:
@@ -798,15 +848,15 @@ class Calibrator:
     def __call__(self, i: int) -> dict:
         tensors = self._tensors(i)
         run, layer = self.runner.run, self.runner.load(False, i, tensors)
-        nxt, recv = None, self.attention_weighting > 0
+        nxt, recv, ph = None, self.eager, self.phases
         if self.stream == "original":
-            r = run(layer, i, self.x_orig, attn_input=True, o_io=True, received=recv)
+            r = run(layer, i, self.x_orig, attn_input=True, o_io=True, received=recv, phases=ph)
             A, Y, nxt = r["A"], r["Y"], r["out"]
         elif self.stream == "converted":
-            r = run(layer, i, self.x_new, attn_input=True, o_io=True, stop="o", received=recv)
+            r = run(layer, i, self.x_new, attn_input=True, o_io=True, stop="o", received=recv, phases=ph)
             A, Y = r["A"], r["Y"]
         else:
-            r = run(layer, i, self.x_orig, o_io=True, received=recv)
+            r = run(layer, i, self.x_orig, o_io=True, received=recv, phases=ph)
             Y, nxt = r["Y"], r["out"]
             A = run(layer, i, self.x_new, attn_input=True, stop="attention")["A"]
             if self.drift:
@@ -819,12 +869,15 @@ class Calibrator:
         self.pending = {"layer": i, "Y": Y, "next_orig": nxt, "tensors": tensors}
         C = second_moment(A)
         slow = slow_share(self.inv_freq, len(self.pairs[0]), self.context)
+        if self.centering == "attention":
+            coh = r.get("coherence")
+            slow = None if coh is None else (coh.sum(0) / A.shape[0]).double()  # [H, F] per query head
         moment = None
         ones = torch.ones(A.shape[0])
         means = self._means(A, ones)
-        if self.attention_weighting and r.get("W") is not None:
-            moment = self._moment(A, C, means, r["W"])
-        lm = LayerMath(C, self.pairs, self._qk_norm(i), slow, means, moment)
+        if max(self.weighting) > 0 and r.get("W") is not None:
+            moment = self._moment(A, r["W"])
+        lm = LayerMath(C, self.pairs, self._qk_norm(i), slow, means, moment, *self.weighting)
         return {"calibration": LayerCalibration(i, lm, self.grouping, self.finish)}
 
     def _means(self, A: Tensor, w: Tensor) -> Tensor | None:
@@ -832,31 +885,31 @@ class Calibrator:
         [A 1], or the mean of each calibration sequence."""
         if self.centering == "none":
             return None
-        T = self.seq_len if self.centering == "sequence" else A.shape[0]
+        T = A.shape[0] if self.centering == "global" else self.seq_len
         aug = torch.cat([A.double(), torch.ones(A.shape[0], 1, dtype=torch.float64)], dim=1).reshape(-1, T, A.shape[1] + 1)
         ws = w.double().reshape(-1, T)
         tot = ws.sum(1).clamp_min(1e-300)  # [r]
         mean = (aug * ws[..., None]).sum(1) / tot[:, None]  # [r, D+1]
         return (mean * tot.sqrt()[:, None]).T
 
-    def _moment(self, A: Tensor, C: Tensor, means: Tensor | None, W: Tensor) -> Callable[[list[int]], tuple]:
-        """Second moments weighted by the attention each position receives from a group's query heads (mixed with
-        the plain one by `attention_weighting`): keys and values of the positions attention reads most (the first
-        token of a sequence, typically) count for what they weigh in the attention output."""
+    def _moment(self, A: Tensor, W: Tensor) -> Callable[[list[int]], tuple[Tensor, Tensor | None]]:
+        """Second moments weighted by the attention each position receives from a group's query heads: keys and
+        values of the positions attention reads most (the first token of a sequence, typically) count for what
+        they weigh in the attention output."""
         Hkv = self.src.shapes.num_kv_heads
         w_kv = W.reshape(Hkv, W.shape[0] // Hkv, -1).mean(1)  # [Hkv, N], mean 1 per position
-        alpha = self.attention_weighting
+        cache: dict[tuple[int, ...], tuple[Tensor, Tensor | None]] = {}
 
         def moment(heads: list[int]) -> tuple[Tensor, Tensor | None]:
-            w = w_kv[heads].mean(0)
-            Cw = torch.zeros_like(C)
-            for block, wb in zip(torch.split(A, 4096), torch.split(w, 4096)):
-                aug = torch.cat([block.float(), torch.ones(block.shape[0], 1)], dim=1)
-                Cw += ((aug * wb[:, None]).T @ aug).double()
-            mw = self._means(A, w)
-            if means is None or mw is None:
-                return (1 - alpha) * C + alpha * Cw, None
-            return (1 - alpha) * C + alpha * Cw, torch.cat([(1 - alpha) ** 0.5 * means, alpha**0.5 * mw], dim=1)
+            key = tuple(sorted(heads))
+            if key not in cache:
+                w = w_kv[list(key)].mean(0)
+                Cw = torch.zeros(A.shape[1] + 1, A.shape[1] + 1, dtype=torch.float64)
+                for block, wb in zip(torch.split(A, 4096), torch.split(w, 4096)):
+                    aug = torch.cat([block.float(), torch.ones(block.shape[0], 1)], dim=1)
+                    Cw += ((aug * wb[:, None]).T @ aug).double()
+                cache[key] = (Cw, self._means(A, w))
+            return cache[key]
 
         return moment
 
@@ -877,12 +930,20 @@ class Calibrator:
         stats: dict = {}
         layer = self._load_new(i, merged)
         x_in = self.x_orig if self.stream == "original" else self.x_new
+        given = None
         if self.refit:
             Z = self.runner.run(layer, i, x_in, o_io=True, stop="o")["Z"]
             merged, stats = refit_o(merged, Z, self.pending["Y"], self.ridge)
-            layer = self._load_new(i, merged)
+            if self.stream != "original":  # the attention output with the new o_proj, without recomputing it
+                D, H, d = merged.o.shape
+                bias = self.pending["tensors"].get(f"{self.runner.o_path}.bias")
+                y = Z @ merged.o.reshape(D, H * d).T + (0 if bias is None else bias.float())
+                sizes = [x.shape[0] * x.shape[1] for x in self.x_new]
+                given = [c.reshape(x.shape).to(x.dtype) for c, x in zip(torch.split(y, sizes), self.x_new)]
+            else:
+                layer = self._load_new(i, merged)
         if self.stream != "original":
-            self.x_new = self.runner.run(layer, i, self.x_new)["out"]
+            self.x_new = self.runner.run(layer, i, self.x_new, attention_output=given)["out"]
         self.runner.unload(True, i)
         if self.stream != "converted":
             self.x_orig = self.pending["next_orig"]
@@ -901,7 +962,8 @@ OPTIONS: dict[str, Any] = {
     "calibration_dtype": "float32",
     "drift": 0.0,
     "key_centering": "global",
-    "attention_weighting": 0.0,
+    "key_weighting": 0.0,
+    "value_weighting": 0.0,
 }
 
 
@@ -959,6 +1021,10 @@ class Calibrated(Method):
                 att = permute_kv_heads(att, order)
                 if lm.moment is not None:
                     lm = replace(lm, moment=lambda heads, f=lm.moment: f([order[h] for h in heads]))
+                if lm.slow is not None and lm.slow.dim() == 2:
+                    r = att.num_heads // att.num_kv_heads
+                    q_order = (torch.tensor(order)[:, None] * r + torch.arange(r)).reshape(-1)
+                    lm = replace(lm, slow=lm.slow[q_order])
         merged, stats = merge_layer(att, groups, lm)
         merged, more = calibration.finish(layer, merged)
         stats.update(more)
