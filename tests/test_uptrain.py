@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -54,12 +55,13 @@ def recipe_env(**extra: str) -> dict:
     return env
 
 
-def run_recipe(args: list[str], timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        [sys.executable, str(RECIPE), *args], capture_output=True, text=True, timeout=timeout, env=recipe_env(**env),
-        cwd=REPO,
-    )
-    return result
+def recipe_command(args: list[str]) -> list[str]:
+    return [sys.executable, str(RECIPE), *args]
+
+
+def run_recipe(args: list[str], timeout: int = 600, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(recipe_command(args), capture_output=True, text=True, timeout=timeout,
+                          env=recipe_env(**env), cwd=REPO)
 
 
 def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -106,16 +108,118 @@ def weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------------------------- runs that train
+# Each scenario is a function run in a thread pool: the runs are mostly interpreter start-up and imports, so
+# overlapping them roughly halves the wall time on 2 cores. The tests below wait for their scenario's result.
+
+REFERENCE = ["max_steps=24", "micro_batch_size=2", "grad_accum=2"]  # global batch 4 on one process
 
 
-def test_three_step_run_writes_a_loadable_changed_model(assets, tmp_path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    out = tmp_path / "run"
-    result = ok(run_recipe([
+def scenario_three_steps(assets, out):
+    return run_recipe([
         *BASE, f"model={assets['model']}", f"data={assets['jsonl']}", "text_column=body", f"output_dir={out}",
         "max_steps=3", "pretraining_tokens=38400", "--json",
-    ]))
+    ])
+
+
+def scenario_reference(assets, out):
+    """An uninterrupted 24-step run on one process: what the killed and the 2-process runs must reproduce."""
+    return ok(run_recipe([*BASE, *REFERENCE, f"model={assets['model']}", f"data={assets['corpus']}",
+                          f"output_dir={out}", "--quiet"]))
+
+
+def scenario_kill_and_resume(assets, out):
+    """The same run as the reference, slowed down, SIGKILLed after its step-6 checkpoint, then resumed."""
+    args = [*BASE, *REFERENCE, f"model={assets['model']}", f"data={assets['corpus']}", f"output_dir={out}", "--quiet"]
+    out.mkdir(parents=True)
+    with open(out.parent / "killed.log", "w") as log:
+        proc = subprocess.Popen(recipe_command(args), stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                                env=recipe_env(GQA_UPTRAIN_STEP_DELAY="0.3"))  # slow steps: the kill lands mid-run
+        checkpoint = out / "checkpoints" / "step-000006" / "trainer_state.json"
+        deadline = time.time() + 400
+        while time.time() < deadline and proc.poll() is None:
+            if checkpoint.is_file() and logged_steps(out) >= 8:
+                break
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        killed = {"returncode": proc.wait(60), "checkpoint": checkpoint.is_file(), "model": (out / "model").exists(),
+                  "logged": logged_steps(out), "log": (out.parent / "killed.log").read_text()[-3000:]}
+    # as if a second kill had hit while the next checkpoint was being written
+    (out / "checkpoints" / ".tmp-step-000012").mkdir()
+    (out / "checkpoints" / ".tmp-step-000012" / "model.safetensors").write_bytes(b"partial")
+    return killed, run_recipe([*args, "resume=auto"])
+
+
+def scenario_two_processes(assets, out):
+    launch = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "recipes/accelerate_ddp.yaml"),
+        "--num_processes", "2", "--main_process_port", str(free_port()), str(RECIPE),
+        *BASE, "max_steps=24", "micro_batch_size=2", "grad_accum=1", f"model={assets['model']}",
+        f"data={assets['corpus']}", f"output_dir={out}", "--quiet",
+    ]
+    return subprocess.run(launch, capture_output=True, text=True, timeout=600, env=recipe_env(), cwd=REPO)
+
+
+def scenario_lora(assets, out):
+    return run_recipe([
+        *BASE, f"model={assets['model']}", f"data={assets['corpus']}", f"output_dir={out}", "max_steps=4",
+        "train=lora", "lora_modules=[q_proj,o_proj,up_proj]", "lora_r=4", "lr=1e-2", "--quiet",
+        "mixed_precision=bf16", "gradient_checkpointing=true",  # both through accelerate / transformers, on CPU
+    ])
+
+
+def scenario_distillation(assets, out):
+    return run_recipe([
+        *BASE, f"model={assets['student']}", f"teacher={assets['teacher']}", f"data={assets['corpus']}",
+        f"output_dir={out}", "max_steps=12", "kd_weight=1.0", "kd_temperature=1.0", "lr=3e-3", "--quiet",
+    ])
+
+
+def scenario_streaming_resume(assets, out):
+    """A streamed 6-step run, then the same run resumed from its step-3 checkpoint."""
+    args = [*BASE, f"model={assets['model']}", f"data={assets['corpus']}", f"output_dir={out}", "max_steps=6",
+            "streaming=true", "save_every=3", "shuffle_buffer=50", "--quiet"]
+    first = ok(run_recipe(args))
+    first_losses = losses(out)
+    shutil.rmtree(out / "model")
+    shutil.rmtree(out / "checkpoints" / "step-000006")
+    return first, first_losses, run_recipe([*args, "resume=auto"])
+
+
+def scenario_nan(assets, out):
+    return run_recipe(
+        [*BASE, f"model={assets['model']}", f"data={assets['corpus']}", f"output_dir={out}", "max_steps=8",
+         "save_every=2", "--quiet"],
+        GQA_UPTRAIN_FAULT_NAN_AT="5",
+    )
+
+
+SCENARIOS = {  # the longest chains first
+    "kill": scenario_kill_and_resume, "stream": scenario_streaming_resume, "ddp": scenario_two_processes,
+    "reference": scenario_reference, "three": scenario_three_steps, "lora": scenario_lora,
+    "distill": scenario_distillation, "nan": scenario_nan,
+}
+
+
+@pytest.fixture(scope="module")
+def runs(assets, tmp_path_factory):
+    """Start every scenario at once (3 at a time); `runs[name]` waits for one: (output folder, its result)."""
+    root = tmp_path_factory.mktemp("runs")
+    pool = ThreadPoolExecutor(max_workers=3)
+    futures = {name: pool.submit(job, assets, root / name / "run") for name, job in SCENARIOS.items()}
+
+    class Results:
+        def __getitem__(self, name):
+            return root / name / "run", futures[name].result(timeout=900)
+
+    yield Results()
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+def test_three_step_run_writes_a_loadable_changed_model(assets, runs):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, result = runs["three"]
+    ok(result)
     summary = json.loads(result.stdout)  # --json: stdout is the summary alone, the plan went to stderr
     assert "budget      3 steps x 4 blocks" in result.stderr and "compute     ~" in result.stderr
     assert summary["steps"] == 3 and summary["tokens"] == 3 * 4 * 32
@@ -141,41 +245,13 @@ def test_three_step_run_writes_a_loadable_changed_model(assets, tmp_path):
     assert not list(out.glob(".tmp*")) and not list((out / "checkpoints").glob(".tmp*"))
 
 
-REFERENCE = ["max_steps=24", "micro_batch_size=2", "grad_accum=2"]  # global batch 4 on one process
-
-
-@pytest.fixture(scope="module")
-def reference(assets, tmp_path_factory) -> Path:
-    """An uninterrupted 24-step run on one process: what the killed and the 2-process runs must reproduce."""
-    out = tmp_path_factory.mktemp("reference") / "run"
-    ok(run_recipe([*BASE, *REFERENCE, f"model={assets['model']}", f"data={assets['corpus']}", f"output_dir={out}"]))
-    return out
-
-
-def test_sigkill_then_resume_reproduces_every_step(assets, reference, tmp_path):
-    out = tmp_path / "run"
-    args = [*BASE, *REFERENCE, f"model={assets['model']}", f"data={assets['corpus']}", f"output_dir={out}", "--quiet"]
-    log = open(tmp_path / "killed.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, str(RECIPE), *args], stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-        env=recipe_env(GQA_UPTRAIN_STEP_DELAY="0.3"),  # slow steps so the kill lands mid-run
-    )
-    checkpoint = out / "checkpoints" / "step-000006" / "trainer_state.json"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if checkpoint.is_file() and logged_steps(out) >= 8:
-            break
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    assert proc.wait(30) == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-3000:]
-    assert checkpoint.is_file() and not (out / "model").exists()
-    logged = losses(out)
-    assert max(logged) >= 8  # steps after the checkpoint were logged and must be replaced, not kept twice
-    # as if a second kill had hit while the next checkpoint was being written
-    (out / "checkpoints" / ".tmp-step-000012").mkdir()
-    (out / "checkpoints" / ".tmp-step-000012" / "model.safetensors").write_bytes(b"partial")
-
-    result = ok(run_recipe([*args, "resume=auto"]))
+def test_sigkill_then_resume_reproduces_every_step(runs):
+    reference, _ = runs["reference"]
+    out, (killed, result) = runs["kill"]
+    assert killed["returncode"] == -signal.SIGKILL, killed["log"]
+    assert killed["checkpoint"] and not killed["model"]
+    assert killed["logged"] >= 8  # steps after the checkpoint were logged, and must be replaced, not kept twice
+    ok(result)
     summary = json.loads((out / "model" / "training_summary.json").read_text())
     assert summary["resumed_from"].endswith("step-000006"), result.stdout
     expected, got = losses(reference), losses(out)
@@ -188,15 +264,9 @@ def test_sigkill_then_resume_reproduces_every_step(assets, reference, tmp_path):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000018", "step-000024"]  # keep 2
 
 
-def test_two_processes_match_one_process(assets, reference, tmp_path):
-    out = tmp_path / "run"
-    launch = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "recipes/accelerate_ddp.yaml"),
-        "--num_processes", "2", "--main_process_port", str(free_port()), str(RECIPE),
-        *BASE, "max_steps=24", "micro_batch_size=2", "grad_accum=1", f"model={assets['model']}",
-        f"data={assets['corpus']}", f"output_dir={out}", "--quiet",
-    ]
-    result = subprocess.run(launch, capture_output=True, text=True, timeout=400, env=recipe_env(), cwd=REPO)
+def test_two_processes_match_one_process(runs):
+    reference, _ = runs["reference"]
+    out, result = runs["ddp"]
     ok(result)
     summary = json.loads((out / "model" / "training_summary.json").read_text())
     assert summary["num_processes"] == 2 and summary["global_batch"] == 4
@@ -209,12 +279,9 @@ def test_two_processes_match_one_process(assets, reference, tmp_path):
     assert got_eval[0]["val_loss"] == pytest.approx(ref_eval[0]["val_loss"], abs=1e-6)
 
 
-def test_lora_merges_into_a_plain_checkpoint(assets, tmp_path, monkeypatch):
-    out = tmp_path / "run"
-    ok(run_recipe([
-        *BASE, f"model={assets['model']}", f"data={assets['corpus']}", f"output_dir={out}", "max_steps=4",
-        "train=lora", "lora_modules=[q_proj,o_proj,up_proj]", "lora_r=4", "lr=1e-2", "--quiet",
-    ]))
+def test_lora_merges_into_a_plain_checkpoint(assets, runs, monkeypatch):
+    out, result = runs["lora"]
+    ok(result)
     model_dir = out / "model"
     assert not (model_dir / "adapter_config.json").exists()
     before, after = weights(assets["model"]), weights(model_dir)
@@ -238,14 +305,12 @@ def test_lora_merges_into_a_plain_checkpoint(assets, tmp_path, monkeypatch):
     assert loaded(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, after["model.embed_tokens.weight"].shape[0])
     summary = json.loads((model_dir / "training_summary.json").read_text())
     assert 0 < summary["trainable_params"] < summary["total_params"]
+    assert summary["settings"]["mixed_precision"] == "bf16" and loaded.dtype == torch.float32  # saved as the input
 
 
-def test_distillation_lowers_kl_to_the_teacher(assets, tmp_path):
-    out = tmp_path / "run"
-    ok(run_recipe([
-        *BASE, f"model={assets['student']}", f"teacher={assets['teacher']}", f"data={assets['corpus']}",
-        f"output_dir={out}", "max_steps=12", "kd_weight=1.0", "kd_temperature=1.0", "lr=3e-3", "--quiet",
-    ]))
+def test_distillation_lowers_kl_to_the_teacher(assets, runs):
+    out, result = runs["distill"]
+    ok(result)
     evals = rows(out, "eval")
     assert evals[0]["val_kl"] > 0.05  # mean-pooling the teacher's two K/V heads moved its predictions
     assert evals[-1]["val_kl"] < 0.7 * evals[0]["val_kl"], evals  # about 0.55x in 12 steps here
@@ -255,28 +320,18 @@ def test_distillation_lowers_kl_to_the_teacher(assets, tmp_path):
     assert f"| teacher | {assets['teacher']} (KL weight 1.0, temperature 1.0) |" in card
 
 
-def test_streaming_resume_replays_the_stream(assets, tmp_path):
-    out = tmp_path / "run"
-    args = [*BASE, f"model={assets['model']}", f"data={assets['corpus']}", f"output_dir={out}", "max_steps=6",
-            "streaming=true", "save_every=3", "shuffle_buffer=50", "--quiet"]
-    ok(run_recipe(args))
-    first = losses(out)
-    shutil.rmtree(out / "model")
-    shutil.rmtree(out / "checkpoints" / "step-000006")
-    ok(run_recipe([*args, "resume=auto"]))
+def test_streaming_resume_continues_the_stream(runs):
+    out, (_, first, result) = runs["stream"]
+    ok(result)
     again = losses(out)
     assert sorted(again) == list(range(1, 7))
     assert max(abs(again[s] - first[s]) for s in first) <= 1e-6
     assert json.loads((out / "model" / "training_summary.json").read_text())["resumed_from"].endswith("step-000003")
+    assert (out / "checkpoints" / "step-000003" / "stream_state.json").is_file()
 
 
-def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(assets, tmp_path):
-    out = tmp_path / "run"
-    result = run_recipe(
-        [*BASE, f"model={assets['model']}", f"data={assets['corpus']}", f"output_dir={out}", "max_steps=8",
-         "save_every=2", "--quiet"],
-        GQA_UPTRAIN_FAULT_NAN_AT="5",
-    )
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(runs):
+    out, result = runs["nan"]
     assert result.returncode == 1, result.stderr
     assert "the loss is nan at step 5" in result.stderr and "step-000004 (step 4)" in result.stderr
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
