@@ -173,7 +173,6 @@ class LayerMath:
     moment: Callable[[list[int]], tuple[Tensor, Tensor | None]] | None = None
     key_weighting: float = 0.0
     value_weighting: float = 0.0
-    linear: Tensor | None = None  # [F] bool: rotary pairs slow enough to merge with linear maps, like non-rotary dims
 
     def group_moment(self, heads: list[int], alpha: float) -> tuple[Tensor, Tensor | None]:
         if self.moment is None or alpha == 0:
@@ -185,12 +184,12 @@ class LayerMath:
         return C, torch.cat([(1 - alpha) ** 0.5 * self.means, alpha**0.5 * mw], dim=1)
 
     def key_shift(self, means: Tensor | None, q_energy: Tensor | None = None, qheads: list[int] | None = None,
-                  fast: Tensor | None = None) -> Shift | None:
-        """The shift for one group's rotary pairs (`fast`: those merged as rotary pairs); a per-query-head share is
-        averaged over the group's query heads, weighted by their energy on each pair."""
+                  ) -> Shift | None:
+        """The shift for one group's rotary pairs; a per-query-head share is averaged over the group's query heads,
+        weighted by their energy on each pair."""
         if self.slow is None or means is None:
             return None
-        slow = self.slow if fast is None else self.slow[..., fast]
+        slow = self.slow
         if slow.dim() == 2:
             heads = qheads if qheads is not None else list(range(slow.shape[0]))
             if q_energy is None:
@@ -208,8 +207,7 @@ class _Prepared:
         self.C = C = lm.C
         H, Hkv, d = att.num_heads, att.num_kv_heads, att.q.shape[1]
         self.r = H // Hkv  # query heads per KV head
-        self.fast = torch.arange(len(lm.pairs[0])) if lm.linear is None else (~lm.linear).nonzero().flatten()
-        self.re, self.im = lm.pairs[0][self.fast], lm.pairs[1][self.fast]
+        self.re, self.im = lm.pairs
         rot = torch.zeros(d, dtype=torch.bool)
         rot[self.re] = True
         rot[self.im] = True
@@ -286,7 +284,7 @@ def merge_layer(att: Attention, groups: int, lm: LayerMath) -> tuple[Attention, 
         if len(p.re):
             W, R = _key_rot_problem(p, heads)
             group_q = [j for js in qheads for j in js]
-            sk = merge_subspace(W, C, R, lm.key_shift(means, p.q_energy, group_q, p.fast))
+            sk = merge_subspace(W, C, R, lm.key_shift(means, p.q_energy, group_q))
             k_new[g, p.re], k_new[g, p.im] = sk.P[:, :, 0].real, sk.P[:, :, 0].imag
             for i, js in enumerate(qheads):
                 c = sk.M[:, i, 0, 0].conj()  # [F]: q' = q * conj(c) on every pair
@@ -297,7 +295,7 @@ def merge_layer(att: Attention, groups: int, lm: LayerMath) -> tuple[Attention, 
             k_err_den += float(sk.energy.sum())
         if len(p.nr):
             W, R = _key_nr_problem(p, heads)
-            # A constant key offset on dims that do not rotate (or barely, over the context) moves no softmax.
+            # A constant key offset on dims that do not rotate moves no softmax.
             shift = None if means is None else Shift(means, torch.ones(1, dtype=torch.float64))
             sk = merge_subspace(W, C, R, shift, align=True)
             k_new[g, p.nr] = sk.P[0].T
@@ -359,7 +357,7 @@ class GroupCost:
         self.grams: list[tuple[Tensor, int, int]] = []  # (gram, dims per head, rank kept)
         parts = [(_value_problem, self.d, "v", None)]
         if len(p.re):
-            parts.append((_key_rot_problem, 1, "k", lm.key_shift(lm.means, p.q_energy, None, p.fast)))
+            parts.append((_key_rot_problem, 1, "k", lm.key_shift(lm.means, p.q_energy)))
         if len(p.nr):
             nr_shift = None if lm.means is None else Shift(lm.means, torch.ones(1, dtype=torch.float64))
             parts.append((_key_nr_problem, self.m, "k", nr_shift))
@@ -797,7 +795,7 @@ class Calibrator:
     def __init__(
         self, source: Any, groups: int, seed: int, *, calibration_data: str | None, calibration_tokens: int,
         calibration_seq_len: int, grouping: str, stream: str, refit_o: bool, ridge: float, calibration_dtype: str,
-        drift: float, key_centering: str, key_weighting: float, value_weighting: float, linear_pairs: float,
+        drift: float, key_centering: str, key_weighting: float, value_weighting: float,
     ):
         self.started = time.perf_counter()
         self.src, self.groups = source, groups
@@ -811,7 +809,6 @@ class Calibrator:
             getattr(source, "folder", None), calibration_data, calibration_tokens, calibration_seq_len, seed, vocab
         )
         self.weighting = (float(key_weighting), float(value_weighting))
-        self.linear_pairs = float(linear_pairs)
         self.eager = max(self.weighting) > 0 or key_centering == "attention"
         self.runner = LayerRunner(source, groups, self.dtype, eager=self.eager)
         x0 = self.runner.embed(ids)
@@ -845,7 +842,6 @@ class Calibrator:
             "ridge": ridge,
             "key_centering": key_centering,
             "key_weighting": key_weighting,
-            "linear_pairs": linear_pairs,
             "value_weighting": value_weighting,
         }
 
@@ -893,12 +889,7 @@ class Calibrator:
         means = self._means(A, ones)
         if max(self.weighting) > 0 and r.get("W") is not None:
             moment = self._moment(A, r["W"])
-        linear = None
-        if self.linear_pairs > 0:
-            share = slow_share(self.inv_freq, len(self.pairs[0]), self.context)
-            if share is not None and means is not None:
-                linear = share >= self.linear_pairs
-        lm = LayerMath(C, self.pairs, self._qk_norm(i), slow, means, moment, *self.weighting, linear)
+        lm = LayerMath(C, self.pairs, self._qk_norm(i), slow, means, moment, *self.weighting)
         return {"calibration": LayerCalibration(i, lm, self.grouping, self.finish)}
 
     def _means(self, A: Tensor, w: Tensor) -> Tensor | None:
@@ -985,7 +976,6 @@ OPTIONS: dict[str, Any] = {
     "key_centering": "global",
     "key_weighting": 0.0,
     "value_weighting": 0.0,
-    "linear_pairs": 0.0,
 }
 
 
