@@ -5,7 +5,7 @@ set -euo pipefail
 DATA=${GQA_DATA_DIR:-../shared/data}
 ORIGINAL=$(python -c 'from convert.smollm2 import materialize; print(materialize())')
 CONFIG=recipes/configs/smollm2-mqa-cpu.yaml
-STEPS=${STEPS:-16}
+STEPS=${STEPS:-48}
 # One thread: on a CPU shared with other jobs, OpenMP threads waiting on each other made steps 3-6x slower.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 

@@ -773,6 +773,10 @@ def save_output(accelerator, model, s: Settings, tokenizer, summary: dict, rows:
         shutil.rmtree(tmp, ignore_errors=True)
         result.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        for extra in Path(s.model).iterdir():  # what else the input carried (conversion report, licence, ...)
+            weights = extra.name.endswith((".safetensors", ".bin", ".pt", ".pth", ".index.json"))
+            if extra.is_file() and not weights and not (tmp / extra.name).exists() and extra.name != "README.md":
+                shutil.copy2(extra, tmp / extra.name)
         (tmp / "README.md").write_text(model_card(s.model, summary))
         (tmp / "training_summary.json").write_text(json.dumps(summary, indent=2))
         plot_losses(rows, out / "loss.png")

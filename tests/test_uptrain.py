@@ -115,8 +115,11 @@ REFERENCE = ["max_steps=24", "micro_batch_size=2", "grad_accum=2"]  # global bat
 
 
 def scenario_three_steps(assets, out):
+    model = out.parent / "model"
+    shutil.copytree(assets["model"], model)
+    (model / "NOTICE.txt").write_text("carried over\n")
     return run_recipe([
-        *BASE, f"model={assets['model']}", f"data={assets['jsonl']}", "text_column=body", f"output_dir={out}",
+        *BASE, f"model={model}", f"data={assets['jsonl']}", "text_column=body", f"output_dir={out}",
         "max_steps=3", "pretraining_tokens=38400", "--json",
     ])
 
@@ -239,6 +242,7 @@ def test_three_step_run_writes_a_loadable_changed_model(assets, runs):
     assert "## Uptraining (gqa-convert)" in card and "384 (3 steps x 4 blocks x 32 tokens)" in card
     assert "0.01 of 38.4K pretraining tokens" in card and "| teacher | none |" in card
     assert json.loads((model_dir / "training_summary.json").read_text())["tokens"] == 384
+    assert (model_dir / "NOTICE.txt").read_text() == "carried over\n"  # the input's other files travel along
     assert [r["step"] for r in rows(out, "train")] == [1, 2, 3]
     assert [r["step"] for r in rows(out, "eval")] == [0, 3]
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
