@@ -1010,12 +1010,14 @@ def run(s: Settings, options: dict) -> int:
         scheduler.step()
         sums = accelerator.reduce(sums / s.grad_accum, "mean")
         step_loss, step_lm, step_kl = sums.tolist()
-        if not math.isfinite(step_loss):
+        norm = float(grad_norm) if grad_norm is not None else 0.0  # the same on every process
+        if not math.isfinite(step_loss) or not math.isfinite(norm):
             bar.close()
             accelerator.end_training()
             keep = complete_checkpoints(s)
+            what = f"the loss is {step_loss}" if not math.isfinite(step_loss) else f"the gradient norm is {norm}"
             raise TrainingError(
-                f"the loss is {step_loss} at step {step}; stopped without saving. The last good checkpoint is "
+                f"{what} at step {step}; stopped without saving. The last good checkpoint is "
                 + (f"{keep[-1]} (step {keep[-1].name[len(CHECKPOINT_PREFIX):].lstrip('0') or 0}); "
                    f"rerun with resume: auto, after lowering lr or enabling clipping" if keep else "none")
             )
@@ -1039,12 +1041,12 @@ def run(s: Settings, options: dict) -> int:
         if steps_measured == 3:
             left = (total - step) * plan["tokens_per_step"] / tokens_per_s
             say(f"  measured    {tokens_per_s:,.0f} tokens/s over steps {step - 2}-{step}: {total - step} steps "
-                      f"left, about {duration(left)} of training (evaluations and checkpoints not counted)")
+                f"left, about {duration(left)} of training (evaluations and checkpoints not counted)")
         if (s.eval_every and step % s.eval_every == 0) or step == total:
             run_eval(step)
             if eval_rows and eval_rows[-1]["step"] == step:
                 say(f"  step {step:<6} validation loss {eval_rows[-1]['val_loss']:.4f}, "
-                          f"perplexity {eval_rows[-1]['val_ppl']:.3f}")
+                    f"perplexity {eval_rows[-1]['val_ppl']:.3f}")
         if s.save_every and step % s.save_every == 0:
             seconds = previous_seconds + time.time() - session_start
             last_ckpt = save_checkpoint(accelerator, s, step, trainer_state(step, seconds), data.get("stream")).name
