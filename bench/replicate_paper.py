@@ -2,8 +2,8 @@
 """Replicate the GQA paper's conversion and uptraining experiments (Ainslie et al. 2023, figures 4 and 5) on a small
 llama pretrained from scratch, with this project's own converter and uptraining recipe.
 
-    python bench/replicate_paper.py --out runs/replication           # the full grid (about an hour on 2 CPU cores)
-    python bench/replicate_paper.py --quick --out /tmp/replication   # smoke run: tiny model, 1 G, 2 methods (minutes)
+    python bench/replicate_paper.py --out docs/replication           # the full grid (42 min on a shared 2-core CPU)
+    python bench/replicate_paper.py --quick --out /tmp/replication   # smoke run: tiny model, 1 G, 2 methods (~1 min)
 
 One command does everything, in order:
 
@@ -24,9 +24,10 @@ One command does everything, in order:
  5. evaluate  perplexity on the held-out text (default: WikiText-2 `test.txt`, never trained or calibrated on),
                windows of one block, evenly spaced over the whole file.
 
-Seeds: `--seeds 0,1` runs every alpha = 0 cell and the headline cells (`--headline` methods at alpha = 5%) once per
-seed; the seed sets the conversion (random heads, calibration sample) and the uptraining data order. The MHA model
-is pretrained once (`--pretrain-seed`), so the spread is that of conversion and uptraining, not of pretraining.
+Seeds: `--seeds 0,1` runs every cell with the first seed, and the headline cells (`--headline` methods at alpha =
+5%) and the alpha = 0 cells of seeded methods (random, calibrated) with every seed. The seed sets the conversion
+(random heads, calibration sample) and the uptraining data order. The MHA model is pretrained once
+(`--pretrain-seed`), so the spread is that of conversion and uptraining, not of pretraining.
 
 Writes into --out: results.json (everything, with per-cell timings), results.md (the table and the verdict on each
 of the paper's claims), fig_methods.png (figure 4's shape: perplexity per conversion method and G, at alpha = 0 and
@@ -144,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   "../shared/data/wikitext-2/valid.txt beside the repository)")
     p.add_argument("--test", help="held-out text scored for perplexity (default: wikitext-2/test.txt beside --data)")
     p.add_argument("--quick", action="store_true", help="smoke test: tiny model, MQA only, mean and random, alpha 0 "
-                                                        "and 5%%, one seed (a few minutes on 2 cores)")
+                                                        "and 5%%, one seed (about a minute on 2 cores)")
     p.add_argument("--work", help="cache of finished cells and the pretrained model "
                                   "(default: $GQA_CONVERT_CACHE or ~/.cache/gqa-convert, /replicate-HASH)")
     p.add_argument("--fresh", action="store_true", help="ignore finished cells in --work: recompute everything")
@@ -154,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--groups", help="KV-head counts, e.g. 1,2,4 (1 = MQA)")
     p.add_argument("--methods", help="conversion methods, e.g. mean,first,random,calibrated")
     p.add_argument("--alphas", help="uptraining fractions of the pretraining tokens, e.g. 0,1%%,5%%,10%%")
-    p.add_argument("--seeds", help="seeds for the alpha = 0 cells and the headline cells, e.g. 0,1")
+    p.add_argument("--seeds", help="seeds, e.g. 0,1: all cells run with the first; the others run the headline "
+                                   "cells and the alpha = 0 cells of seeded methods (random, calibrated)")
     p.add_argument("--headline", help="methods run with every seed at the headline alpha (default: mean)")
     p.add_argument("--headline-alpha", type=parse_alpha, help="alpha of the headline cells (default 5%%)")
     p.add_argument("--no-control", action="store_true", help="skip the MHA trained on for the same budgets")
@@ -943,6 +945,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         raise
     start = time.time()
+    code = provenance()  # before anything is imported: the files as this run reads them
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -983,7 +986,7 @@ def main(argv: list[str] | None = None) -> int:
         "aggregate": {json.dumps(list(k)): v for k, v in agg.items()}, "claims": claims, "notes": notes,
         "hardware": hw, "load_average_start": load_start,
         "load_average_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
-        "wall_seconds": wall, "cells_reused": runner.reused, "provenance": provenance(),
+        "wall_seconds": wall, "cells_reused": runner.reused, "provenance": code,
         "finished": time.strftime("%Y-%m-%d %H:%M:%S %z"),
     }
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
