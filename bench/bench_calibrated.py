@@ -20,6 +20,12 @@ Rows:
                             merge as contiguous, timed separately)
 
 The data folder comes from --data-dir or $GQA_DATA_DIR (it holds wikitext-2/valid.txt and test.txt).
+
+With --uptrain STEPS the mean-pooled and the calibrated conversions are then uptrained the same way, with
+recipes/uptrain.py and the recipe's SmolLM2 settings (recipes/configs/smollm2-mqa-cpu.yaml: full training, lr 3e-4,
+blocks of 256 tokens, one block per step, on WikiText-2 valid), validating every --eval-every steps on
+--eval-blocks blocks of WikiText-2 test. The original model is scored on the same blocks (the recipe's step-0
+evaluation of a one-step run), and the table reports the tokens each start needed to get within 10% of it.
 """
 
 from __future__ import annotations
@@ -80,6 +86,10 @@ def main() -> int:
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--workdir", default=None, help="where outputs go (default: a temporary folder, removed)")
     ap.add_argument("--json", action="store_true", help="print the results as JSON only")
+    ap.add_argument("--uptrain", type=int, default=0, metavar="STEPS",
+                    help="also uptrain the mean and calibrated starts for STEPS steps and compare them")
+    ap.add_argument("--eval-every", type=int, default=8, help="uptraining: steps between validations")
+    ap.add_argument("--eval-blocks", type=int, default=16, help="uptraining: validation blocks of 256 tokens")
     args = ap.parse_args()
     quiet = args.json
 
@@ -138,7 +148,11 @@ def main() -> int:
             results.append({"method": row, "ppl": value, "calibration_tokens": tokens, "convert_s": wall,
                             "peak_rss_mb": rss / 2**20})
             log(f"  ppl {value:.2f}, {wall:.1f} s, peak RSS {rss / 2**20:.0f} MiB", quiet)
-            shutil.rmtree(out, ignore_errors=True)
+            if not args.uptrain:
+                shutil.rmtree(out, ignore_errors=True)
+        if args.uptrain:
+            starts = {r: work / r.replace(" ", "-") for r in ("mean", "calibrated contiguous") if r in rows}
+            uptraining = uptrain_compare(model_path, starts, valid, test, args, work, quiet)
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
@@ -155,7 +169,10 @@ def main() -> int:
         "load_average_1m": os.getloadavg()[0],
     }
     if args.json:
-        print(json.dumps({"meta": meta, "results": results}, indent=2))
+        out = {"meta": meta, "results": results}
+        if args.uptrain:
+            out["uptraining"] = uptraining
+        print(json.dumps(out, indent=2))
         return 0
     print(f"{meta['model']}, -> {args.num_kv_heads} KV heads; {meta['eval']}; calibration on {meta['calibration']}")
     print(f"{'method':<24}{'ppl':>12}{'calib. tokens':>15}{'convert s':>11}{'peak RSS MiB':>14}")
@@ -164,7 +181,52 @@ def main() -> int:
         rss = "" if r["peak_rss_mb"] is None else f"{r['peak_rss_mb']:.0f}"
         print(f"{r['method']:<24}{r['ppl']:>12.2f}{r['calibration_tokens']:>15}{conv:>11}{rss:>14}")
     print(f"(load average at the end: {meta['load_average_1m']:.2f} on {meta['cores']} cores)")
+    if args.uptrain:
+        print_uptraining(uptraining)
     return 0
+
+
+def uptrain_run(model: Path, out: Path, steps: int, valid: Path, test: Path, args, quiet: bool) -> list[dict]:
+    """One recipes/uptrain.py run with the recipe's SmolLM2 settings; its evaluation rows (tokens, val_ppl)."""
+    cmd = [sys.executable, str(ROOT / "recipes" / "uptrain.py"), str(ROOT / "recipes" / "configs" /
+           "smollm2-mqa-cpu.yaml"), f"model={model}", f"output_dir={out}", f"data={valid}", f"validation={test}",
+           f"max_eval_blocks={args.eval_blocks}", f"max_steps={steps}", f"eval_every={args.eval_every}",
+           "save_every=0", "resume=never", "micro_batch_size=1", "train=full", "lr=3e-4", "report_to=none",
+           "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    log(f"  {' '.join(cmd[1:])}", quiet)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"uptraining failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [{"tokens": r["tokens"], "ppl": r["val_ppl"]} for r in rows if r["kind"] == "eval"]
+
+
+def uptrain_compare(original: Path, starts: dict, valid: Path, test: Path, args, work: Path, quiet: bool) -> dict:
+    log("uptraining: the original model on the validation blocks (step-0 evaluation)", quiet)
+    ref = uptrain_run(original, work / "up-original", 1, valid, test, args, quiet)[0]["ppl"]
+    runs = {}
+    for name, folder in starts.items():
+        log(f"uptraining from the {name} start, {args.uptrain} steps", quiet)
+        curve = uptrain_run(folder, work / f"up-{name.replace(' ', '-')}", args.uptrain, valid, test, args, quiet)
+        within = next((c["tokens"] for c in curve if c["ppl"] <= 1.1 * ref), None)
+        runs[name] = {"curve": curve, "tokens_to_within_10pct": within}
+    return {"original_ppl": ref, "goal_ppl": 1.1 * ref, "eval_blocks": args.eval_blocks, "block_size": 256,
+            "steps": args.uptrain, "runs": runs}
+
+
+def print_uptraining(u: dict) -> None:
+    print(f"\nuptraining (recipes/uptrain.py, SmolLM2 recipe settings), validation on {u['eval_blocks']} x "
+          f"{u['block_size']} tokens of WikiText-2 test; original {u['original_ppl']:.2f}, "
+          f"goal (within 10%) {u['goal_ppl']:.2f}")
+    names = list(u["runs"])
+    tokens = [c["tokens"] for c in u["runs"][names[0]]["curve"]]
+    print(f"{'tokens':>8}" + "".join(f"{n:>24}" for n in names))
+    for i, t in enumerate(tokens):
+        print(f"{t:>8}" + "".join(f"{u['runs'][n]['curve'][i]['ppl']:>24.2f}" for n in names))
+    for n in names:
+        w = u["runs"][n]["tokens_to_within_10pct"]
+        print(f"{n}: {'not within 10% after ' + str(tokens[-1]) + ' tokens' if w is None else f'{w} tokens'}")
 
 
 if __name__ == "__main__":
