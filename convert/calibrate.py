@@ -1007,7 +1007,7 @@ OPTIONS: dict[str, Any] = {
     "drift": 0.2,
     "input_correction": 0.3,
     "refit_o": True,
-    "ridge": 0.02,
+    "ridge": 0.04,
     "calibration_dtype": "bfloat16",
     "key_centering": "global",
     "key_weighting": 0.5,
