@@ -7,8 +7,8 @@ tokens, wall time and peak memory of the conversion.
     python bench/bench_calibrated.py --methods mean calibrated --calibration-tokens 4096
 
 Every conversion runs `gqa-convert convert` (this checkout's CLI, `python -m convert.cli`) in a fresh subprocess;
-wall time is measured around it (start to reap) and peak RSS is that child's kernel high-water mark (ru_maxrss from
-os.wait4), so interpreter start-up and imports are included in both. Perplexity is then measured in this process
+wall time is measured around it (start to reap) and peak RSS is that command's kernel high-water mark (GNU time's
+%M, as in bench_convert.py), so interpreter start-up and imports are included in both. Perplexity is then measured in this process
 on WikiText-2 test, as everywhere in gqa-convert: the file tokenized whole without special tokens, the first
 12 windows of 512 tokens, no overlap. Calibration reads WikiText-2 valid (never test).
 
@@ -39,7 +39,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,19 +57,21 @@ def log(msg: str, quiet: bool) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def timed_convert(args: list[str]) -> tuple[float, int, str]:
-    """Run `python -m convert.cli convert ...` in a child; wall seconds, peak RSS bytes, output."""
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "convert.cli", "convert", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    out = proc.stdout.read().decode(errors="replace")
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise RuntimeError(f"gqa-convert convert {' '.join(args)} failed ({proc.returncode}):\n{out}")
-    return wall, usage.ru_maxrss * 1024, out
+def timed_convert(args: list[str], log_path: Path) -> tuple[float, int]:
+    """Run `python -m convert.cli convert ...` in a child: wall seconds and its own peak RSS in bytes.
+
+    Measured by bench_convert.measure (GNU time's wait4 on a fresh ~2 MB process). os.wait4 on a child forked
+    from this process would be wrong: the kernel carries this process's high-water mark across exec.
+    """
+    from bench_convert import measure
+
+    if str(ROOT) not in os.environ.get("PYTHONPATH", "").split(os.pathsep):  # this checkout's convert package
+        os.environ["PYTHONPATH"] = f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+    r = measure([sys.executable, "-m", "convert.cli", "convert", *args], log_path)
+    if r["returncode"] != 0:
+        raise RuntimeError(f"gqa-convert convert {' '.join(args)} failed ({r['returncode']}):\n"
+                           f"{log_path.read_text(errors='replace')[-3000:]}")
+    return r["wall_s"], int(r["peak_rss_mib"] * 2**20)
 
 
 def main() -> int:
@@ -97,6 +98,7 @@ def main() -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT / "bench"))
     from convert.evaluate import perplexity, tokenize_file
 
     if not args.data_dir or not (Path(args.data_dir) / "wikitext-2" / "test.txt").is_file():
@@ -134,14 +136,14 @@ def main() -> int:
                         "convert_s": None, "peak_rss_mb": None})
         # Warm the page cache and the imports once, outside the measurements.
         timed_convert([str(model_path), str(work / "warm"), "-g", str(args.num_kv_heads), "--quiet",
-                       "--overwrite", "--method", "mean"])
+                       "--overwrite", "--method", "mean"], work / "warm.log")
         for row in rows:
             out = work / row.replace(" ", "-")
             cmd = [str(model_path), str(out), "-g", str(args.num_kv_heads), "--quiet", "--overwrite", *ROWS[row]]
             if "calibrated" in ROWS[row]:
                 cmd += ["--calibration-data", str(valid), "--calibration-tokens", str(args.calibration_tokens)]
             log(f"{row}: gqa-convert convert {' '.join(cmd)}", quiet)
-            wall, rss, _ = timed_convert(cmd)
+            wall, rss = timed_convert(cmd, work / f"{out.name}.log")
             prov = json.loads((out / "gqa_convert.json").read_text())
             tokens = prov.get("calibration", {}).get("calibration_tokens", 0)
             value = ppl(out)

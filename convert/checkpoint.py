@@ -34,7 +34,7 @@ from .families import (
     shapes_for,
 )
 from .methods import get_method
-from .tensorio import ShardWriter, TensorInfo, nbytes, read_header, read_pickle_header, read_tensor
+from .tensorio import Copier, ShardWriter, TensorInfo, nbytes, read_header, read_pickle_header, read_tensor
 
 # Files worth taking from a hub repo or copying beside the converted weights (tokenizer, generation settings).
 SIDE_FILES = [
@@ -403,20 +403,33 @@ def _write_shards(
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="converting", disable=not progress)
     weight_map: dict[str, str] = {}
     cache: dict[str, torch.Tensor] = {}  # computed tensors of the current layer, dropped once written
-    for shard, name in zip(shards, names):
-        writer = ShardWriter(folder / name, [(t.name, t.dtype, t.shape) for t in shard], {"format": "pt"})
-        for t in shard:
-            if t.layer is not None:
-                if t.name not in cache:
-                    cache = compute_layer(t.layer)
-                writer.write(t.name, cache.pop(t.name).to(t.dtype))
-            elif t.dtype == t.source.dtype and not src.pickle:
-                writer.write_raw(t.name, t.source)  # byte for byte
-            else:
-                writer.write(t.name, read_tensor(t.source).to(t.dtype))
-            weight_map[t.name] = name
-            bar.update(nbytes(t.dtype, t.shape))
-        writer.close()
+    writers: list[ShardWriter] = []
+    try:
+        with Copier() as copier:  # pass-through copies run beside the merging, on a second thread
+            for shard, name in zip(shards, names):
+                entries = [(t.name, t.dtype, t.shape) for t in shard]
+                writer = ShardWriter(folder / name, entries, {"format": "pt"}, copier)
+                writers.append(writer)
+                for t in shard:
+                    size = nbytes(t.dtype, t.shape)
+                    if t.layer is not None:
+                        if t.name not in cache:
+                            cache = compute_layer(t.layer)
+                        writer.write(t.name, cache.pop(t.name).to(t.dtype))
+                        bar.update(size)
+                    elif t.dtype == t.source.dtype and not src.pickle:
+                        writer.write_raw(t.name, t.source, done=lambda n=size: bar.update(n))  # byte for byte
+                    else:
+                        writer.write(t.name, read_tensor(t.source).to(t.dtype))
+                        bar.update(size)
+                    weight_map[t.name] = name
+                writer.close()
+            copier.wait()
+        for writer in writers:
+            writer.finish()
+    finally:
+        for writer in writers:  # only left open when something failed
+            writer.discard()
     bar.close()
     if len(shards) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}

@@ -26,6 +26,7 @@ DTYPES: dict[str, torch.dtype] = {
 }
 NAMES = {v: k for k, v in DTYPES.items()}
 COPY_CHUNK = 16 << 20  # bytes per read/write when copying a tensor verbatim
+COPY_THREADS = int(os.environ.get("GQA_CONVERT_COPY_THREADS", "2"))
 
 
 def nbytes(dtype: torch.dtype, shape: Iterable[int]) -> int:
@@ -95,36 +96,93 @@ def read_tensor(info: TensorInfo) -> Tensor:
     return buf.view(info.dtype).reshape(info.shape)
 
 
-def copy_raw(info: TensorInfo, out_fd: int) -> None:
-    """Copy a tensor's bytes verbatim to the current position of `out_fd` (byte-for-byte pass-through).
+def copy_raw(info: TensorInfo, out_fd: int, out_offset: int) -> None:
+    """Copy a tensor's bytes verbatim into `out_fd` at `out_offset` (byte-for-byte pass-through).
 
-    `os.copy_file_range` moves the bytes inside the kernel (or the file system, which may share extents); where it
-    is missing or refused, bounded read/write chunks do the same.
+    `os.copy_file_range` moves the bytes inside the kernel (or the file system, which may share extents) and
+    releases the GIL meanwhile; where it is missing or refused, bounded pread/pwrite chunks do the same. Writes are
+    positional, so copies may run on another thread while other tensors of the same file are being written.
     """
-    left, offset = info.nbytes, info.offset
+    left, offset, dst = info.nbytes, info.offset, out_offset
     with open(info.file, "rb", buffering=0) as f:
         fd = f.fileno()
         while left:
             try:
-                done = os.copy_file_range(fd, out_fd, min(left, 1 << 30), offset)
+                done = os.copy_file_range(fd, out_fd, min(left, 1 << 30), offset, dst)
             except (AttributeError, OSError):
-                done = _copy_chunk(fd, out_fd, min(left, COPY_CHUNK), offset)
+                done = _copy_chunk(fd, out_fd, min(left, COPY_CHUNK), offset, dst)
             if done == 0:
                 raise ConversionError(f"{info.file} ended early: the file is truncated; re-download it")
             left -= done
             offset += done
+            dst += done
+    start_writeback(out_fd, out_offset, info.nbytes)
 
 
-def _copy_chunk(fd: int, out_fd: int, size: int, offset: int) -> int:
+def _copy_chunk(fd: int, out_fd: int, size: int, offset: int, dst: int) -> int:
     chunk = os.pread(fd, size, offset)
-    write_all(out_fd, chunk)
+    write_all(out_fd, chunk, dst)
     return len(chunk)
 
 
-def write_all(fd: int, data) -> None:
+def write_all(fd: int, data, offset: int) -> None:
     view = memoryview(data).cast("B")
     while view:
-        view = view[os.write(fd, view) :]
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def _sync_file_range():
+    try:
+        import ctypes
+
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+        fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+        return fn
+    except (OSError, AttributeError):  # not Linux/glibc: the final fsync does all the work
+        return None
+
+
+_SYNC_FILE_RANGE = _sync_file_range()
+
+
+def start_writeback(fd: int, offset: int, size: int) -> None:
+    """Ask the kernel to start writing a finished range to disk now (SYNC_FILE_RANGE_WRITE, no waiting), so the
+    fsync at the end of a shard finds little left to do instead of the whole shard."""
+    if _SYNC_FILE_RANGE is not None:
+        _SYNC_FILE_RANGE(fd, offset, size, 2)
+
+
+class Copier:
+    """Background threads for pass-through copies: while they copy (in the kernel, GIL released), the main thread
+    reads and merges the next layer's K/V. Errors surface at the next submit or at `wait`."""
+
+    def __init__(self, threads: int = COPY_THREADS) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="gqa-copy")
+        self.pending: list = []
+
+    def submit(self, fn, *args, done=None) -> None:
+        future = self.pool.submit(fn, *args)
+        if done is not None:
+            future.add_done_callback(lambda f: f.exception() is None and done())
+        self.pending.append(future)
+        self._raise_finished()
+
+    def _raise_finished(self) -> None:
+        while self.pending and self.pending[0].done():
+            self.pending.pop(0).result()
+
+    def wait(self) -> None:
+        while self.pending:
+            self.pending.pop(0).result()
+
+    def __enter__(self) -> "Copier":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 # Pickle (.bin) shards: only with --allow-pickle, loaded with weights_only=True and mmap so that a shard is not
@@ -152,42 +210,67 @@ def _pickle_tensor(info: TensorInfo) -> Tensor:
 
 
 class ShardWriter:
-    """Write one safetensors file whose tensors (names, dtypes, shapes) are declared before any data."""
+    """Write one safetensors file whose tensors (names, dtypes, shapes) are declared before any data.
 
-    def __init__(self, path: Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict):
+    Every tensor's place in the file is known from the header, so writes are positional: pass-through copies can
+    run on a `Copier` thread while merged tensors are written from the main thread.
+    """
+
+    def __init__(self, path: Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict,
+                 copier: Copier | None = None):
         self.path = path
+        self.copier = copier
         header: dict = {"__metadata__": metadata}
         offset = 0
-        self.expected: list[tuple[str, int]] = []
+        self.expected: list[tuple[str, int, int]] = []  # name, bytes, offset from the start of the data
         for name, dtype, shape in entries:
             size = nbytes(dtype, shape)
             header[name] = {"dtype": NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
-            self.expected.append((name, size))
+            self.expected.append((name, size, offset))
             offset += size
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # keep the data 8-byte aligned, as the safetensors writer does
-        # A raw descriptor, not a buffered file: kernel copies and our writes then share one file position.
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        write_all(self.fd, struct.pack("<Q", len(raw)) + raw)
+        write_all(self.fd, struct.pack("<Q", len(raw)) + raw, 0)
+        self.base = 8 + len(raw)
         self.next = 0
 
-    def _check(self, name: str, size: int) -> None:
-        want, want_size = self.expected[self.next]
+    def _place(self, name: str, size: int) -> int:
+        """The file offset of the next declared tensor, after checking that it is the one being written."""
+        want, want_size, offset = self.expected[self.next]
         if (name, size) != (want, want_size):
             raise AssertionError(f"{self.path}: wrote {name} ({size} B), header expects {want} ({want_size} B)")
         self.next += 1
+        return self.base + offset
 
     def write(self, name: str, tensor: Tensor) -> None:
         t = tensor.detach().contiguous().reshape(-1)
-        self._check(name, t.numel() * t.element_size())
-        write_all(self.fd, t.view(torch.uint8).numpy())
+        size = t.numel() * t.element_size()
+        offset = self._place(name, size)
+        write_all(self.fd, t.view(torch.uint8).numpy(), offset)
+        start_writeback(self.fd, offset, size)
 
-    def write_raw(self, name: str, info: TensorInfo) -> None:
-        self._check(name, info.nbytes)
-        copy_raw(info, self.fd)
+    def write_raw(self, name: str, info: TensorInfo, done=None) -> None:
+        offset = self._place(name, info.nbytes)
+        if self.copier is None:
+            copy_raw(info, self.fd, offset)
+            if done is not None:
+                done()
+        else:
+            self.copier.submit(copy_raw, info, self.fd, offset, done=done)
 
     def close(self) -> None:
+        """Check that every declared tensor was written (or handed to the copier)."""
         if self.next != len(self.expected):
             raise AssertionError(f"{self.path}: {len(self.expected) - self.next} tensors were never written")
-        os.fsync(self.fd)  # on disk before the folder is renamed into place
-        os.close(self.fd)
+
+    def finish(self) -> None:
+        """fsync and close, once every copy into this file is done: on disk before the folder is renamed."""
+        os.fsync(self.fd)
+        self.discard()
+
+    def discard(self) -> None:
+        """Close the file descriptor (idempotent); the caller removes the file."""
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)

@@ -85,3 +85,30 @@ def test_sigkill_leaves_no_output_and_an_intact_source(tmp_path):
     assert done.returncode == 0, done.stderr
     assert not any(p.exists() for p in leftovers)
     assert AutoModelForCausalLM.from_pretrained(out).config.num_key_value_heads == 1
+
+
+def test_a_failing_background_copy_fails_the_conversion_cleanly(tmp_path, monkeypatch):
+    """Pass-through tensors are copied on background threads; an error there must stop the run like any other:
+    the message, exit 2, no OUTPUT, no temporary folder, no file descriptor left open."""
+    import convert.tensorio as tio
+
+    src = save(tiny_model("llama"), tmp_path / "src", shard="100KB")
+    real_copy, calls = tio.copy_raw, []
+
+    def flaky_copy(info, out_fd, out_offset):
+        calls.append(info)
+        if len(calls) == 5:
+            raise tio.ConversionError(f"{info.file} ended early: the file is truncated; re-download it")
+        real_copy(info, out_fd, out_offset)
+
+    monkeypatch.setattr(tio, "copy_raw", flaky_copy)
+    fds_before = len(os.listdir("/proc/self/fd"))
+    result = CliRunner().invoke(main, ["convert", str(src), str(tmp_path / "out"), "-g", "1", "-q"])
+    assert result.exit_code == 2, result.output
+    assert "ended early: the file is truncated" in result.output
+    assert len(calls) >= 5
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.gqa-tmp-*"))
+    assert len(os.listdir("/proc/self/fd")) == fds_before
+    monkeypatch.setattr(tio, "copy_raw", real_copy)
+    ok = CliRunner().invoke(main, ["convert", str(src), str(tmp_path / "out"), "-g", "1", "-q"])
+    assert ok.exit_code == 0, ok.output
