@@ -221,7 +221,10 @@ def test_bad_options_are_refused(tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_mqa_perplexity(tmp_path, smollm2_path, wikitext_valid, wikitext_test):
-    """SmolLM2-135M, GQA-3 -> MQA, calibrated on 8k tokens of WikiText-2 valid; test perplexity <= 300 (bar)."""
+    """SmolLM2-135M, GQA-3 -> MQA, calibrated on 8k tokens of WikiText-2 valid, scored on WikiText-2 test.
+
+    The issue's bar is 300 and its goal 60 (twice the original 30.09); this machine measures 58.9. The assertion
+    allows 5% above the goal because calibration runs in bfloat16, whose matmul rounding differs between CPUs."""
     from transformers import AutoTokenizer
 
     from convert.evaluate import perplexity, tokenize_file
@@ -238,7 +241,7 @@ def test_smollm2_mqa_perplexity(tmp_path, smollm2_path, wikitext_valid, wikitext
     print(f"\nSmolLM2-135M MQA calibrated: WikiText-2 test ppl {ppl:.2f} (12 x 512), "
           f"{prov['calibration']['calibration_tokens']} calibration tokens, conversion {seconds:.1f} s")
     assert report.kv_heads_after == 1
-    assert ppl <= 300
+    assert ppl <= 60 * 1.05
 
 
 def test_cli_calibrated(tmp_path):
