@@ -6,9 +6,10 @@
     python bench/bench_convert.py --json --quiet  # results as JSON only
 
 A synthetic MHA llama checkpoint (bf16, random weights) is built once in a subprocess and cached under --workdir
-(default $GQA_BENCH_DIR, else /tmp/gqa-bench). Three methods are then measured, each run in a fresh subprocess:
+(default $GQA_BENCH_DIR, else /tmp/gqa-bench). Four methods are then measured, each run in a fresh subprocess:
 
-    copy     `cp -r SRC OUT`: the floor for anything that reads and writes every byte
+    copy     `cp -r SRC OUT`: the floor for anything that reads and writes every byte (the time goal's baseline)
+    copysync `cp -r SRC OUT && sync OUT/*`: the same copy made durable, as convert fsyncs its output (no goal)
     convert  `gqa-convert convert SRC OUT --num-kv-heads G --quiet --max-shard-size S` (the installed script)
     naive    from_pretrained(dtype=bfloat16), mean-pool k_proj/v_proj per group in float32, rebuild the Linear
              modules, set config.num_key_value_heads, save_pretrained(max_shard_size=S)
@@ -23,7 +24,8 @@ Page cache: the source (about 2.1 GB) fits easily in RAM. Before measuring, one 
 into the page cache and one untimed `python -c "import torch, transformers, convert..."` warms the library files, so
 every measured run starts from a warm source. After every run its output is checked (cheap header reads), deleted, and
 os.sync() is called outside the timed region, so no run pays for the previous run's writeback. Rounds interleave the
-methods (copy, convert, naive, copy, ...) so slow spells on the shared CPU spread over all of them; the table reports
+methods, rotating their order each round (copy, copysync, convert, naive; then copysync, convert, naive, copy; ...)
+so slow spells on the shared CPU, and the after-effects of the previous run, spread over all of them; the table reports
 the median over --repeats rounds.
 
 The table also gives the median CPU seconds (user + sys) of each command: on a shared machine wall time depends on
@@ -50,6 +52,13 @@ import threading
 import time
 from pathlib import Path
 
+METHODS = {
+    "copy": "cp -r: the time goal's baseline",
+    "copysync": "cp -r, then sync of the copied files: a copy made durable, as convert's fsync makes its output",
+    "convert": "gqa-convert convert",
+    "naive": "from_pretrained, edit, save_pretrained",
+    "dryrun": "convert --dry-run: its startup cost alone",
+}
 TIME_GOAL = 1.3  # convert wall time / copy wall time must be at most this
 MEMORY_GOAL = 4.0  # naive peak RSS / convert peak RSS must be at least this
 
@@ -334,9 +343,9 @@ def main() -> int:
     p.add_argument("--rebuild", action="store_true", help="build the source model again even if cached")
     p.add_argument("--repeats", type=int, default=3, help="rounds of (copy, convert, naive); the median is reported")
     p.add_argument("--num-kv-heads", type=int, default=4, help="G for convert and naive")
-    p.add_argument("--methods", default="copy,convert,naive",
-                   help="comma-separated, in run order; also 'dryrun' (convert --dry-run: its startup cost alone). "
-                        "The goals need copy, convert and naive")
+    p.add_argument("--methods", default="copy,copysync,convert,naive",
+                   help="comma-separated, in run order: " + ", ".join(f"{k} ({v})" for k, v in METHODS.items())
+                   + ". The goals need copy, convert and naive")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
     p.add_argument("--quiet", action="store_true", help="no progress messages")
     p.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
@@ -346,8 +355,8 @@ def main() -> int:
         return 0
     _quiet = args.quiet
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if set(methods) - {"copy", "convert", "naive", "dryrun"} or not methods:
-        p.error(f"--methods: choose from copy, convert, naive, dryrun (got {args.methods})")
+    if set(methods) - set(METHODS) or not methods:
+        p.error(f"--methods: choose from {', '.join(METHODS)} (got {args.methods})")
     if args.repeats < 1:
         p.error("--repeats must be at least 1")
 
@@ -362,6 +371,8 @@ def main() -> int:
     script = convert_script()
     commands = {
         "copy": ["cp", "-r", str(src), str(out)],
+        # The copy made durable as convert makes its output (fsync of every file): informational, no goal.
+        "copysync": ["sh", "-c", f'cp -r "{src}" "{out}" && sync "{out}"/*'],
         "convert": [script, "convert", str(src), str(out), "--num-kv-heads", str(g), "--quiet",
                     "--max-shard-size", shard],
         "naive": [sys.executable, __file__, "--worker", "naive", str(src), str(out), str(g), shard],
@@ -385,7 +396,9 @@ def main() -> int:
     samples: dict[str, list[dict]] = {m: [] for m in methods}
     checks: dict[str, list[str]] = {}
     for r in range(args.repeats):
-        for m in methods:
+        # Rotate the order each round: a run's speed depends on what the previous run left behind (freed page
+        # cache, pending discards), so no method should always follow the same one.
+        for m in methods[r % len(methods):] + methods[: r % len(methods)]:
             log(f"round {r + 1}/{args.repeats}: {m}")
             load = os.getloadavg()[0]  # other users of the shared CPU: recorded beside every sample
             res = measure(commands[m], logs / f"{m}-{r + 1}.log")

@@ -26,7 +26,6 @@ DTYPES: dict[str, torch.dtype] = {
 }
 NAMES = {v: k for k, v in DTYPES.items()}
 COPY_CHUNK = 16 << 20  # bytes per read/write when copying a tensor verbatim
-COPY_THREADS = int(os.environ.get("GQA_CONVERT_COPY_THREADS", "2"))
 
 
 def nbytes(dtype: torch.dtype, shape: Iterable[int]) -> int:
@@ -157,7 +156,8 @@ class Copier:
     """Background threads for pass-through copies: while they copy (in the kernel, GIL released), the main thread
     reads and merges the next layer's K/V. Errors surface at the next submit or at `wait`."""
 
-    def __init__(self, threads: int = COPY_THREADS) -> None:
+    def __init__(self, threads: int = 1) -> None:
+        # One thread: a second one made the kernel's share of the copy slower (measured on 2 cores), not faster.
         from concurrent.futures import ThreadPoolExecutor
 
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="gqa-copy")
