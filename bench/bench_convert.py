@@ -24,8 +24,8 @@ Page cache: the source (about 2.1 GB) fits easily in RAM. Before measuring, one 
 into the page cache and one untimed `python -c "import torch, transformers, convert..."` warms the library files, so
 every measured run starts from a warm source. After every run its output is checked (cheap header reads), deleted, and
 os.sync() is called outside the timed region, so no run pays for the previous run's writeback. Rounds interleave the
-methods, rotating their order each round (copy, copysync, convert, naive; then copysync, convert, naive, copy; ...)
-so slow spells on the shared CPU, and the after-effects of the previous run, spread over all of them; the table reports
+methods in a seeded shuffle per round, so slow spells on the shared CPU, and the after-effects of the previous run
+(freed memory, written-back pages), spread over all of them; the table reports
 the median over --repeats rounds.
 
 The table also gives the median CPU seconds (user + sys) of each command: on a shared machine wall time depends on
@@ -42,6 +42,7 @@ import datetime
 import json
 import os
 import platform
+import random
 import shutil
 import statistics
 import struct
@@ -396,9 +397,13 @@ def main() -> int:
     samples: dict[str, list[dict]] = {m: [] for m in methods}
     checks: dict[str, list[str]] = {}
     for r in range(args.repeats):
-        # Rotate the order each round: a run's speed depends on what the previous run left behind (freed page
-        # cache, pending discards), so no method should always follow the same one.
-        for m in methods[r % len(methods):] + methods[: r % len(methods)]:
+        # A run's speed depends on what the previous run left behind (the naive path frees 2.5 GB, which this VM
+        # hands back to its host, and the next run pays to get memory again), so each round takes its own seeded
+        # shuffle of the order: no method always follows the same one. (A rotation would not do: it keeps each
+        # method's predecessor.)
+        order = list(methods)
+        random.Random(r).shuffle(order)
+        for m in order:
             log(f"round {r + 1}/{args.repeats}: {m}")
             load = os.getloadavg()[0]  # other users of the shared CPU: recorded beside every sample
             res = measure(commands[m], logs / f"{m}-{r + 1}.log")

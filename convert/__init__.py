@@ -5,9 +5,17 @@ __version__ = "0.1.0"
 from .checkpoint import Report, convert_checkpoint, describe  # noqa: E402
 from .core import convert_model, kv_cache_bytes_per_token  # noqa: E402
 from .families import FAMILIES, ConversionError, supported_model_types  # noqa: E402
-from .methods import METHODS  # noqa: E402
 
 __all__ = [
     "__version__", "convert_checkpoint", "convert_model", "describe", "kv_cache_bytes_per_token", "Report",
     "ConversionError", "FAMILIES", "METHODS", "supported_model_types",
 ]
+
+
+def __getattr__(name: str):
+    # The method registry imports torch; importing this package does not (the CLI starts converting first).
+    if name == "METHODS":
+        from .methods import METHODS
+
+        return METHODS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

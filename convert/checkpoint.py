@@ -8,17 +8,18 @@ copied in bounded chunks, and output shards are written with headers declared up
 from __future__ import annotations
 
 import datetime
+import importlib
 import json
 import os
 import re
 import shutil
+import threading
 from dataclasses import asdict, dataclass, field
 from fnmatch import fnmatch
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-import torch
 from tqdm.auto import tqdm
 
 from . import __version__
@@ -33,8 +34,24 @@ from .families import (
     output_shapes,
     shapes_for,
 )
-from .methods import get_method
-from .tensorio import Copier, ShardWriter, TensorInfo, nbytes, read_header, read_pickle_header, read_tensor
+from .tensorio import (
+    DTYPES,
+    FLOATING,
+    Copier,
+    ShardWriter,
+    TensorInfo,
+    nbytes,
+    read_header,
+    read_pickle_header,
+    read_tensor,
+    st_dtype,
+    torch_dtype,
+)
+
+if TYPE_CHECKING:  # torch loads on a background thread during a conversion (see convert_checkpoint)
+    import torch
+
+    from .methods import Method
 
 # Files worth taking from a hub repo or copying beside the converted weights (tokenizer, generation settings).
 SIDE_FILES = [
@@ -69,7 +86,7 @@ class Source:
             self._config = load_config(self.folder, self.trust_remote_code)
         return self._config
 
-    def get(self, key: str) -> torch.Tensor:
+    def get(self, key: str) -> "torch.Tensor":
         return read_tensor(self.tensors[key])
 
     @property
@@ -223,33 +240,33 @@ def open_source(
 
 
 def _check_weights(src: Source) -> None:
-    """Every layer has its attention tensors, with the shapes the config implies."""
+    """Every layer has its attention tensors, each with as many numbers as the config implies (sizes only: the
+    checkpoint is checked before torch has loaded)."""
     fam, s, present = src.family, src.shapes, set(src.tensors)
     for fragment, reason in fam.refuse.items():
         if any(fragment in k for k in present):
             raise ConversionError(f"unsupported checkpoint: {reason}")
+    required = [fam.fused] if fam.layout != "split" else [fam.q, fam.k, fam.v]
     for layer in range(s.num_layers):
         keys = fam.attention_keys(layer, present)
-        meta = {k: torch.empty(src.tensors[k].shape, device="meta") for k in keys}
-        try:
-            att = fam.split(layer, meta.__getitem__, keys, s)
-        except (KeyError, RuntimeError) as e:
-            shapes = {k: tuple(v.shape) for k, v in meta.items()}
-            raise ConversionError(
-                f"layer {layer}: the attention weights do not match config.json ({s.num_heads} heads, "
-                f"{s.num_kv_heads} KV heads, head_dim {s.head_dim}, hidden {s.hidden}); found {shapes or 'none'} "
-                f"({type(e).__name__}: {e}). The config and the weights disagree: fix config.json"
-            ) from None
-        expect = {"q": (s.num_heads, s.head_dim, s.hidden), "k": (s.num_kv_heads, s.head_dim, s.hidden)}
-        got = {"q": tuple(att.q.shape), "k": tuple(att.k.shape)}
         prefix = fam.prefix.format(i=layer)
-        if expect != got or any(meta[k].numel() not in _allowed_numel(k[len(prefix):], s, fam) for k in keys):
-            found = {k[len(prefix):]: tuple(v.shape) for k, v in meta.items()}
+        found = {k[len(prefix):]: src.tensors[k].shape for k in keys}
+        missing = [f"{n}.weight" for n in [*required, fam.o] if f"{n}.weight" not in found]
+        wrong = [k for k, shape in found.items() if _numel(shape) not in _allowed_numel(k, s, fam)]
+        if missing or wrong:
+            what = f"missing {', '.join(missing)}; " if missing else ""
             raise ConversionError(
                 f"layer {layer}: the attention weights do not match config.json ({s.num_heads} heads, "
-                f"{s.num_kv_heads} KV heads, head_dim {s.head_dim}): found {found}. "
-                "The config and the weights disagree: fix config.json"
+                f"{s.num_kv_heads} KV heads, head_dim {s.head_dim}, hidden {s.hidden}): {what}found "
+                f"{found or 'none'}. The config and the weights disagree: fix config.json"
             )
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for x in shape:
+        n *= x
+    return n
 
 
 def _allowed_numel(name: str, s: Shapes, fam: Family) -> set[int]:
@@ -271,10 +288,24 @@ def _allowed_numel(name: str, s: Shapes, fam: Family) -> set[int]:
 @dataclass
 class OutTensor:
     name: str
-    dtype: torch.dtype
+    st: str  # safetensors dtype of the output ("BF16", ...)
     shape: tuple[int, ...]
     source: TensorInfo  # the tensor it comes from (same name)
-    layer: int | None  # set when the conversion computes it; None when it passes through
+    layer: int | None  # the layer whose merge may produce it (its attention tensors); None: passes through
+
+    @property
+    def dtype(self) -> "torch.dtype":
+        return torch_dtype(self.st)
+
+    @property
+    def verbatim(self) -> bool:
+        """Same bytes as the source whatever the method: copied raw (shape and dtype kept, not a pickle)."""
+        return self.shape == self.source.shape and self.st == self.source.st and self.source.offset >= 0
+
+    def computed(self, rewrites_queries: bool) -> bool:
+        """Whether the merge writes it: every attention tensor for methods that rewrite q/o, else only K/V-sized
+        ones (their shape changes); q/o then pass through byte for byte, never read."""
+        return self.layer is not None and (rewrites_queries or self.shape != self.source.shape)
 
 
 def natural_key(name: str) -> list:
@@ -294,38 +325,28 @@ def parse_size(size: str | int) -> int:
     return int(float(m.group(1)) * scale)
 
 
-def output_dtype(info_dtype: torch.dtype, dtype: str) -> torch.dtype:
-    if dtype == "keep" or not info_dtype.is_floating_point:
-        return info_dtype
-    return getattr(torch, dtype)
+def output_st(st: str, dtype: str) -> str:
+    """The safetensors dtype a tensor gets with --dtype (integers and dtype 'keep' stay as they are)."""
+    return st if dtype == "keep" or st not in FLOATING else st_dtype(dtype)
 
 
-def plan_tensors(
-    src: Source, groups: int, dtype: str, rewrites_queries: bool = True
-) -> tuple[list[OutTensor], Shapes]:
-    """Every output tensor with its dtype and shape, in layer order, before any data is read.
-
-    With `rewrites_queries=False` (weight-only methods) a layer tensor is recomputed only when its shape changes
-    (K/V, fused QKV, per-head K norms); q/o pass through byte for byte, never read.
-    """
+def plan_tensors(src: Source, groups: int, dtype: str) -> tuple[list[OutTensor], Shapes]:
+    """Every output tensor with its dtype and shape, in layer order, from sizes alone: before any data is read,
+    and before torch has loaded. Attention tensors carry their layer; whether the merge rewrites them or they
+    pass through depends on the method (`OutTensor.computed`)."""
     fam, s_in = src.family, src.shapes
     s_out = output_shapes(s_in, groups, src.raw_config, fam)
     present = set(src.tensors)
-    computed: dict[str, tuple[int, tuple[int, ...]]] = {}
+    planned: dict[str, tuple[int, tuple[int, ...]]] = {}
     for layer in range(s_in.num_layers):
         keys = fam.attention_keys(layer, present)
-        meta = {k: torch.empty(src.tensors[k].shape, device="meta") for k in keys}
-        att = fam.split(layer, meta.__getitem__, keys, s_in)
-        shrunk = att.replace(**{a: getattr(att, a)[:groups] for a in ("k", "v", "k_bias", "v_bias", "k_norm")
-                                if getattr(att, a) is not None})
-        for key, t in fam.join(layer, shrunk, keys, s_out).items():
-            if rewrites_queries or tuple(t.shape) != src.tensors[key].shape:
-                computed[key] = (layer, tuple(t.shape))
+        shapes = fam.planned_shapes(layer, {k: src.tensors[k].shape for k in keys}, s_in, s_out)
+        planned.update({k: (layer, shape) for k, shape in shapes.items()})
     plan = []
     for name in sorted(src.tensors, key=natural_key):
         info = src.tensors[name]
-        layer, shape = computed.get(name, (None, info.shape))
-        plan.append(OutTensor(name, output_dtype(info.dtype, dtype), shape, info, layer))
+        layer, shape = planned.get(name, (None, info.shape))
+        plan.append(OutTensor(name, output_st(info.st, dtype), shape, info, layer))
     return plan, s_out
 
 
@@ -333,7 +354,7 @@ def assign_shards(plan: list[OutTensor], max_bytes: int) -> list[list[OutTensor]
     shards: list[list[OutTensor]] = [[]]
     size = 0
     for t in plan:
-        n = nbytes(t.dtype, t.shape)
+        n = nbytes(t.st, t.shape)
         if shards[-1] and size + n > max_bytes:
             shards.append([])
             size = 0
@@ -390,39 +411,52 @@ def _write_shards(
     src: Source,
     shards: list[list[OutTensor]],
     folder: Path,
-    compute_layer: Callable[[int], dict[str, torch.Tensor]],
+    start_merging: Callable[[], tuple[Callable[[int], dict[str, "torch.Tensor"]], bool]],
     progress: bool,
 ) -> dict[str, str]:
-    """Stream every output tensor into its shard; returns the weight map."""
+    """Stream every output tensor into its shard; returns the weight map.
+
+    First every tensor that no method changes (outside attention, same dtype) is handed to the copier thread.
+    Only then does `start_merging` wait for torch and the merge method, which load on a thread of their own
+    meanwhile, and return (compute_layer, rewrites_queries); the attention tensors follow, layer by layer.
+    """
     names = (
         ["model.safetensors"]
         if len(shards) == 1
         else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     )
-    total = sum(nbytes(t.dtype, t.shape) for shard in shards for t in shard)
+    total = sum(nbytes(t.st, t.shape) for shard in shards for t in shard)
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="converting", disable=not progress)
-    weight_map: dict[str, str] = {}
-    cache: dict[str, torch.Tensor] = {}  # computed tensors of the current layer, dropped once written
+    weight_map = {t.name: name for shard, name in zip(shards, names) for t in shard}
     writers: list[ShardWriter] = []
     try:
-        with Copier() as copier:  # pass-through copies run beside the merging, on a second thread
+        with Copier() as copier:  # pass-through copies run beside the import and the merging, on a second thread
             for shard, name in zip(shards, names):
-                entries = [(t.name, t.dtype, t.shape) for t in shard]
-                writer = ShardWriter(folder / name, entries, {"format": "pt"}, copier)
-                writers.append(writer)
+                entries = [(t.name, t.st, t.shape) for t in shard]
+                writers.append(ShardWriter(folder / name, entries, {"format": "pt"}, copier))
+            early = set()
+            for shard, writer in zip(shards, writers):
                 for t in shard:
-                    size = nbytes(t.dtype, t.shape)
-                    if t.layer is not None:
+                    if t.layer is None and t.verbatim:
+                        writer.write_raw(t.name, t.source, done=lambda n=t.source.nbytes: bar.update(n))
+                        early.add(t.name)
+            compute_layer, rewrites_queries = start_merging()
+            cache: dict[str, torch.Tensor] = {}  # computed tensors of the current layer, dropped once written
+            for shard, writer in zip(shards, writers):
+                for t in shard:
+                    size = nbytes(t.st, t.shape)
+                    if t.name in early:
+                        continue
+                    if t.computed(rewrites_queries):
                         if t.name not in cache:
                             cache = compute_layer(t.layer)
                         writer.write(t.name, cache.pop(t.name).to(t.dtype))
                         bar.update(size)
-                    elif t.dtype == t.source.dtype and not src.pickle:
+                    elif t.verbatim:
                         writer.write_raw(t.name, t.source, done=lambda n=size: bar.update(n))  # byte for byte
                     else:
                         writer.write(t.name, read_tensor(t.source).to(t.dtype))
                         bar.update(size)
-                    weight_map[t.name] = name
                 writer.close()
             copier.wait()
         for writer in writers:
@@ -435,6 +469,39 @@ def _write_shards(
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     return weight_map
+
+
+def _import_in_background(module: str) -> Callable[[], Any]:
+    """Start importing `module` on a thread (torch takes about a second); the returned function waits for it and
+    returns the module, or raises what the import raised."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["module"] = importlib.import_module(module)
+        except BaseException as e:  # re-raised in the caller's thread
+            box["error"] = e
+
+    thread = threading.Thread(target=run, name="gqa-import", daemon=True)
+    thread.start()
+
+    def wait() -> Any:
+        thread.join()
+        if "error" in box:
+            raise box["error"]
+        return box["module"]
+
+    return wait
+
+
+def _load_method(methods: Any, name: str, options: dict[str, Any] | None) -> "Method":
+    merger = methods.get_method(name)
+    if options and not merger.needs_calibration:
+        flags = ", ".join("--" + k.replace("_", "-") for k in options)
+        calibrated = ", ".join(n for n, m in methods.METHODS.items() if m.needs_calibration)
+        raise ConversionError(f"{flags}: only for calibrated methods ({calibrated}); --method {name} reads the "
+                              "weights alone")
+    return merger
 
 
 def _copy_side_files(src: Path, dst: Path) -> list[str]:
@@ -514,64 +581,85 @@ def convert_checkpoint(
     """
     if dtype not in DTYPE_CHOICES:
         raise ConversionError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPE_CHOICES)}")
-    merger = get_method(method)
+    # torch and the merge methods load on a thread while the checkpoint is checked and planned from its headers
+    # and the untouched tensors start copying: the import then costs no wall time of its own.
+    methods = _import_in_background("convert.methods")
     src = open_source(source, revision, allow_pickle, trust_remote_code)
     s_in = src.shapes
     check_groups(num_kv_heads, s_in)
-    plan, s_out = plan_tensors(src, num_kv_heads, dtype, merger.rewrites_queries)
+    plan, s_out = plan_tensors(src, num_kv_heads, dtype)
     shards = assign_shards(plan, parse_size(max_shard_size))
-    first_kv = src.family.attention_keys(0, set(src.tensors))[0]
-    out_dtype = output_dtype(src.tensors[first_kv].dtype, dtype)  # the dtype the KV cache will have
-    report = Report(
-        source=src.name,
-        output=str(output),
-        model_type=src.raw_config["model_type"],
-        method=method,
-        num_heads=s_in.num_heads,
-        kv_heads_before=s_in.num_kv_heads,
-        kv_heads_after=num_kv_heads,
-        head_dim=s_in.head_dim,
-        dtype=dtype,
-        tensors_total=len(plan),
-        tensors_touched=[t.name for t in plan if t.layer is not None],
-        bytes_in=src.nbytes,
-        bytes_out=sum(nbytes(t.dtype, t.shape) for t in plan),
-        shards_out=len(shards),
-        kv_cache_bytes_per_token_before=kv_cache_bytes_per_token(s_in, s_in.num_kv_heads, out_dtype),
-        kv_cache_bytes_per_token_after=kv_cache_bytes_per_token(s_in, num_kv_heads, out_dtype),
-        dry_run=dry_run,
-    )
-    if src.raw_config["model_type"] in QK_NORM_FAMILIES:
-        report.notes.append(
-            "this family normalizes keys per head after the projection (q/k norm): merged keys are pooled before "
-            "that norm, so the merge is approximate on the key side even when weights agree"
-        )
     output = Path(output)
-    if dry_run:
-        return report
-    check_output(src.folder, output, overwrite, report.bytes_out)
 
-    present = set(src.tensors)
-    context = merger.layer_contexts(src, num_kv_heads, seed, **(method_options or {}))
-    rewritten = {t.name for t in plan if t.layer is not None}
-
-    def get(key: str) -> torch.Tensor:
-        # Tensors that pass through are never read: the merge sees only their shape.
-        return src.get(key) if key in rewritten else torch.empty(src.tensors[key].shape, device="meta")
-
-    def compute_layer(layer: int) -> dict[str, torch.Tensor]:
-        keys = src.family.attention_keys(layer, present)
-        out, stats = convert_layer(
-            src.family, merger, layer, get, keys, s_in, s_out, seed, context(layer) if context else None
+    def make_report(merger: "Method") -> Report:
+        first_kv = src.family.attention_keys(0, set(src.tensors))[0]
+        out_st = output_st(src.tensors[first_kv].st, dtype)  # the dtype the KV cache will have
+        report = Report(
+            source=src.name,
+            output=str(output),
+            model_type=src.raw_config["model_type"],
+            method=method,
+            num_heads=s_in.num_heads,
+            kv_heads_before=s_in.num_kv_heads,
+            kv_heads_after=num_kv_heads,
+            head_dim=s_in.head_dim,
+            dtype=dtype,
+            tensors_total=len(plan),
+            tensors_touched=[t.name for t in plan if t.computed(merger.rewrites_queries)],
+            bytes_in=src.nbytes,
+            bytes_out=sum(nbytes(t.st, t.shape) for t in plan),
+            shards_out=len(shards),
+            kv_cache_bytes_per_token_before=kv_cache_bytes_per_token(s_in, s_in.num_kv_heads, out_st),
+            kv_cache_bytes_per_token_after=kv_cache_bytes_per_token(s_in, num_kv_heads, out_st),
+            dry_run=dry_run,
         )
-        report.per_layer.append({"layer": layer, **stats})
-        return {k: v for k, v in out.items() if k in rewritten}
+        if src.raw_config["model_type"] in QK_NORM_FAMILIES:
+            report.notes.append(
+                "this family normalizes keys per head after the projection (q/k norm): merged keys are pooled "
+                "before that norm, so the merge is approximate on the key side even when weights agree"
+            )
+        return report
+
+    if dry_run:
+        return make_report(_load_method(methods(), method, method_options))
+    check_output(src.folder, output, overwrite, sum(nbytes(t.st, t.shape) for t in plan))
+    present = set(src.tensors)
+    state: dict[str, Any] = {}
+
+    def start_merging() -> tuple[Callable[[int], dict], bool]:
+        import torch
+
+        merger = _load_method(methods(), method, method_options)
+        if not merger.needs_calibration:
+            # Weight-only merges are a few small, memory-bound ops per layer: one torch thread leaves the other
+            # core to the copier (two made the merge twice as slow, measured on 2 cores). Restored at the end.
+            state["threads"] = torch.get_num_threads()
+            torch.set_num_threads(1)
+        report = state["report"] = make_report(merger)
+        context = merger.layer_contexts(src, num_kv_heads, seed, **(method_options or {}))
+        rewritten = {t.name for t in plan if t.computed(merger.rewrites_queries)}
+
+        def get(key: str) -> torch.Tensor:
+            # Tensors that pass through are never read: the merge sees only their shape.
+            return src.get(key) if key in rewritten else torch.empty(src.tensors[key].shape, device="meta")
+
+        def compute_layer(layer: int) -> dict[str, torch.Tensor]:
+            keys = src.family.attention_keys(layer, present)
+            out, stats = convert_layer(
+                src.family, merger, layer, get, keys, s_in, s_out, seed, context(layer) if context else None
+            )
+            report.per_layer.append({"layer": layer, **stats})
+            return {k: v for k, v in out.items() if k in rewritten}
+
+        state["merger"] = merger
+        return compute_layer, merger.rewrites_queries
 
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_folder(output)
     tmp.mkdir()
     try:
-        _write_shards(src, shards, tmp, compute_layer, progress)
+        _write_shards(src, shards, tmp, start_merging, progress)
+        report, merger = state["report"], state["merger"]
         raw = src.family.patch_config(src.raw_config, num_kv_heads)
         if dtype != "keep":
             raw["dtype"] = dtype
@@ -593,6 +681,10 @@ def convert_checkpoint(
         _move_into_place(tmp, output)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if "threads" in state:
+            import torch
+
+            torch.set_num_threads(state["threads"])
     return report
 
 
@@ -611,7 +703,7 @@ def describe(source: str | Path, revision: str | None = None, allow_pickle: bool
     """What `gqa-convert inspect` prints: family, heads, head_dim, valid G and KV-cache bytes per token for each."""
     src = open_source(source, revision, allow_pickle)
     s = src.shapes
-    dtype = next((t.dtype for t in src.tensors.values() if t.dtype.is_floating_point), torch.float32)
+    st = next((t.st for t in src.tensors.values() if t.st in FLOATING), "F32")
     return {
         "source": src.name,
         "model_type": src.raw_config["model_type"],
@@ -621,7 +713,7 @@ def describe(source: str | Path, revision: str | None = None, allow_pickle: bool
         "num_kv_heads": s.num_kv_heads,
         "head_dim": s.head_dim,
         "rotary_dim": s.rotary_dim,
-        "dtype": str(dtype).removeprefix("torch."),
-        "parameters": sum(int(torch.Size(t.shape).numel()) for t in src.tensors.values()),
-        "valid_num_kv_heads": {g: kv_cache_bytes_per_token(s, g, dtype) for g in valid_groups(s)},
+        "dtype": DTYPES[st][0],
+        "parameters": sum(_numel(t.shape) for t in src.tensors.values()),
+        "valid_num_kv_heads": {g: kv_cache_bytes_per_token(s, g, st) for g in valid_groups(s)},
     }

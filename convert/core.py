@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING, Any, Callable
 
 from .families import ConversionError, Family, Shapes, family_for, output_shapes, shapes_for
-from .methods import Method, get_method
+from .tensorio import nbytes
+
+if TYPE_CHECKING:  # imported where used, so that planning a conversion does not wait for torch
+    import torch
+    from torch import Tensor
+
+    from .methods import Method
 
 
 def check_groups(groups: int, s: Shapes) -> None:
@@ -32,9 +35,9 @@ def valid_groups(s: Shapes) -> list[int]:
     return [g for g in range(1, s.num_kv_heads + 1) if s.num_kv_heads % g == 0]
 
 
-def kv_cache_bytes_per_token(s: Shapes, groups: int, dtype: torch.dtype) -> int:
-    """K and V, every layer, one token: 2 * layers * G * head_dim * element size."""
-    return 2 * s.num_layers * groups * s.head_dim * torch.empty((), dtype=dtype).element_size()
+def kv_cache_bytes_per_token(s: Shapes, groups: int, dtype: Any) -> int:
+    """K and V, every layer, one token: 2 * layers * G * head_dim * element size (dtype: torch or safetensors)."""
+    return 2 * s.num_layers * groups * s.head_dim * nbytes(dtype, ())
 
 
 def convert_layer(
@@ -64,7 +67,6 @@ def patched_config(config: Any, family: Family, groups: int) -> Any:
     return new
 
 
-@torch.no_grad()
 def convert_model(
     model: torch.nn.Module,
     num_kv_heads: int,
@@ -76,6 +78,15 @@ def convert_model(
 
     The input model is not modified. Weights keep their dtype; merging runs in float32.
     """
+    import torch
+
+    with torch.no_grad():
+        return _convert_model(model, num_kv_heads, method, seed, layer_context)
+
+
+def _convert_model(model, num_kv_heads, method, seed, layer_context):
+    from .methods import get_method
+
     config = model.config
     family = family_for(getattr(config, "model_type", None))
     s_in = shapes_for(family, config)

@@ -14,12 +14,12 @@ Layouts (rows of a projection weight, `d` = head_dim):
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-import torch
-from torch import Tensor
+if TYPE_CHECKING:  # torch is imported where tensors are touched: the table and the planning work without it
+    from torch import Tensor
 
-Getter = Callable[[str], Tensor]
+Getter = Callable[[str], "Tensor"]
 
 
 class ConversionError(ValueError):
@@ -117,6 +117,36 @@ class Family:
         wanted += [f"{p}{self.o}.weight", f"{p}{self.q_norm}.weight", f"{p}{self.k_norm}.weight"]
         return [k for k in wanted if k in present]
 
+    def planned_shapes(
+        self, layer: int, shapes: Mapping[str, tuple[int, ...]], s_in: Shapes, s_out: Shapes
+    ) -> dict[str, tuple[int, ...]]:
+        """The shapes `join` will give one layer's attention tensors, from their sizes alone (no tensor, no torch):
+        output shards are planned, and untouched tensors start copying, before anything is merged.
+
+        Only KV-sized rows change: k/v rows Hkv*d -> G*d, fused rows (H + 2*Hkv)*d -> (H + 2*G)*d, per-head k norms
+        Hkv -> G heads. Norms shared by all heads are left out: `join` does not produce them, they pass through.
+        """
+        p = self.prefix.format(i=layer)
+        H, Hkv, G, d = s_in.num_heads, s_in.num_kv_heads, s_out.num_kv_heads, s_in.head_dim
+        out: dict[str, tuple[int, ...]] = {}
+        for key, shape in shapes.items():
+            name = key[len(p) :].rsplit(".", 1)[0]
+            numel = 1
+            for n in shape:
+                numel *= n
+            if name in (self.q_norm, self.k_norm):
+                heads = H if name == self.q_norm else Hkv
+                if numel != heads * d or heads == 1:
+                    continue  # one weight shared by all heads
+                if name == self.k_norm:
+                    shape = (G, d) if len(shape) == 2 else (G * d,)
+            elif name in (self.k, self.v) and self.layout == "split":
+                shape = (G * d, *shape[1:])
+            elif name == self.fused:
+                shape = ((H + 2 * G) * d, *shape[1:])
+            out[key] = tuple(shape)
+        return out
+
     def split(self, layer: int, get: Getter, keys: list[str], s: Shapes) -> Attention:
         """Checkpoint tensors of one layer -> canonical per-head float32 form."""
         p = self.prefix.format(i=layer)
@@ -187,6 +217,8 @@ def _concat_split(x: Tensor, s: Shapes) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def _concat_join(q: Tensor, k: Tensor, v: Tensor, s: Shapes, groups: int) -> Tensor:
+    import torch
+
     cols = q.shape[-1]
     return torch.cat([q.reshape(-1, cols), k.reshape(-1, cols), v.reshape(-1, cols)])
 
@@ -213,6 +245,8 @@ def s_falcon_classic(x: Tensor, s: Shapes) -> bool:
 
 
 def _falcon_join(q: Tensor, k: Tensor, v: Tensor, s: Shapes, groups: int) -> Tensor:
+    import torch
+
     H, d = q.shape[0], q.shape[1]
     cols = q.shape[-1]
     if groups == H and s_falcon_classic(q, s):

@@ -12,24 +12,44 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING, Any, Iterable
 
 from .families import ConversionError
 
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+
+# safetensors dtype -> (torch dtype name, bytes per element). Headers, plans and pass-through copies use these
+# names only, so a conversion can start copying before torch (about a second to import) has loaded.
+DTYPES: dict[str, tuple[str, int]] = {
+    "F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
+    "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1), "U8": ("uint8", 1),
+    "BOOL": ("bool", 1), "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1),
 }
-NAMES = {v: k for k, v in DTYPES.items()}
+FLOATING = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+BY_TORCH_NAME = {name: st for st, (name, _) in DTYPES.items()}
 COPY_CHUNK = 16 << 20  # bytes per read/write when copying a tensor verbatim
 
 
-def nbytes(dtype: torch.dtype, shape: Iterable[int]) -> int:
-    n = torch.empty((), dtype=dtype).element_size()
+def st_dtype(dtype: Any) -> str:
+    """The safetensors name of a dtype given as a safetensors name, a torch dtype or a torch dtype name."""
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return dtype
+    name = str(dtype).removeprefix("torch.")
+    if name not in BY_TORCH_NAME:
+        raise ConversionError(f"unsupported dtype {dtype}")
+    return BY_TORCH_NAME[name]
+
+
+def torch_dtype(dtype: Any) -> "torch.dtype":
+    import torch
+
+    return getattr(torch, DTYPES[st_dtype(dtype)][0])
+
+
+def nbytes(dtype: Any, shape: Iterable[int]) -> int:
+    n = DTYPES[st_dtype(dtype)][1]
     for s in shape:
         n *= s
     return n
@@ -37,17 +57,21 @@ def nbytes(dtype: torch.dtype, shape: Iterable[int]) -> int:
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """Where one tensor lives: file, dtype, shape, and (safetensors) absolute byte offset."""
+    """Where one tensor lives: file, safetensors dtype name, shape, and (safetensors) absolute byte offset."""
 
     file: Path
-    dtype: torch.dtype
+    st: str  # "BF16", "F32", ...: see DTYPES
     shape: tuple[int, ...]
     offset: int = -1  # -1: pickle file, read through torch.load
     key: str = ""  # the tensor's name inside a pickle file
 
     @property
+    def dtype(self) -> "torch.dtype":
+        return torch_dtype(self.st)
+
+    @property
     def nbytes(self) -> int:
-        return nbytes(self.dtype, self.shape)
+        return nbytes(self.st, self.shape)
 
 
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict]:
@@ -71,7 +95,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict]:
         if h["dtype"] not in DTYPES:
             raise ConversionError(f"{path}: tensor {name} has unsupported dtype {h['dtype']}")
         start, stop = h["data_offsets"]
-        info = TensorInfo(path, DTYPES[h["dtype"]], tuple(h["shape"]), base + start)
+        info = TensorInfo(path, h["dtype"], tuple(h["shape"]), base + start)
         if stop - start != info.nbytes:
             raise ConversionError(f"{path}: tensor {name} has {stop - start} bytes for shape {info.shape}")
         infos[name] = info
@@ -84,7 +108,9 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict]:
     return infos, meta
 
 
-def read_tensor(info: TensorInfo) -> Tensor:
+def read_tensor(info: TensorInfo) -> "Tensor":
+    import torch
+
     if info.offset < 0:
         return _pickle_tensor(info)
     buf = torch.empty(info.nbytes, dtype=torch.uint8)
@@ -166,7 +192,7 @@ class Copier:
     def submit(self, fn, *args, done=None) -> None:
         future = self.pool.submit(fn, *args)
         if done is not None:
-            future.add_done_callback(lambda f: f.exception() is None and done())
+            future.add_done_callback(lambda f: not f.cancelled() and f.exception() is None and done())
         self.pending.append(future)
         self._raise_finished()
 
@@ -187,15 +213,20 @@ class Copier:
 
 # Pickle (.bin) shards: only with --allow-pickle, loaded with weights_only=True and mmap so that a shard is not
 # read whole. One shard stays open at a time.
-_pickle_cache: dict[Path, dict[str, Tensor]] = {}
+_pickle_cache: dict[Path, dict[str, "Tensor"]] = {}
 
 
 def read_pickle_header(path: Path) -> dict[str, TensorInfo]:
+    import torch
+
     state = _open_pickle(path)
-    return {k: TensorInfo(path, v.dtype, tuple(v.shape), key=k) for k, v in state.items() if isinstance(v, Tensor)}
+    return {k: TensorInfo(path, st_dtype(v.dtype), tuple(v.shape), key=k)
+            for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
-def _open_pickle(path: Path) -> dict[str, Tensor]:
+def _open_pickle(path: Path) -> dict[str, "Tensor"]:
+    import torch
+
     if path not in _pickle_cache:
         _pickle_cache.clear()
         try:
@@ -205,7 +236,7 @@ def _open_pickle(path: Path) -> dict[str, Tensor]:
     return _pickle_cache[path]
 
 
-def _pickle_tensor(info: TensorInfo) -> Tensor:
+def _pickle_tensor(info: TensorInfo) -> "Tensor":
     return _open_pickle(info.file)[info.key]
 
 
@@ -216,34 +247,37 @@ class ShardWriter:
     run on a `Copier` thread while merged tensors are written from the main thread.
     """
 
-    def __init__(self, path: Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict,
+    def __init__(self, path: Path, entries: list[tuple[str, Any, tuple[int, ...]]], metadata: dict,
                  copier: Copier | None = None):
         self.path = path
         self.copier = copier
         header: dict = {"__metadata__": metadata}
         offset = 0
-        self.expected: list[tuple[str, int, int]] = []  # name, bytes, offset from the start of the data
+        self.places: dict[str, tuple[int, int]] = {}  # name -> (bytes, offset from the start of the data)
         for name, dtype, shape in entries:
             size = nbytes(dtype, shape)
-            header[name] = {"dtype": NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
-            self.expected.append((name, size, offset))
+            header[name] = {"dtype": st_dtype(dtype), "shape": list(shape), "data_offsets": [offset, offset + size]}
+            self.places[name] = (size, offset)
             offset += size
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # keep the data 8-byte aligned, as the safetensors writer does
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         write_all(self.fd, struct.pack("<Q", len(raw)) + raw, 0)
         self.base = 8 + len(raw)
-        self.next = 0
+        self.written: set[str] = set()
 
     def _place(self, name: str, size: int) -> int:
-        """The file offset of the next declared tensor, after checking that it is the one being written."""
-        want, want_size, offset = self.expected[self.next]
-        if (name, size) != (want, want_size):
-            raise AssertionError(f"{self.path}: wrote {name} ({size} B), header expects {want} ({want_size} B)")
-        self.next += 1
+        """The file offset of a declared tensor, after checking its size and that it is written once."""
+        want_size, offset = self.places.get(name, (None, 0))
+        if want_size != size or name in self.written:
+            raise AssertionError(f"{self.path}: wrote {name} ({size} B), header expects {want_size} B "
+                                 f"{'(written twice)' if name in self.written else ''}")
+        self.written.add(name)
         return self.base + offset
 
-    def write(self, name: str, tensor: Tensor) -> None:
+    def write(self, name: str, tensor: "Tensor") -> None:
+        import torch
+
         t = tensor.detach().contiguous().reshape(-1)
         size = t.numel() * t.element_size()
         offset = self._place(name, size)
@@ -261,8 +295,8 @@ class ShardWriter:
 
     def close(self) -> None:
         """Check that every declared tensor was written (or handed to the copier)."""
-        if self.next != len(self.expected):
-            raise AssertionError(f"{self.path}: {len(self.expected) - self.next} tensors were never written")
+        if len(self.written) != len(self.places):
+            raise AssertionError(f"{self.path}: {len(self.places) - len(self.written)} tensors were never written")
 
     def finish(self) -> None:
         """fsync and close, once every copy into this file is done: on disk before the folder is renamed."""

@@ -244,3 +244,10 @@ def _all_tensors(folder: Path) -> dict[str, torch.Tensor]:
         with safe_open(shard, "pt") as f:
             out.update({k: f.get_tensor(k) for k in f.keys()})
     return out
+
+
+def test_cli_method_names_are_the_registry():
+    from convert.cli import METHOD_NAMES
+    from convert.methods import METHODS
+
+    assert list(METHOD_NAMES) == list(METHODS)

@@ -117,3 +117,43 @@ def test_shapes_from_config_json_match_transformers(model_type, tmp_path):
     view = _plain_view(read_config(tmp_path), family)
     expected = shapes_for(family, AutoConfig.from_pretrained(tmp_path))
     assert view is None or shapes_for(family, view) == expected
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+@pytest.mark.parametrize("groups", [1, 2])
+def test_planned_shapes_are_what_join_produces(model_type, groups):
+    """Output shards are planned from sizes alone (before torch loads); the plan must be exactly what the merge
+    then writes. The oracle: split meta tensors, keep the first G KV heads, join."""
+    from convert.families import family_for, output_shapes, shapes_for
+
+    model = tiny_model(model_type)
+    family = family_for(model_type)
+    s_in = shapes_for(family, model.config)
+    s_out = output_shapes(s_in, groups, model.config.to_dict(), family)
+    state = {k: v.to("meta") for k, v in model.state_dict().items()}
+    for layer in range(s_in.num_layers):
+        keys = family.attention_keys(layer, set(state))
+        att = family.split(layer, state.__getitem__, keys, s_in)
+        shrunk = att.replace(**{a: getattr(att, a)[:groups] for a in ("k", "v", "k_bias", "v_bias", "k_norm")
+                                if getattr(att, a) is not None})
+        want = {k: tuple(t.shape) for k, t in family.join(layer, shrunk, keys, s_out).items()}
+        got = family.planned_shapes(layer, {k: tuple(state[k].shape) for k in keys}, s_in, s_out)
+        assert got == want
+
+
+def test_cli_and_planning_do_not_import_torch(tmp_path):
+    """The converter checks and plans a checkpoint and starts copying while torch loads on another thread; that
+    only overlaps if nothing on the way imports torch first."""
+    import subprocess
+    import sys
+
+    src = save(tiny_model("llama"), tmp_path / "src")
+    code = (
+        "import sys, convert.cli\n"
+        "from convert.checkpoint import open_source, plan_tensors, assign_shards\n"
+        f"src = open_source({str(src)!r})\n"
+        "assign_shards(plan_tensors(src, 1, 'keep')[0], 10**9)\n"
+        "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))[:5]\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
