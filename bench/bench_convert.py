@@ -478,7 +478,7 @@ def print_table(r: dict) -> None:
           f"{'mem/convert':>12}")
     for name, v in med.items():
         t = f"{v['wall_s'] / copy:.2f}x" if copy else "-"
-        mem = f"{v['peak_rss_mib'] / conv:.1f}x" if conv and name != "copy" else "-"
+        mem = f"{v['peak_rss_mib'] / conv:.1f}x" if conv and not name.startswith("copy") else "-"
         print(f"{name:<9} {v['wall_s']:>8.2f} {v['cpu_s']:>7.2f} {v['peak_rss_mib']:>13.0f} "
               f"{v['polled_rss_mib']:>11.0f} {t:>10} {mem:>12}")
     if r["repeats"] > 1:

@@ -577,7 +577,8 @@ def convert_checkpoint(
 ) -> Report:
     """Convert the checkpoint at SOURCE (folder or hub id) to `num_kv_heads` KV heads, written at OUTPUT.
 
-    Nothing is written until every check passes; OUTPUT appears only when complete; SOURCE is never modified.
+    The checkpoint and OUTPUT are checked before anything is written; OUTPUT appears only when complete and
+    verified; SOURCE is never modified.
     """
     if dtype not in DTYPE_CHOICES:
         raise ConversionError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPE_CHOICES)}")
