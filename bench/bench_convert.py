@@ -251,7 +251,6 @@ def check_output(out: Path, src: Path, groups: int) -> list[str]:
             problems[8:] = [f"... {len(problems) - 8} more"]
         key = "model.layers.0.self_attn.k_proj.weight"
         if key in before and key in after and not problems:
-            import torch
             from safetensors import safe_open
 
             with safe_open(before[key][2], "pt") as f:

@@ -816,12 +816,7 @@ def plot_methods(results: dict, path: Path) -> None:
             ax.set_ylim(0, max(shown + [mha]) * 1.12)
         ax.set_title("right after conversion (α = 0)" if alpha == 0 else f"uptrained, α = {pct(alpha)}")
         ax.grid(axis="y", alpha=0.3, which="both")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
-    fig.suptitle("Conversion methods (cf. GQA paper, figure 4)", fontsize=10)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, axes[0][0], "Conversion methods (cf. GQA paper, figure 4)", 0.06, path)
 
 
 def plot_alpha(results: dict, path: Path) -> None:
@@ -857,10 +852,17 @@ def plot_alpha(results: dict, path: Path) -> None:
         ax.set_title(g_name(g, cfg.num_heads) + f" ({g} KV head{'s' if g > 1 else ''})")
         ax.grid(alpha=0.3, which="both")
     perplexity_axis(axes[0][0], shown)  # the panels share the y axis
-    handles, labels = axes[0][0].get_legend_handles_labels()
+    save_figure(fig, axes[0][0], "Perplexity against uptraining proportion (cf. GQA paper, figure 5)", 0.07, path)
+
+
+def save_figure(fig, legend_from, title: str, legend_height: float, path: Path) -> None:
+    """One legend along the bottom (taken from one panel), the title, then write the PNG and free the figure."""
+    import matplotlib.pyplot as plt
+
+    handles, labels = legend_from.get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
-    fig.suptitle("Perplexity against uptraining proportion (cf. GQA paper, figure 5)", fontsize=10)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, legend_height, 1, 1))
     fig.savefig(path)
     plt.close(fig)
 

@@ -252,7 +252,7 @@ def _value_problem(p: _Prepared, heads: list[int]) -> tuple[Tensor, Tensor]:
 def merge_layer(att: Attention, groups: int, lm: LayerMath) -> tuple[Attention, dict]:
     """Merge contiguous groups of KV heads (see the module docstring); returns the merged layer and statistics."""
     p = _Prepared(att, lm)
-    H, Hkv, d, D = att.num_heads, att.num_kv_heads, att.q.shape[1], att.q.shape[2]
+    Hkv, d, D = att.num_kv_heads, att.q.shape[1], att.q.shape[2]
     n = Hkv // groups
     q, o = p.q.clone(), p.o.clone()
     k_new = torch.zeros(groups, d, D + 1, dtype=torch.float64)

@@ -2,7 +2,7 @@
 temporary folder beside OUTPUT, verify it, and only then rename it into place.
 
 Memory stays flat: tensors are read one at a time with plain file reads, tensors the conversion does not touch are
-copied in bounded chunks, and output shards are written with headers declared up front.
+copied inside the kernel on a background thread, and output shards are written with headers declared up front.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import importlib
 import json
+import math
 import os
 import re
 import shutil
@@ -26,7 +27,6 @@ from . import __version__
 from .core import check_groups, convert_layer, kv_cache_bytes_per_token, valid_groups
 from .families import (
     QK_NORM_FAMILIES,
-    Attention,
     ConversionError,
     Family,
     Shapes,
@@ -252,7 +252,7 @@ def _check_weights(src: Source) -> None:
         prefix = fam.prefix.format(i=layer)
         found = {k[len(prefix):]: src.tensors[k].shape for k in keys}
         missing = [f"{n}.weight" for n in [*required, fam.o] if f"{n}.weight" not in found]
-        wrong = [k for k, shape in found.items() if _numel(shape) not in _allowed_numel(k, s, fam)]
+        wrong = [k for k, shape in found.items() if math.prod(shape) not in _allowed_numel(k, s, fam)]
         if missing or wrong:
             what = f"missing {', '.join(missing)}; " if missing else ""
             raise ConversionError(
@@ -260,13 +260,6 @@ def _check_weights(src: Source) -> None:
                 f"{s.num_kv_heads} KV heads, head_dim {s.head_dim}, hidden {s.hidden}): {what}found "
                 f"{found or 'none'}. The config and the weights disagree: fix config.json"
             )
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for x in shape:
-        n *= x
-    return n
 
 
 def _allowed_numel(name: str, s: Shapes, fam: Family) -> set[int]:
@@ -444,9 +437,9 @@ def _write_shards(
             cache: dict[str, torch.Tensor] = {}  # computed tensors of the current layer, dropped once written
             for shard, writer in zip(shards, writers):
                 for t in shard:
-                    size = nbytes(t.st, t.shape)
                     if t.name in early:
                         continue
+                    size = nbytes(t.st, t.shape)
                     if t.computed(rewrites_queries):
                         if t.name not in cache:
                             cache = compute_layer(t.layer)
@@ -590,6 +583,7 @@ def convert_checkpoint(
     check_groups(num_kv_heads, s_in)
     plan, s_out = plan_tensors(src, num_kv_heads, dtype)
     shards = assign_shards(plan, parse_size(max_shard_size))
+    bytes_out = sum(nbytes(t.st, t.shape) for t in plan)
     output = Path(output)
 
     def make_report(merger: "Method") -> Report:
@@ -608,7 +602,7 @@ def convert_checkpoint(
             tensors_total=len(plan),
             tensors_touched=[t.name for t in plan if t.computed(merger.rewrites_queries)],
             bytes_in=src.nbytes,
-            bytes_out=sum(nbytes(t.st, t.shape) for t in plan),
+            bytes_out=bytes_out,
             shards_out=len(shards),
             kv_cache_bytes_per_token_before=kv_cache_bytes_per_token(s_in, s_in.num_kv_heads, out_st),
             kv_cache_bytes_per_token_after=kv_cache_bytes_per_token(s_in, num_kv_heads, out_st),
@@ -623,7 +617,7 @@ def convert_checkpoint(
 
     if dry_run:
         return make_report(_load_method(methods(), method, method_options))
-    check_output(src.folder, output, overwrite, sum(nbytes(t.st, t.shape) for t in plan))
+    check_output(src.folder, output, overwrite, bytes_out)
     present = set(src.tensors)
     state: dict[str, Any] = {}
 
@@ -715,6 +709,6 @@ def describe(source: str | Path, revision: str | None = None, allow_pickle: bool
         "head_dim": s.head_dim,
         "rotary_dim": s.rotary_dim,
         "dtype": DTYPES[st][0],
-        "parameters": sum(_numel(t.shape) for t in src.tensors.values()),
+        "parameters": sum(math.prod(t.shape) for t in src.tensors.values()),
         "valid_num_kv_heads": {g: kv_cache_bytes_per_token(s, g, st) for g in valid_groups(s)},
     }

@@ -80,33 +80,29 @@ def convert_model(
     """
     import torch
 
-    with torch.no_grad():
-        return _convert_model(model, num_kv_heads, method, seed, layer_context)
-
-
-def _convert_model(model, num_kv_heads, method, seed, layer_context):
     from .methods import get_method
 
-    config = model.config
-    family = family_for(getattr(config, "model_type", None))
-    s_in = shapes_for(family, config)
-    check_groups(num_kv_heads, s_in)
-    raw_config = config.to_dict()
-    s_out = output_shapes(s_in, num_kv_heads, raw_config, family)
-    merger = get_method(method)
-    state = model.state_dict()
-    present = set(state)
-    new_state = dict(state)
-    for layer in range(s_in.num_layers):
-        keys = family.attention_keys(layer, present)
-        ctx = layer_context(layer) if layer_context is not None else None
-        out, _ = convert_layer(family, merger, layer, state.__getitem__, keys, s_in, s_out, seed, ctx)
-        for key, tensor in out.items():
-            new_state[key] = tensor.to(state[key].dtype)
-    new_config = patched_config(config, family, num_kv_heads)
-    dtype = next(model.parameters()).dtype
-    new_model = type(model)(new_config).to(dtype)
-    new_model.load_state_dict(new_state, strict=True)
-    new_model.generation_config = copy.deepcopy(model.generation_config)
-    new_model.eval()
-    return new_model
+    with torch.no_grad():
+        config = model.config
+        family = family_for(getattr(config, "model_type", None))
+        s_in = shapes_for(family, config)
+        check_groups(num_kv_heads, s_in)
+        raw_config = config.to_dict()
+        s_out = output_shapes(s_in, num_kv_heads, raw_config, family)
+        merger = get_method(method)
+        state = model.state_dict()
+        present = set(state)
+        new_state = dict(state)
+        for layer in range(s_in.num_layers):
+            keys = family.attention_keys(layer, present)
+            ctx = layer_context(layer) if layer_context is not None else None
+            out, _ = convert_layer(family, merger, layer, state.__getitem__, keys, s_in, s_out, seed, ctx)
+            for key, tensor in out.items():
+                new_state[key] = tensor.to(state[key].dtype)
+        new_config = patched_config(config, family, num_kv_heads)
+        dtype = next(model.parameters()).dtype
+        new_model = type(model)(new_config).to(dtype)
+        new_model.load_state_dict(new_state, strict=True)
+        new_model.generation_config = copy.deepcopy(model.generation_config)
+        new_model.eval()
+        return new_model

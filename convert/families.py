@@ -13,6 +13,7 @@ Layouts (rows of a projection weight, `d` = head_dim):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
@@ -131,12 +132,9 @@ class Family:
         out: dict[str, tuple[int, ...]] = {}
         for key, shape in shapes.items():
             name = key[len(p) :].rsplit(".", 1)[0]
-            numel = 1
-            for n in shape:
-                numel *= n
             if name in (self.q_norm, self.k_norm):
                 heads = H if name == self.q_norm else Hkv
-                if numel != heads * d or heads == 1:
+                if math.prod(shape) != heads * d or heads == 1:
                     continue  # one weight shared by all heads
                 if name == self.k_norm:
                     shape = (G, d) if len(shape) == 2 else (G * d,)

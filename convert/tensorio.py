@@ -8,6 +8,7 @@ so mapping a 5 GB shard would make peak memory grow with shard size.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -49,10 +50,7 @@ def torch_dtype(dtype: Any) -> "torch.dtype":
 
 
 def nbytes(dtype: Any, shape: Iterable[int]) -> int:
-    n = DTYPES[st_dtype(dtype)][1]
-    for s in shape:
-        n *= s
-    return n
+    return DTYPES[st_dtype(dtype)][1] * math.prod(shape)
 
 
 @dataclass(frozen=True)
@@ -247,8 +245,7 @@ class ShardWriter:
     run on a `Copier` thread while merged tensors are written from the main thread.
     """
 
-    def __init__(self, path: Path, entries: list[tuple[str, Any, tuple[int, ...]]], metadata: dict,
-                 copier: Copier | None = None):
+    def __init__(self, path: Path, entries: list[tuple[str, Any, tuple[int, ...]]], metadata: dict, copier: Copier):
         self.path = path
         self.copier = copier
         header: dict = {"__metadata__": metadata}
@@ -285,13 +282,8 @@ class ShardWriter:
         start_writeback(self.fd, offset, size)
 
     def write_raw(self, name: str, info: TensorInfo, done=None) -> None:
-        offset = self._place(name, info.nbytes)
-        if self.copier is None:
-            copy_raw(info, self.fd, offset)
-            if done is not None:
-                done()
-        else:
-            self.copier.submit(copy_raw, info, self.fd, offset, done=done)
+        """Hand a verbatim copy of `info` to the copier thread; `done` runs there once it is written."""
+        self.copier.submit(copy_raw, info, self.fd, self._place(name, info.nbytes), done=done)
 
     def close(self) -> None:
         """Check that every declared tensor was written (or handed to the copier)."""

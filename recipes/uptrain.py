@@ -948,7 +948,7 @@ def run(s: Settings, options: dict) -> int:
         f"{num_processes} proc) x {s.block_size} tokens = {tokens:,} tokens"
         + (f" = alpha {alpha:.3g} of {human(s.pretraining_tokens)}" if alpha is not None else ""))
     say(f"  compute     ~{human(flops, 'FLOP')} (6 N D, N = {human(total_params)}"
-        + (f", + 2 N_teacher D" if teacher is not None else "") + ")"
+        + (", + 2 N_teacher D" if teacher is not None else "") + ")"
         + f"; lr {s.lr}, warmup {warmup}, cosine to {s.min_lr_ratio} x lr")
     if resume_from is not None:
         say(f"  resume      from {resume_from} (step {start_step}, {start_step * plan['tokens_per_step']:,} tokens)")

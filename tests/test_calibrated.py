@@ -135,7 +135,7 @@ def test_similarity_order_search_without_enumeration():
     """Eight KV heads in pairs of equal heads scattered over the layer: the swap search (used when there are too
     many partitions to try) finds the pairs too."""
     torch.manual_seed(0)
-    H, Hkv, d, D = 16, 8, 4, 32
+    H, d, D = 16, 4, 32  # and 8 KV heads
     from convert.families import Attention
 
     base_k, base_v = torch.randn(4, d, D), torch.randn(4, d, D)

@@ -11,8 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import need
-
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "replicate_paper.py"
 

@@ -66,7 +66,6 @@ def save(model: torch.nn.Module, folder: Path, shard: str = "150KB") -> Path:
 
 def make_groups_identical(model: torch.nn.Module, groups: int) -> None:
     """Overwrite every KV head with the first head of its contiguous group, so pooling loses nothing."""
-    from convert.core import convert_layer  # noqa: F401  (documenting that conversion would be exact)
     from convert.families import shapes_for
 
     family = family_for(model.config.model_type)
