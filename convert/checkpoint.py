@@ -34,21 +34,29 @@ from .families import (
     output_shapes,
     shapes_for,
 )
+from .pooling import WEIGHT_ONLY_POOLS, relative_error
 from .tensorio import (
     DTYPES,
     FLOATING,
+    NUMPY_FLOATS,
     Copier,
     ShardWriter,
     TensorInfo,
+    float32_to,
     nbytes,
+    read_float32,
     read_header,
     read_pickle_header,
     read_tensor,
+    fsync_path,
     st_dtype,
+    sync_folder,
+    tensor_bytes,
     torch_dtype,
 )
 
 if TYPE_CHECKING:  # torch loads on a background thread during a conversion (see convert_checkpoint)
+    import numpy as np
     import torch
 
     from .methods import Method
@@ -404,14 +412,16 @@ def _write_shards(
     src: Source,
     shards: list[list[OutTensor]],
     folder: Path,
-    start_merging: Callable[[], tuple[Callable[[int], dict[str, "torch.Tensor"]], bool]],
+    start_merging: Callable[[], tuple[Callable[[int], dict[str, "np.ndarray"]], bool]],
     progress: bool,
+    durable: bool = False,
 ) -> dict[str, str]:
     """Stream every output tensor into its shard; returns the weight map.
 
     First every tensor that no method changes (outside attention, same dtype) is handed to the copier thread.
     Only then does `start_merging` wait for torch and the merge method, which load on a thread of their own
-    meanwhile, and return (compute_layer, rewrites_queries); the attention tensors follow, layer by layer.
+    meanwhile (unless the merge needs no torch), and return (compute_layer, rewrites_queries); the attention
+    tensors follow, layer by layer. compute_layer gives each rewritten tensor's bytes, in its output dtype.
     """
     names = (
         ["model.safetensors"]
@@ -426,7 +436,7 @@ def _write_shards(
         with Copier() as copier:  # pass-through copies run beside the import and the merging, on a second thread
             for shard, name in zip(shards, names):
                 entries = [(t.name, t.st, t.shape) for t in shard]
-                writers.append(ShardWriter(folder / name, entries, {"format": "pt"}, copier))
+                writers.append(ShardWriter(folder / name, entries, {"format": "pt"}, copier, durable))
             early = set()
             for shard, writer in zip(shards, writers):
                 for t in shard:
@@ -434,7 +444,7 @@ def _write_shards(
                         writer.write_raw(t.name, t.source, done=lambda n=t.source.nbytes: bar.update(n))
                         early.add(t.name)
             compute_layer, rewrites_queries = start_merging()
-            cache: dict[str, torch.Tensor] = {}  # computed tensors of the current layer, dropped once written
+            cache: dict[str, np.ndarray] = {}  # computed tensors of the current layer, dropped once written
             for shard, writer in zip(shards, writers):
                 for t in shard:
                     if t.name in early:
@@ -443,12 +453,12 @@ def _write_shards(
                     if t.computed(rewrites_queries):
                         if t.name not in cache:
                             cache = compute_layer(t.layer)
-                        writer.write(t.name, cache.pop(t.name).to(t.dtype))
+                        writer.write(t.name, cache.pop(t.name))
                         bar.update(size)
                     elif t.verbatim:
                         writer.write_raw(t.name, t.source, done=lambda n=size: bar.update(n))  # byte for byte
                     else:
-                        writer.write(t.name, read_tensor(t.source).to(t.dtype))
+                        writer.write(t.name, tensor_bytes(read_tensor(t.source).to(t.dtype)))
                         bar.update(size)
                 writer.close()
             copier.wait()
@@ -551,6 +561,47 @@ def verify_output(folder: Path, src: Source, expected: dict[str, tuple[int, ...]
         raise AssertionError(f"output shapes differ from the plan: {wrong}")
 
 
+def _numpy_pool(src: Source, plan: list[OutTensor], method: str, dtype: str, options: dict | None = None
+                ) -> Callable | None:
+    """The pooling function when this conversion can run on numpy alone, else None (torch does it).
+
+    That is mean or first pooling (`WEIGHT_ONLY_POOLS`), the split layout (every tensor that changes is a KV-head
+    tensor with the heads as its leading rows), --dtype keep and safetensors whose K/V are F32/F16/BF16: the
+    rest of the checkpoint is then copied byte for byte, and torch, a second of CPU to import, never loads.
+    """
+    if method not in WEIGHT_ONLY_POOLS or options or src.pickle or dtype != "keep" or src.family.layout != "split":
+        return None
+    if any(t.source.st not in NUMPY_FLOATS for t in plan if t.computed(False)):
+        return None
+    return WEIGHT_ONLY_POOLS[method]
+
+
+def _numpy_layers(src: Source, plan: list[OutTensor], pool: Callable, groups: int, report: Report
+                  ) -> Callable[[int], dict[str, "np.ndarray"]]:
+    """compute_layer for the torch-free path: each KV-head tensor of a layer read as float32, pooled over its
+    leading KV-head axis, rounded once to its dtype; K/V relative errors go to the report as the methods do."""
+    fam, hkv = src.family, src.shapes.num_kv_heads
+    by_layer: dict[int, list[OutTensor]] = {}
+    for t in plan:
+        if t.computed(False):
+            by_layer.setdefault(t.layer, []).append(t)
+
+    def compute_layer(layer: int) -> dict[str, np.ndarray]:
+        p = fam.prefix.format(i=layer)
+        errors = {f"{p}{fam.k}.weight": "k_rel_err", f"{p}{fam.v}.weight": "v_rel_err"}
+        out, stats = {}, {"layer": layer}
+        for t in by_layer[layer]:
+            heads = read_float32(t.source).reshape(hkv, -1)  # [Hkv, numbers of one head]
+            pooled = pool(heads, groups)  # [G, numbers of one head]
+            if t.name in errors:
+                stats[errors[t.name]] = relative_error(heads, pooled)
+            out[t.name] = float32_to(pooled.reshape(t.shape), t.st)
+        report.per_layer.append(stats)
+        return out
+
+    return compute_layer
+
+
 def convert_checkpoint(
     source: str | Path,
     output: str | Path,
@@ -567,26 +618,33 @@ def convert_checkpoint(
     seed: int = 0,
     progress: bool = True,
     method_options: dict[str, Any] | None = None,
+    durable: bool = False,
 ) -> Report:
     """Convert the checkpoint at SOURCE (folder or hub id) to `num_kv_heads` KV heads, written at OUTPUT.
 
     The checkpoint and OUTPUT are checked before anything is written; OUTPUT appears only when complete and
-    verified; SOURCE is never modified.
+    verified; SOURCE is never modified. A killed process leaves no OUTPUT; `durable` (--fsync) also covers a
+    power loss: every file is on disk before the rename (what `cp` and `save_pretrained` do not wait for).
     """
     if dtype not in DTYPE_CHOICES:
         raise ConversionError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPE_CHOICES)}")
-    # torch and the merge methods load on a thread while the checkpoint is checked and planned from its headers
-    # and the untouched tensors start copying: the import then costs no wall time of its own.
-    methods = _import_in_background("convert.methods")
+    # Mean and first pooling of a plain checkpoint need no torch (see _numpy_pool). Any other conversion starts
+    # torch and the merge methods loading on a thread now, while the checkpoint is checked and planned from its
+    # headers and the untouched tensors start copying: the import then costs no wall time of its own.
+    maybe_numpy = method in WEIGHT_ONLY_POOLS and not method_options
+    methods = None if maybe_numpy else _import_in_background("convert.methods")
     src = open_source(source, revision, allow_pickle, trust_remote_code)
     s_in = src.shapes
     check_groups(num_kv_heads, s_in)
     plan, s_out = plan_tensors(src, num_kv_heads, dtype)
+    pool = _numpy_pool(src, plan, method, dtype, method_options)
+    if pool is None and methods is None:
+        methods = _import_in_background("convert.methods")
     shards = assign_shards(plan, parse_size(max_shard_size))
     bytes_out = sum(nbytes(t.st, t.shape) for t in plan)
     output = Path(output)
 
-    def make_report(merger: "Method") -> Report:
+    def make_report(rewrites_queries: bool) -> Report:
         first_kv = src.family.attention_keys(0, set(src.tensors))[0]
         out_st = output_st(src.tensors[first_kv].st, dtype)  # the dtype the KV cache will have
         report = Report(
@@ -600,7 +658,7 @@ def convert_checkpoint(
             head_dim=s_in.head_dim,
             dtype=dtype,
             tensors_total=len(plan),
-            tensors_touched=[t.name for t in plan if t.computed(merger.rewrites_queries)],
+            tensors_touched=[t.name for t in plan if t.computed(rewrites_queries)],
             bytes_in=src.nbytes,
             bytes_out=bytes_out,
             shards_out=len(shards),
@@ -616,12 +674,15 @@ def convert_checkpoint(
         return report
 
     if dry_run:
-        return make_report(_load_method(methods(), method, method_options))
+        return make_report(pool is None and _load_method(methods(), method, method_options).rewrites_queries)
     check_output(src.folder, output, overwrite, bytes_out)
     present = set(src.tensors)
     state: dict[str, Any] = {}
 
     def start_merging() -> tuple[Callable[[int], dict], bool]:
+        if pool is not None:
+            report = state["report"] = make_report(rewrites_queries=False)
+            return _numpy_layers(src, plan, pool, num_kv_heads, report), False
         import torch
 
         merger = _load_method(methods(), method, method_options)
@@ -630,21 +691,21 @@ def convert_checkpoint(
             # core to the copier (two made the merge twice as slow, measured on 2 cores). Restored at the end.
             state["threads"] = torch.get_num_threads()
             torch.set_num_threads(1)
-        report = state["report"] = make_report(merger)
+        report = state["report"] = make_report(merger.rewrites_queries)
         context = merger.layer_contexts(src, num_kv_heads, seed, **(method_options or {}))
-        rewritten = {t.name for t in plan if t.computed(merger.rewrites_queries)}
+        rewritten = {t.name: t for t in plan if t.computed(merger.rewrites_queries)}
 
         def get(key: str) -> torch.Tensor:
             # Tensors that pass through are never read: the merge sees only their shape.
             return src.get(key) if key in rewritten else torch.empty(src.tensors[key].shape, device="meta")
 
-        def compute_layer(layer: int) -> dict[str, torch.Tensor]:
+        def compute_layer(layer: int) -> dict[str, np.ndarray]:
             keys = src.family.attention_keys(layer, present)
             out, stats = convert_layer(
                 src.family, merger, layer, get, keys, s_in, s_out, seed, context(layer) if context else None
             )
             report.per_layer.append({"layer": layer, **stats})
-            return {k: v for k, v in out.items() if k in rewritten}
+            return {k: tensor_bytes(v.to(rewritten[k].dtype)) for k, v in out.items() if k in rewritten}
 
         state["merger"] = merger
         return compute_layer, merger.rewrites_queries
@@ -653,8 +714,8 @@ def convert_checkpoint(
     tmp = _temp_folder(output)
     tmp.mkdir()
     try:
-        _write_shards(src, shards, tmp, start_merging, progress)
-        report, merger = state["report"], state["merger"]
+        _write_shards(src, shards, tmp, start_merging, progress, durable)
+        report = state["report"]
         raw = src.family.patch_config(src.raw_config, num_kv_heads)
         if dtype != "keep":
             raw["dtype"] = dtype
@@ -671,9 +732,14 @@ def convert_checkpoint(
             **{k: v for k, v in report.as_dict().items() if k not in ("tensors_touched", "output")},
         }
         (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n")
-        merger.finish(tmp, report)
+        if "merger" in state:
+            state["merger"].finish(tmp, report)
         verify_output(tmp, src, {t.name: t.shape for t in plan}, num_kv_heads)
+        if durable:
+            sync_folder(tmp)
         _move_into_place(tmp, output)
+        if durable:
+            fsync_path(output.parent)  # the rename itself
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         if "threads" in state:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,9 @@ def main() -> None:
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 2GB, 500MB.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the random method and calibration.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty OUTPUT.")
+@click.option("--fsync", "durable", is_flag=True,
+              help="Put every file on disk before OUTPUT appears, so that even a power loss cannot leave a partial "
+                   "OUTPUT (waits for the disk: about 1 s per 2 GB on the benchmark machine).")
 @click.option("--dry-run", is_flag=True, help="Print the plan and write nothing.")
 @click.option("--allow-pickle", is_flag=True, help="Accept pickle (*.bin) weights, loaded with weights_only=True.")
 @click.option("--trust-remote-code", is_flag=True, help="Let transformers run code shipped with the config.")
@@ -61,7 +65,7 @@ def main() -> None:
 @click.option("--grouping", type=click.Choice(["contiguous", "similarity"]), default=None,
               help="Calibrated methods: which KV heads share a group (default contiguous).")
 def convert(source: str, output: str, num_kv_heads: int, method: str, dtype: str, revision: str | None,
-            max_shard_size: str, seed: int, overwrite: bool, dry_run: bool, allow_pickle: bool,
+            max_shard_size: str, seed: int, overwrite: bool, durable: bool, dry_run: bool, allow_pickle: bool,
             trust_remote_code: bool, quiet: bool, as_json: bool, calibration_data: str | None,
             calibration_tokens: int | None, grouping: str | None) -> None:
     """Convert SOURCE (folder or hub id) into OUTPUT with NUM_KV_HEADS key/value heads."""
@@ -73,7 +77,7 @@ def convert(source: str, output: str, num_kv_heads: int, method: str, dtype: str
         report = convert_checkpoint(
             source, output, num_kv_heads, method, dtype=dtype, revision=revision, max_shard_size=max_shard_size,
             overwrite=overwrite, dry_run=dry_run, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
-            seed=seed, progress=not (quiet or as_json), method_options=options or None,
+            seed=seed, progress=not (quiet or as_json), method_options=options or None, durable=durable,
         )
     except ConversionError as e:
         _fail(e)
@@ -205,5 +209,42 @@ def demo(output: str | None, num_kv_heads: int, method: str, windows: int, quiet
     click.echo(f"  converted: {after['completion']}")
 
 
+def _keep_freed_memory() -> None:
+    """glibc: serve blocks up to 32 MB from the heap and keep freed memory there. By default a tensor of a few MB
+    is a fresh mmap that the kernel must fault in and zero, page by page, each time: converting one layer's K/V from
+    bf16 to float32 then took 14 ms instead of 4 (measured on 2 cores). Set here, not in the library: the process
+    is the CLI's own."""
+    try:
+        import ctypes
+
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc
+        return
+    mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: glibc's largest allowed value on 64-bit
+    mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep freed memory for the next layer
+
+
+def entry() -> None:
+    """The console script: `main`, then exit without tearing the interpreter down.
+
+    Every output file is closed (and, with --fsync, on disk) by then; the teardown only frees torch's modules, which took half a
+    second of a two-second conversion. Exceptions other than SystemExit are left to Python's own handler.
+    """
+    _keep_freed_memory()
+    try:
+        main()
+        code: Any = 0
+    except SystemExit as e:
+        code = e.code
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):  # sys.exit("message"): Python prints it and exits 1
+        print(code, file=sys.stderr)
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    main()
+    entry()

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from .families import Attention, ConversionError
+from .pooling import first_pool, grouped, mean_pool, relative_error
 
 
 class Method(ABC):
@@ -60,19 +61,6 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
-def grouped(x: Tensor, groups: int) -> Tensor:
-    """[Hkv, ...] -> [G, Hkv/G, ...]: contiguous runs of heads."""
-    if x.shape[0] % groups:
-        raise ConversionError(f"{groups} groups do not divide {x.shape[0]} KV heads")
-    return x.reshape(groups, x.shape[0] // groups, *x.shape[1:])
-
-
-def relative_error(original: Tensor, merged: Tensor) -> float:
-    """||original - repeat(merged)|| / ||original|| over a layer's KV heads (broadcast, no repeated copy)."""
-    diff = grouped(original, merged.shape[0]) - merged.unsqueeze(1)
-    return float(diff.norm() / original.norm().clamp_min(1e-12))
-
-
 class HeadPool(Method):
     """A method that pools each per-KV-head tensor on its own, from the weights alone (no data)."""
 
@@ -84,7 +72,7 @@ class HeadPool(Method):
 
     def pool_norm(self, x: Tensor, groups: int, gen: torch.Generator) -> Tensor:
         # Per-head norm weights are scales, not projections: every method averages them.
-        return grouped(x, groups).mean(1)
+        return mean_pool(x, groups)
 
     def merge(self, att: Attention, groups: int, *, layer: int, seed: int, **context: Any) -> tuple[Attention, dict]:
         # One generator per layer, so a layer's result does not depend on the order layers are processed in.
@@ -108,7 +96,7 @@ class Mean(HeadPool):
     summary = "mean-pool the K/V heads of each group (Ainslie et al. 2023)"
 
     def pool(self, x: Tensor, groups: int, gen: torch.Generator) -> Tensor:
-        return grouped(x, groups).mean(1)
+        return mean_pool(x, groups)
 
 
 @register
@@ -119,10 +107,10 @@ class First(HeadPool):
     summary = "keep the first K/V head of each group (paper ablation)"
 
     def pool(self, x: Tensor, groups: int, gen: torch.Generator) -> Tensor:
-        return grouped(x, groups)[:, 0].clone()
+        return first_pool(x, groups).clone()
 
     def pool_norm(self, x: Tensor, groups: int, gen: torch.Generator) -> Tensor:
-        return grouped(x, groups)[:, 0].clone()
+        return self.pool(x, groups, gen)
 
 
 @register

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 from .families import ConversionError
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
     from torch import Tensor
 
@@ -106,25 +107,71 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict]:
     return infos, meta
 
 
+def _read_into(info: TensorInfo, buf) -> None:
+    """Fill `buf` (a writable byte buffer of info.nbytes) with the tensor's bytes."""
+    with open(info.file, "rb") as f:
+        f.seek(info.offset)
+        if f.readinto(buf) != info.nbytes:
+            raise ConversionError(f"{info.file} ended early: the file is truncated; re-download it")
+
+
 def read_tensor(info: TensorInfo) -> "Tensor":
     import torch
 
     if info.offset < 0:
         return _pickle_tensor(info)
     buf = torch.empty(info.nbytes, dtype=torch.uint8)
-    with open(info.file, "rb") as f:
-        f.seek(info.offset)
-        if f.readinto(buf.numpy()) != info.nbytes:
-            raise ConversionError(f"{info.file} ended early: the file is truncated; re-download it")
+    _read_into(info, buf.numpy())
     return buf.view(info.dtype).reshape(info.shape)
 
 
-def copy_raw(info: TensorInfo, out_fd: int, out_offset: int) -> None:
+# Float dtypes that numpy alone can read and write: the torch-free path (see convert.pooling). numpy has no
+# bfloat16, but a bfloat16 is the top half of a float32, so integer shifts convert it exactly.
+NUMPY_FLOATS = ("F32", "F16", "BF16")
+
+
+def read_float32(info: TensorInfo) -> "np.ndarray":
+    """A safetensors tensor of an F32/F16/BF16 dtype as a float32 numpy array (no torch)."""
+    import numpy as np
+
+    raw = np.empty(info.nbytes, dtype=np.uint8)
+    _read_into(info, raw)
+    if info.st == "BF16":
+        bits = raw.view(np.uint16).astype(np.uint32)
+        bits <<= 16  # in place: peak memory stays at the bf16 bytes plus one float32 copy, as torch's .float()
+        x = bits.view(np.float32)
+    else:
+        x = raw.view({"F32": np.float32, "F16": np.float16}[info.st]).astype(np.float32, copy=False)
+    return x.reshape(info.shape)
+
+
+def float32_to(x: "np.ndarray", st: str) -> "np.ndarray":
+    """Round a float32 numpy array to an F32/F16/BF16 dtype as torch's `.to()` does (nearest, ties to even);
+    bfloat16 comes back as its uint16 bit patterns."""
+    import numpy as np
+
+    if st != "BF16":
+        with np.errstate(over="ignore"):  # beyond float16's range becomes inf, as in torch: not worth a warning
+            return x.astype({"F32": np.float32, "F16": np.float16}[st])
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = ((bits + (0x7FFF + ((bits >> 16) & 1))) >> 16).astype(np.uint16)
+    return np.where(np.isnan(x), np.uint16(0x7FC0), rounded)  # NaN stays a quiet NaN, as in torch
+
+
+def tensor_bytes(tensor: "Tensor") -> "np.ndarray":
+    """A torch tensor's bytes as a numpy uint8 view (contiguous), for `ShardWriter.write`."""
+    import torch
+
+    return tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
+def copy_raw(info: TensorInfo, out_fd: int, out_offset: int, writeback: bool = False) -> None:
     """Copy a tensor's bytes verbatim into `out_fd` at `out_offset` (byte-for-byte pass-through).
 
     `os.copy_file_range` moves the bytes inside the kernel (or the file system, which may share extents) and
     releases the GIL meanwhile; where it is missing or refused, bounded pread/pwrite chunks do the same. Writes are
     positional, so copies may run on another thread while other tensors of the same file are being written.
+    `writeback`: hand the copied range to the disk at once (for an output that will be fsynced).
     """
     left, offset, dst = info.nbytes, info.offset, out_offset
     with open(info.file, "rb", buffering=0) as f:
@@ -139,7 +186,8 @@ def copy_raw(info: TensorInfo, out_fd: int, out_offset: int) -> None:
             left -= done
             offset += done
             dst += done
-    start_writeback(out_fd, out_offset, info.nbytes)
+    if writeback:
+        start_writeback(out_fd, out_offset, info.nbytes)
 
 
 def _copy_chunk(fd: int, out_fd: int, size: int, offset: int, dst: int) -> int:
@@ -167,6 +215,23 @@ def _sync_file_range():
 
 
 _SYNC_FILE_RANGE = _sync_file_range()
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file, or a folder (its entries: names created or renamed in it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_folder(folder: Path) -> None:
+    """fsync every file in `folder` (not recursive) and the folder itself: its names and contents are on disk."""
+    for path in folder.iterdir():
+        if path.is_file():
+            fsync_path(path)
+    fsync_path(folder)
 
 
 def start_writeback(fd: int, offset: int, size: int) -> None:
@@ -245,9 +310,11 @@ class ShardWriter:
     run on a `Copier` thread while merged tensors are written from the main thread.
     """
 
-    def __init__(self, path: Path, entries: list[tuple[str, Any, tuple[int, ...]]], metadata: dict, copier: Copier):
+    def __init__(self, path: Path, entries: list[tuple[str, Any, tuple[int, ...]]], metadata: dict, copier: Copier,
+                 durable: bool = False):
         self.path = path
         self.copier = copier
+        self.durable = durable  # fsynced by `finish`: every range goes to writeback as soon as it is written
         header: dict = {"__metadata__": metadata}
         offset = 0
         self.places: dict[str, tuple[int, int]] = {}  # name -> (bytes, offset from the start of the data)
@@ -272,18 +339,17 @@ class ShardWriter:
         self.written.add(name)
         return self.base + offset
 
-    def write(self, name: str, tensor: "Tensor") -> None:
-        import torch
-
-        t = tensor.detach().contiguous().reshape(-1)
-        size = t.numel() * t.element_size()
+    def write(self, name: str, data: "np.ndarray") -> None:
+        """Write a tensor given as a contiguous numpy array of its bytes in the declared dtype."""
+        size = data.nbytes
         offset = self._place(name, size)
-        write_all(self.fd, t.view(torch.uint8).numpy(), offset)
-        start_writeback(self.fd, offset, size)
+        write_all(self.fd, data, offset)
+        if self.durable:
+            start_writeback(self.fd, offset, size)
 
     def write_raw(self, name: str, info: TensorInfo, done=None) -> None:
         """Hand a verbatim copy of `info` to the copier thread; `done` runs there once it is written."""
-        self.copier.submit(copy_raw, info, self.fd, self._place(name, info.nbytes), done=done)
+        self.copier.submit(copy_raw, info, self.fd, self._place(name, info.nbytes), self.durable, done=done)
 
     def close(self) -> None:
         """Check that every declared tensor was written (or handed to the copier)."""
@@ -291,8 +357,9 @@ class ShardWriter:
             raise AssertionError(f"{self.path}: {len(self.places) - len(self.written)} tensors were never written")
 
     def finish(self) -> None:
-        """fsync and close, once every copy into this file is done: on disk before the folder is renamed."""
-        os.fsync(self.fd)
+        """Close, once every copy into this file is done (durable: fsync first, on disk before the rename)."""
+        if self.durable:
+            os.fsync(self.fd)
         self.discard()
 
     def discard(self) -> None:

@@ -94,11 +94,11 @@ def test_a_failing_background_copy_fails_the_conversion_cleanly(tmp_path, monkey
     src = save(tiny_model("llama"), tmp_path / "src", shard="100KB")
     real_copy, calls = tio.copy_raw, []
 
-    def flaky_copy(info, out_fd, out_offset):
+    def flaky_copy(info, out_fd, out_offset, writeback=False):
         calls.append(info)
         if len(calls) == 5:
             raise tio.ConversionError(f"{info.file} ended early: the file is truncated; re-download it")
-        real_copy(info, out_fd, out_offset)
+        real_copy(info, out_fd, out_offset, writeback)
 
     monkeypatch.setattr(tio, "copy_raw", flaky_copy)
     fds_before = len(os.listdir("/proc/self/fd"))
