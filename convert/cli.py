@@ -71,6 +71,8 @@ def convert(source: str, output: str, num_kv_heads: int, method: str, dtype: str
     """Convert SOURCE (folder or hub id) into OUTPUT with NUM_KV_HEADS key/value heads."""
     from .checkpoint import convert_checkpoint
 
+    _keep_freed_memory()
+
     options = {k: v for k, v in (("calibration_data", calibration_data), ("calibration_tokens", calibration_tokens),
                                  ("grouping", grouping)) if v is not None}
     try:
@@ -212,8 +214,8 @@ def demo(output: str | None, num_kv_heads: int, method: str, windows: int, quiet
 def _keep_freed_memory() -> None:
     """glibc: serve blocks up to 32 MB from the heap and keep freed memory there. By default a tensor of a few MB
     is a fresh mmap that the kernel must fault in and zero, page by page, each time: converting one layer's K/V from
-    bf16 to float32 then took 14 ms instead of 4 (measured on 2 cores). Set here, not in the library: the process
-    is the CLI's own."""
+    bf16 to float32 then took 14 ms instead of 4 (measured on 2 cores). Set for `convert` only, not in the library
+    (the process is the CLI's own) and not for `eval`, whose memory readings would keep what one model freed."""
     try:
         import ctypes
 
@@ -230,7 +232,6 @@ def entry() -> None:
     Every output file is closed (and, with --fsync, on disk) by then; the teardown only frees torch's modules, which took half a
     second of a two-second conversion. Exceptions other than SystemExit are left to Python's own handler.
     """
-    _keep_freed_memory()
     try:
         main()
         code: Any = 0

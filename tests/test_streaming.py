@@ -188,3 +188,13 @@ def test_fsync_puts_every_file_and_the_rename_on_disk(durable, tmp_path, monkeyp
     assert set(files) <= tmp_names, set(files) - tmp_names  # every file, by its name in the temporary folder
     assert any(os.path.basename(p).startswith(".out.gqa-tmp-") for p in synced)  # the folder's own entries
     assert synced[-1] == str(tmp_path)  # last: the parent, after the rename
+
+
+def test_numpy_methods_are_weight_only_pools_in_the_registry():
+    """The numpy path skips loading the method: its registry twin must agree that only K/V-side tensors change."""
+    from convert.methods import METHODS, HeadPool
+    from convert.pooling import WEIGHT_ONLY_POOLS
+
+    for name in WEIGHT_ONLY_POOLS:
+        method = METHODS[name]
+        assert isinstance(method, HeadPool) and not method.rewrites_queries and not method.needs_calibration
