@@ -51,7 +51,7 @@ def main() -> None:
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty OUTPUT.")
 @click.option("--fsync", "durable", is_flag=True,
               help="Put every file on disk before OUTPUT appears, so that even a power loss cannot leave a partial "
-                   "OUTPUT (waits for the disk: about 1 s per 2 GB on the benchmark machine).")
+                   "OUTPUT (waits for the disk: 0.6-1.2 s per 2 GB on the benchmark machine).")
 @click.option("--dry-run", is_flag=True, help="Print the plan and write nothing.")
 @click.option("--allow-pickle", is_flag=True, help="Accept pickle (*.bin) weights, loaded with weights_only=True.")
 @click.option("--trust-remote-code", is_flag=True, help="Let transformers run code shipped with the config.")
@@ -229,8 +229,8 @@ def _keep_freed_memory() -> None:
 def entry() -> None:
     """The console script: `main`, then exit without tearing the interpreter down.
 
-    Every output file is closed (and, with --fsync, on disk) by then; the teardown only frees torch's modules, which took half a
-    second of a two-second conversion. Exceptions other than SystemExit are left to Python's own handler.
+    Every output file is closed (and, with --fsync, on disk) by then; the teardown only frees modules, torch's
+    took half a second of a two-second conversion. Exceptions other than SystemExit go to Python's own handler.
     """
     try:
         main()
