@@ -26,11 +26,11 @@ into the page cache and one untimed `python -c "import torch, transformers, conv
 every measured run starts from a warm source. After every run its output is checked (cheap header reads), deleted, and
 os.sync() is called outside the timed region, so no run pays for the previous run's writeback. Then the benchmark
 waits --settle seconds (default 5): this VM reports freed memory to its host about 2 s after it is freed, and a run
-that starts before that finds its page cache memory still backed (cp -r: 0.6 s) and one that starts after pays the
-host to back it again (cp -r: 2.5-2.8 s, measured on one machine, same files). Waiting puts every run in the second
-state instead of leaving it to a race. Rounds interleave the
-methods in a seeded shuffle per round, so slow spells on the shared CPU, and the after-effects of the previous run
-(freed memory, written-back pages), spread over all of them; the table reports
+that starts before that mostly finds its page cache memory still backed (cp -r: 0.6 s in 3 of 4 tries) while one
+that starts after pays the host to back it again (cp -r: 2.5-2.8 s in 4 of 4; one machine, same files). Waiting
+puts every run in the second state instead of leaving it to a race. Rounds interleave the methods in a seeded
+shuffle per round, so slow spells on the shared CPU, and the after-effects of the previous run (freed memory,
+written-back pages), spread over all of them; the table reports
 the median over --repeats rounds.
 
 The table also gives the median CPU seconds (user + sys) of each command: on a shared machine wall time depends on
