@@ -130,6 +130,13 @@ def read_tensor(info: TensorInfo) -> "Tensor":
 NUMPY_FLOATS = ("F32", "F16", "BF16")
 
 
+def _numpy_float(st: str) -> Any:
+    """The numpy dtype of F32 or F16 (BF16 has none: see NUMPY_FLOATS)."""
+    import numpy as np
+
+    return {"F32": np.float32, "F16": np.float16}[st]
+
+
 def read_float32(info: TensorInfo) -> "np.ndarray":
     """A safetensors tensor of an F32/F16/BF16 dtype as a float32 numpy array (no torch)."""
     import numpy as np
@@ -141,7 +148,7 @@ def read_float32(info: TensorInfo) -> "np.ndarray":
         bits <<= 16  # in place: peak memory stays at the bf16 bytes plus one float32 copy, as torch's .float()
         x = bits.view(np.float32)
     else:
-        x = raw.view({"F32": np.float32, "F16": np.float16}[info.st]).astype(np.float32, copy=False)
+        x = raw.view(_numpy_float(info.st)).astype(np.float32, copy=False)
     return x.reshape(info.shape)
 
 
@@ -152,7 +159,7 @@ def float32_to(x: "np.ndarray", st: str) -> "np.ndarray":
 
     if st != "BF16":
         with np.errstate(over="ignore"):  # beyond float16's range becomes inf, as in torch: not worth a warning
-            return x.astype({"F32": np.float32, "F16": np.float16}[st])
+            return x.astype(_numpy_float(st))
     bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
     rounded = ((bits + (0x7FFF + ((bits >> 16) & 1))) >> 16).astype(np.uint16)
     return np.where(np.isnan(x), np.uint16(0x7FC0), rounded)  # NaN stays a quiet NaN, as in torch
