@@ -8,9 +8,9 @@ tokens, wall time and peak memory of the conversion.
 
 Every conversion runs `gqa-convert convert` (this checkout's CLI, `python -m convert.cli`) in a fresh subprocess;
 wall time is measured around it (start to reap) and peak RSS is that command's kernel high-water mark (GNU time's
-%M, as in bench_convert.py), so interpreter start-up and imports are included in both. Perplexity is then measured in this process
-on WikiText-2 test, as everywhere in gqa-convert: the file tokenized whole without special tokens, the first
-12 windows of 512 tokens, no overlap. Calibration reads WikiText-2 valid (never test).
+%M, as in bench_convert.py), so interpreter start-up and imports are included in both. Perplexity is then measured in
+this process on WikiText-2 test, as everywhere in gqa-convert: the file tokenized whole without special tokens,
+the first 12 windows of 512 tokens, no overlap. Calibration reads WikiText-2 valid (never test).
 
 Rows:
     original                the unconverted model (reference perplexity)
@@ -48,8 +48,13 @@ ROWS = {
     "calibrated contiguous": ["--method", "calibrated", "--grouping", "contiguous"],
     "calibrated similarity": ["--method", "calibrated", "--grouping", "similarity"],
 }
-SHORT = {"mean": "mean", "first": "first", "calibrated": "calibrated contiguous",
-         "contiguous": "calibrated contiguous", "similarity": "calibrated similarity"}
+SHORT = {
+    "mean": "mean",
+    "first": "first",
+    "calibrated": "calibrated contiguous",
+    "contiguous": "calibrated contiguous",
+    "similarity": "calibrated similarity",
+}
 
 
 def log(msg: str, quiet: bool) -> None:
@@ -69,8 +74,10 @@ def timed_convert(args: list[str], log_path: Path) -> tuple[float, int]:
         os.environ["PYTHONPATH"] = f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
     r = measure([sys.executable, "-m", "convert.cli", "convert", *args], log_path)
     if r["returncode"] != 0:
-        raise RuntimeError(f"gqa-convert convert {' '.join(args)} failed ({r['returncode']}):\n"
-                           f"{log_path.read_text(errors='replace')[-3000:]}")
+        raise RuntimeError(
+            f"gqa-convert convert {' '.join(args)} failed ({r['returncode']}):\n"
+            f"{log_path.read_text(errors='replace')[-3000:]}"
+        )
     return r["wall_s"], int(r["peak_rss_mib"] * 2**20)
 
 
@@ -78,17 +85,27 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="model folder (default: SmolLM2-135M-Instruct, materialized)")
     ap.add_argument("--num-kv-heads", "-g", type=int, default=1)
-    ap.add_argument("--methods", nargs="+", default=list(ROWS), help=f"rows to run: {', '.join(ROWS)} "
-                    "(or mean, first, calibrated, similarity)")
-    ap.add_argument("--data-dir", default=os.environ.get("GQA_DATA_DIR"), help="folder with wikitext-2/ "
-                    "(default $GQA_DATA_DIR)")
+    ap.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(ROWS),
+        help=f"rows to run: {', '.join(ROWS)} (or mean, first, calibrated, similarity)",
+    )
+    ap.add_argument(
+        "--data-dir", default=os.environ.get("GQA_DATA_DIR"), help="folder with wikitext-2/ (default $GQA_DATA_DIR)"
+    )
     ap.add_argument("--calibration-tokens", type=int, default=8192)
     ap.add_argument("--windows", type=int, default=12, help="test windows of --window tokens")
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--workdir", default=None, help="where outputs go (default: a temporary folder, removed)")
     ap.add_argument("--json", action="store_true", help="print the results as JSON only")
-    ap.add_argument("--uptrain", type=int, default=0, metavar="STEPS",
-                    help="also uptrain the mean and calibrated starts for STEPS steps and compare them")
+    ap.add_argument(
+        "--uptrain",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="also uptrain the mean and calibrated starts for STEPS steps and compare them",
+    )
     ap.add_argument("--eval-every", type=int, default=8, help="uptraining: steps between validations")
     ap.add_argument("--eval-blocks", type=int, default=16, help="uptraining: validation blocks of 256 tokens")
     args = ap.parse_args()
@@ -132,11 +149,29 @@ def main() -> int:
     results = []
     try:
         log(f"original: perplexity of {model_path}", quiet)
-        results.append({"method": "original", "ppl": ppl(model_path), "calibration_tokens": 0,
-                        "convert_s": None, "peak_rss_mb": None})
+        results.append(
+            {
+                "method": "original",
+                "ppl": ppl(model_path),
+                "calibration_tokens": 0,
+                "convert_s": None,
+                "peak_rss_mb": None,
+            }
+        )
         # Warm the page cache and the imports once, outside the measurements.
-        timed_convert([str(model_path), str(work / "warm"), "-g", str(args.num_kv_heads), "--quiet",
-                       "--overwrite", "--method", "mean"], work / "warm.log")
+        timed_convert(
+            [
+                str(model_path),
+                str(work / "warm"),
+                "-g",
+                str(args.num_kv_heads),
+                "--quiet",
+                "--overwrite",
+                "--method",
+                "mean",
+            ],
+            work / "warm.log",
+        )
         for row in rows:
             out = work / row.replace(" ", "-")
             cmd = [str(model_path), str(out), "-g", str(args.num_kv_heads), "--quiet", "--overwrite", *ROWS[row]]
@@ -147,8 +182,15 @@ def main() -> int:
             prov = json.loads((out / "gqa_convert.json").read_text())
             tokens = prov.get("calibration", {}).get("calibration_tokens", 0)
             value = ppl(out)
-            results.append({"method": row, "ppl": value, "calibration_tokens": tokens, "convert_s": wall,
-                            "peak_rss_mb": rss / 2**20})
+            results.append(
+                {
+                    "method": row,
+                    "ppl": value,
+                    "calibration_tokens": tokens,
+                    "convert_s": wall,
+                    "peak_rss_mb": rss / 2**20,
+                }
+            )
             log(f"  ppl {value:.2f}, {wall:.1f} s, peak RSS {rss / 2**20:.0f} MiB", quiet)
             if not args.uptrain:
                 shutil.rmtree(out, ignore_errors=True)
@@ -190,11 +232,25 @@ def main() -> int:
 
 def uptrain_run(model: Path, out: Path, steps: int, valid: Path, test: Path, args, quiet: bool) -> list[dict]:
     """One recipes/uptrain.py run with the recipe's SmolLM2 settings; its evaluation rows (tokens, val_ppl)."""
-    cmd = [sys.executable, str(ROOT / "recipes" / "uptrain.py"), str(ROOT / "recipes" / "configs" /
-           "smollm2-mqa-cpu.yaml"), f"model={model}", f"output_dir={out}", f"data={valid}", f"validation={test}",
-           f"max_eval_blocks={args.eval_blocks}", f"max_steps={steps}", f"eval_every={args.eval_every}",
-           "save_every=0", "resume=never", "micro_batch_size=1", "train=full", "lr=3e-4", "report_to=none",
-           "--quiet"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "recipes" / "uptrain.py"),
+        str(ROOT / "recipes" / "configs" / "smollm2-mqa-cpu.yaml"),
+        f"model={model}",
+        f"output_dir={out}",
+        f"data={valid}",
+        f"validation={test}",
+        f"max_eval_blocks={args.eval_blocks}",
+        f"max_steps={steps}",
+        f"eval_every={args.eval_every}",
+        "save_every=0",
+        "resume=never",
+        "micro_batch_size=1",
+        "train=full",
+        "lr=3e-4",
+        "report_to=none",
+        "--quiet",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     log(f"  {' '.join(cmd[1:])}", quiet)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -213,14 +269,22 @@ def uptrain_compare(original: Path, starts: dict, valid: Path, test: Path, args,
         curve = uptrain_run(folder, work / f"up-{name.replace(' ', '-')}", args.uptrain, valid, test, args, quiet)
         within = next((c["tokens"] for c in curve if c["ppl"] <= 1.1 * ref), None)
         runs[name] = {"curve": curve, "tokens_to_within_10pct": within}
-    return {"original_ppl": ref, "goal_ppl": 1.1 * ref, "eval_blocks": args.eval_blocks, "block_size": 256,
-            "steps": args.uptrain, "runs": runs}
+    return {
+        "original_ppl": ref,
+        "goal_ppl": 1.1 * ref,
+        "eval_blocks": args.eval_blocks,
+        "block_size": 256,
+        "steps": args.uptrain,
+        "runs": runs,
+    }
 
 
 def print_uptraining(u: dict) -> None:
-    print(f"\nuptraining (recipes/uptrain.py, SmolLM2 recipe settings), validation on {u['eval_blocks']} x "
-          f"{u['block_size']} tokens of WikiText-2 test; original {u['original_ppl']:.2f}, "
-          f"goal (within 10%) {u['goal_ppl']:.2f}")
+    print(
+        f"\nuptraining (recipes/uptrain.py, SmolLM2 recipe settings), validation on {u['eval_blocks']} x "
+        f"{u['block_size']} tokens of WikiText-2 test; original {u['original_ppl']:.2f}, "
+        f"goal (within 10%) {u['goal_ppl']:.2f}"
+    )
     names = list(u["runs"])
     tokens = [c["tokens"] for c in u["runs"][names[0]]["curve"]]
     print(f"{'tokens':>8}" + "".join(f"{n:>24}" for n in names))

@@ -44,6 +44,7 @@ passes and the outputs check out, 1 otherwise.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -72,10 +73,22 @@ MEMORY_GOAL = 4.0  # naive peak RSS / convert peak RSS must be at least this
 
 # Model shapes. "full": 18 layers of hidden 2048 with untied embeddings is 1.042B parameters (2.08 GB in bf16).
 PRESETS = {
-    "full": dict(hidden_size=2048, intermediate_size=5504, num_hidden_layers=18, num_attention_heads=16,
-                 vocab_size=32000, shard="2GB"),
-    "small": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=12,
-                  vocab_size=32000, shard="100MB"),
+    "full": dict(
+        hidden_size=2048,
+        intermediate_size=5504,
+        num_hidden_layers=18,
+        num_attention_heads=16,
+        vocab_size=32000,
+        shard="2GB",
+    ),
+    "small": dict(
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=8,
+        num_attention_heads=12,
+        vocab_size=32000,
+        shard="100MB",
+    ),
 }
 
 _quiet = False
@@ -130,8 +143,9 @@ def worker_naive(source: str, output: str, groups: str, shard: str) -> None:
                 old = getattr(attn, name)
                 w = old.weight.float().reshape(g, hkv // g, head_dim, old.in_features).mean(1)
                 new = nn.Linear(old.in_features, g * head_dim, bias=old.bias is not None, device="meta")
-                new.weight = nn.Parameter(w.reshape(g * head_dim, old.in_features).to(old.weight.dtype),
-                                          requires_grad=False)
+                new.weight = nn.Parameter(
+                    w.reshape(g * head_dim, old.in_features).to(old.weight.dtype), requires_grad=False
+                )
                 if old.bias is not None:
                     b = old.bias.float().reshape(g, hkv // g, head_dim).mean(1).reshape(-1)
                     new.bias = nn.Parameter(b.to(old.bias.dtype), requires_grad=False)
@@ -177,10 +191,8 @@ def measure(cmd: list[str], log_path: Path, poll_s: float = 0.01) -> dict:
                         kids = root.children(recursive=True)
                     rss = root.memory_info().rss
                     for k in kids:
-                        try:
+                        with contextlib.suppress(psutil.Error):
                             rss += k.memory_info().rss
-                        except psutil.Error:
-                            pass
                     polled[0] = max(polled[0], rss)
                 except psutil.Error:  # exited (zombie until reaped) or gone
                     pass
@@ -224,8 +236,9 @@ def st_header(path: Path) -> dict:
 def tensor_table(folder: Path) -> dict[str, tuple[str, tuple[int, ...], Path]]:
     """name -> (dtype, shape, file) over every shard of a safetensors checkpoint folder."""
     index = folder / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() \
-        else ["model.safetensors"]
+    files = (
+        sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    )
     table = {}
     for name in files:
         for key, h in st_header(folder / name).items():
@@ -246,8 +259,10 @@ def check_output(out: Path, src: Path, groups: int) -> list[str]:
         hkv = src_cfg["num_key_value_heads"]
         before, after = tensor_table(src), tensor_table(out)
         if set(before) != set(after):
-            problems.append(f"tensor names differ: missing {sorted(set(before) - set(after))[:5]}, "
-                            f"extra {sorted(set(after) - set(before))[:5]}")
+            problems.append(
+                f"tensor names differ: missing {sorted(set(before) - set(after))[:5]}, "
+                f"extra {sorted(set(after) - set(before))[:5]}"
+            )
         for key in sorted(set(before) & set(after)):
             dtype, shape, _ = before[key]
             if key.endswith(("k_proj.weight", "v_proj.weight")):
@@ -329,10 +344,12 @@ def git_state() -> dict:
     """The commit measured, and whether convert/ had uncommitted changes (others may be editing the tree)."""
     root = Path(__file__).resolve().parent.parent
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "convert"], cwd=root, capture_output=True,
-                               text=True, check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "convert"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return {}
     return {"commit": commit, "convert_dirty": bool(dirty)}
@@ -340,22 +357,33 @@ def git_state() -> dict:
 
 def main() -> int:
     global _quiet
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workdir", type=Path,
-                   default=Path(os.environ.get("GQA_BENCH_DIR") or Path(tempfile.gettempdir()) / "gqa-bench"),
-                   help="cache for the source model and scratch space for outputs "
-                        "(default $GQA_BENCH_DIR, else /tmp/gqa-bench)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path(os.environ.get("GQA_BENCH_DIR") or Path(tempfile.gettempdir()) / "gqa-bench"),
+        help="cache for the source model and scratch space for outputs (default $GQA_BENCH_DIR, else /tmp/gqa-bench)",
+    )
     p.add_argument("--small", action="store_true", help="~106M parameters and 100 MB shards, for a quick check")
     p.add_argument("--rebuild", action="store_true", help="build the source model again even if cached")
     p.add_argument("--repeats", type=int, default=3, help="rounds of (copy, convert, naive); the median is reported")
     p.add_argument("--num-kv-heads", type=int, default=4, help="G for convert and naive")
-    p.add_argument("--settle", type=float, default=5.0,
-                   help="seconds to wait before each timed run, so that memory freed by the previous run has been "
-                        "handed back to the host (see the docstring); 0 to not wait")
-    p.add_argument("--methods", default="copy,convert,copysync,convertsync,naive",
-                   help="comma-separated, in run order: " + ", ".join(f"{k} ({v})" for k, v in METHODS.items())
-                   + ". The goals need copy, convert and naive")
+    p.add_argument(
+        "--settle",
+        type=float,
+        default=5.0,
+        help="seconds to wait before each timed run, so that memory freed by the previous run has been "
+        "handed back to the host (see the docstring); 0 to not wait",
+    )
+    p.add_argument(
+        "--methods",
+        default="copy,convert,copysync,convertsync,naive",
+        help="comma-separated, in run order: "
+        + ", ".join(f"{k} ({v})" for k, v in METHODS.items())
+        + ". The goals need copy, convert and naive",
+    )
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
     p.add_argument("--quiet", action="store_true", help="no progress messages")
     p.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
@@ -381,12 +409,31 @@ def main() -> int:
     script = convert_script()
     commands = {
         "copy": ["cp", "-r", str(src), str(out)],
-        "convert": [script, "convert", str(src), str(out), "--num-kv-heads", str(g), "--quiet",
-                    "--max-shard-size", shard],
+        "convert": [
+            script,
+            "convert",
+            str(src),
+            str(out),
+            "--num-kv-heads",
+            str(g),
+            "--quiet",
+            "--max-shard-size",
+            shard,
+        ],
         # Both made durable: every file fsynced before the command ends.
         "copysync": ["sh", "-c", f'cp -r "{src}" "{out}" && sync "{out}"/*'],
-        "convertsync": [script, "convert", str(src), str(out), "--num-kv-heads", str(g), "--quiet",
-                        "--max-shard-size", shard, "--fsync"],
+        "convertsync": [
+            script,
+            "convert",
+            str(src),
+            str(out),
+            "--num-kv-heads",
+            str(g),
+            "--quiet",
+            "--max-shard-size",
+            shard,
+            "--fsync",
+        ],
         "naive": [sys.executable, __file__, "--worker", "naive", str(src), str(out), str(g), shard],
         # Startup floor of convert: imports, headers, plan; writes nothing. Off by default (--methods to add it).
         "dryrun": [script, "convert", str(src), str(out), "--num-kv-heads", str(g), "--quiet", "--dry-run"],
@@ -402,8 +449,15 @@ def main() -> int:
     log("warm-up (untimed): cp -r of the source into the page cache, and the python imports")
     subprocess.run(commands["copy"], check=True)
     clean()
-    subprocess.run([sys.executable, "-c", "import torch, transformers, convert.checkpoint; "
-                    "from transformers import AutoModelForCausalLM, LlamaForCausalLM"], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import torch, transformers, convert.checkpoint; "
+            "from transformers import AutoModelForCausalLM, LlamaForCausalLM",
+        ],
+        check=True,
+    )
 
     samples: dict[str, list[dict]] = {m: [] for m in methods}
     checks: dict[str, list[str]] = {}
@@ -427,32 +481,48 @@ def main() -> int:
             res["out_bytes"] = du(out) if out.exists() else 0
             if m in ("convert", "convertsync", "naive") and m not in checks:  # first round: outputs do not change
                 checks[m] = check_output(out, src, g)
-            log(f"  {res['wall_s']:.2f} s, peak RSS {res['peak_rss_mib']:.0f} MiB "
+            log(
+                f"  {res['wall_s']:.2f} s, peak RSS {res['peak_rss_mib']:.0f} MiB "
                 f"(polled {res['polled_rss_mib']:.0f} MiB), user {res['user_s']:.1f} s, sys {res['sys_s']:.1f} s, "
-                f"load before {load:.1f}")
+                f"load before {load:.1f}"
+            )
             samples[m].append(res)
             clean()
 
-    med = {m: {k: statistics.median(s[k] for s in v) for k in ("wall_s", "peak_rss_mib", "polled_rss_mib",
-                                                                  "user_s", "sys_s", "cpu_s", "out_bytes")}
-           for m, v in samples.items()}
+    med = {
+        m: {
+            k: statistics.median(s[k] for s in v)
+            for k in ("wall_s", "peak_rss_mib", "polled_rss_mib", "user_s", "sys_s", "cpu_s", "out_bytes")
+        }
+        for m, v in samples.items()
+    }
     goals = {}
     for name, conv, base in (("time", "convert", "copy"), ("durable time", "convertsync", "copysync")):
         if conv in med and base in med:
             ratio = med[conv]["wall_s"] / med[base]["wall_s"]
-            goals[name] = {"what": f"{conv} wall time within {TIME_GOAL}x of {base}", "value": ratio,
-                           "pass": ratio <= TIME_GOAL}
+            goals[name] = {
+                "what": f"{conv} wall time within {TIME_GOAL}x of {base}",
+                "value": ratio,
+                "pass": ratio <= TIME_GOAL,
+            }
     if "convert" in med and "naive" in med:
         ratio = med["naive"]["peak_rss_mib"] / med["convert"]["peak_rss_mib"]
-        goals["memory"] = {"what": f"naive peak RSS at least {MEMORY_GOAL}x that of convert", "value": ratio,
-                           "pass": ratio >= MEMORY_GOAL}
+        goals["memory"] = {
+            "what": f"naive peak RSS at least {MEMORY_GOAL}x that of convert",
+            "value": ratio,
+            "pass": ratio >= MEMORY_GOAL,
+        }
     load = os.getloadavg()
     loads = [x["load1_before"] for v in samples.values() for x in v]
     result = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "host": {"cpus": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
-                 "loadavg_at_end": [round(x, 2) for x in load],
-                 "load1_before_runs": [round(min(loads), 2), round(max(loads), 2)]},
+        "host": {
+            "cpus": os.cpu_count(),
+            "machine": platform.machine(),
+            "python": platform.python_version(),
+            "loadavg_at_end": [round(x, 2) for x in load],
+            "load1_before_runs": [round(min(loads), 2), round(max(loads), 2)],
+        },
         "model": {"preset": preset, **spec, "parameters": source_params(src), "bytes": du(src), "folder": str(src)},
         "git": git_state(),
         "num_kv_heads": g,
@@ -481,32 +551,47 @@ def main() -> int:
 
 def print_table(r: dict) -> None:
     med, m = r["median"], r["model"]
-    print(f"{m['parameters'] / 1e9:.3f}B-parameter llama MHA, bf16, {m['bytes'] / 1e9:.2f} GB in {m['shard']} shards "
-          f"-> {r['num_kv_heads']} KV heads; median of {r['repeats']} round(s), {r.get('settle_s', 0):g} s settle; "
-          f"{r['host']['cpus']} CPUs "
-          f"(1-min load {r['host']['load1_before_runs'][0]:.1f}-{r['host']['load1_before_runs'][1]:.1f}); {r['date']}"
-          + (f"; commit {r['git']['commit']}{' + uncommitted convert/' if r['git']['convert_dirty'] else ''}"
-             if r.get("git") else ""))
+    print(
+        f"{m['parameters'] / 1e9:.3f}B-parameter llama MHA, bf16, {m['bytes'] / 1e9:.2f} GB in {m['shard']} shards "
+        f"-> {r['num_kv_heads']} KV heads; median of {r['repeats']} round(s), {r.get('settle_s', 0):g} s settle; "
+        f"{r['host']['cpus']} CPUs "
+        f"(1-min load {r['host']['load1_before_runs'][0]:.1f}-{r['host']['load1_before_runs'][1]:.1f}); {r['date']}"
+        + (
+            f"; commit {r['git']['commit']}{' + uncommitted convert/' if r['git']['convert_dirty'] else ''}"
+            if r.get("git")
+            else ""
+        )
+    )
     copy = med.get("copy", {}).get("wall_s")
     conv = med.get("convert", {}).get("peak_rss_mib")
-    print(f"{'method':<11} {'wall s':>8} {'cpu s':>7} {'peak RSS MiB':>13} {'polled MiB':>11} {'time/copy':>10} "
-          f"{'mem/convert':>12}")
+    print(
+        f"{'method':<11} {'wall s':>8} {'cpu s':>7} {'peak RSS MiB':>13} {'polled MiB':>11} {'time/copy':>10} "
+        f"{'mem/convert':>12}"
+    )
     for name, v in med.items():
         t = f"{v['wall_s'] / copy:.2f}x" if copy else "-"
         mem = f"{v['peak_rss_mib'] / conv:.1f}x" if conv and not name.startswith("copy") else "-"
-        print(f"{name:<11} {v['wall_s']:>8.2f} {v['cpu_s']:>7.2f} {v['peak_rss_mib']:>13.0f} "
-              f"{v['polled_rss_mib']:>11.0f} {t:>10} {mem:>12}")
+        print(
+            f"{name:<11} {v['wall_s']:>8.2f} {v['cpu_s']:>7.2f} {v['peak_rss_mib']:>13.0f} "
+            f"{v['polled_rss_mib']:>11.0f} {t:>10} {mem:>12}"
+        )
     if r["repeats"] > 1:
-        print("all rounds, wall s: " + "; ".join(
-            f"{name} " + " ".join(f"{s['wall_s']:.2f}" for s in v) for name, v in r["samples"].items()))
+        print(
+            "all rounds, wall s: "
+            + "; ".join(f"{name} " + " ".join(f"{s['wall_s']:.2f}" for s in v) for name, v in r["samples"].items())
+        )
     if m["preset"] != "full":
-        print("note: the goals are set for the ~1B model; at ~100M the fixed cost of starting Python (and, for "
-              "naive, torch and transformers) dominates")
+        print(
+            "note: the goals are set for the ~1B model; at ~100M the fixed cost of starting Python (and, for "
+            "naive, torch and transformers) dominates"
+        )
     for gl in r["goals"].values():
         print(f"{'PASS' if gl['pass'] else 'FAIL'}  {gl['what']}: {gl['value']:.2f}x")
     for name, problems in r["checks"].items():
-        print(f"{'FAIL' if problems else 'PASS'}  {name} output: config num_key_value_heads, tensor names/dtypes/"
-              f"shapes, layer-0 k_proj = group mean" + ("" if not problems else ": " + "; ".join(problems)))
+        print(
+            f"{'FAIL' if problems else 'PASS'}  {name} output: config num_key_value_heads, tensor names/dtypes/"
+            f"shapes, layer-0 k_proj = group mean" + ("" if not problems else ": " + "; ".join(problems))
+        )
 
 
 if __name__ == "__main__":

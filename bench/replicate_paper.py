@@ -111,9 +111,23 @@ class Config:
 
 
 QUICK = dict(
-    vocab_size=1024, hidden_size=64, intermediate_size=172, num_layers=2, num_heads=4, pretrain_tokens=160_000,
-    block_size=128, micro_batch_size=8, lr=3e-3, groups=[1], methods=["mean", "random"], alphas=[0.0, 0.05],
-    seeds=[0], headline_methods=["mean"], control=False, calibration_tokens=1024, eval_windows=32,
+    vocab_size=1024,
+    hidden_size=64,
+    intermediate_size=172,
+    num_layers=2,
+    num_heads=4,
+    pretrain_tokens=160_000,
+    block_size=128,
+    micro_batch_size=8,
+    lr=3e-3,
+    groups=[1],
+    methods=["mean", "random"],
+    alphas=[0.0, 0.05],
+    seeds=[0],
+    headline_methods=["mean"],
+    control=False,
+    calibration_tokens=1024,
+    eval_windows=32,
 )
 
 
@@ -135,28 +149,43 @@ def parse_alpha(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Replicate the GQA paper's conversion-method and uptraining-fraction experiments on a small "
-                    "llama pretrained from scratch.",
+        "llama pretrained from scratch.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Defaults are the full grid; --quick switches to the smoke-test preset, and any option given "
-               "explicitly overrides the preset.",
+        "explicitly overrides the preset.",
     )
     p.add_argument("--out", required=True, help="folder for results.json, results.md and the two PNG figures")
-    p.add_argument("--data", help="training text (default: $GQA_DATA_DIR/wikitext-2/valid.txt, else "
-                                  "../shared/data/wikitext-2/valid.txt beside the repository)")
+    p.add_argument(
+        "--data",
+        help="training text (default: $GQA_DATA_DIR/wikitext-2/valid.txt, else "
+        "../shared/data/wikitext-2/valid.txt beside the repository)",
+    )
     p.add_argument("--test", help="held-out text scored for perplexity (default: wikitext-2/test.txt beside --data)")
-    p.add_argument("--quick", action="store_true", help="smoke test: tiny model, MQA only, mean and random, alpha 0 "
-                                                        "and 5%%, one seed (about a minute on 2 cores)")
-    p.add_argument("--work", help="cache of finished cells and the pretrained model "
-                                  "(default: $GQA_CONVERT_CACHE or ~/.cache/gqa-convert, /replicate-HASH)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke test: tiny model, MQA only, mean and random, alpha 0 and 5%%, one seed (about a minute on 2 cores)",
+    )
+    p.add_argument(
+        "--work",
+        help="cache of finished cells and the pretrained model "
+        "(default: $GQA_CONVERT_CACHE or ~/.cache/gqa-convert, /replicate-HASH)",
+    )
     p.add_argument("--fresh", action="store_true", help="ignore finished cells in --work: recompute everything")
     p.add_argument("--keep-models", action="store_true", help="keep converted and uptrained weights under --work")
-    p.add_argument("--threads", default="auto", help="torch threads; auto: 1 when the CPU is already busy "
-                                                     "(load average >= cores - 0.5), else all cores")
+    p.add_argument(
+        "--threads",
+        default="auto",
+        help="torch threads; auto: 1 when the CPU is already busy (load average >= cores - 0.5), else all cores",
+    )
     p.add_argument("--groups", help="KV-head counts, e.g. 1,2,4 (1 = MQA)")
     p.add_argument("--methods", help="conversion methods, e.g. mean,first,random,calibrated")
     p.add_argument("--alphas", help="uptraining fractions of the pretraining tokens, e.g. 0,1%%,5%%,10%%")
-    p.add_argument("--seeds", help="seeds, e.g. 0,1: all cells run with the first; the others run the headline "
-                                   "cells and the alpha = 0 cells of seeded methods (random, calibrated)")
+    p.add_argument(
+        "--seeds",
+        help="seeds, e.g. 0,1: all cells run with the first; the others run the headline "
+        "cells and the alpha = 0 cells of seeded methods (random, calibrated)",
+    )
     p.add_argument("--headline", help="methods run with every seed at the headline alpha (default: mean)")
     p.add_argument("--headline-alpha", type=parse_alpha, help="alpha of the headline cells (default 5%%)")
     p.add_argument("--no-control", action="store_true", help="skip the MHA trained on for the same budgets")
@@ -180,9 +209,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def make_config(args: argparse.Namespace) -> Config:
     values = dict(QUICK) if args.quick else {}
-    simple = ("pretrain_tokens", "pretrain_seed", "lr", "uptrain_lr", "vocab_size", "hidden_size",
-              "intermediate_size", "num_layers", "num_heads", "block_size", "micro_batch_size", "eval_windows",
-              "calibration_tokens", "headline_alpha")
+    simple = (
+        "pretrain_tokens",
+        "pretrain_seed",
+        "lr",
+        "uptrain_lr",
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_layers",
+        "num_heads",
+        "block_size",
+        "micro_batch_size",
+        "eval_windows",
+        "calibration_tokens",
+        "headline_alpha",
+    )
     for key in simple:
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
@@ -297,7 +339,9 @@ def train_tokenizer(text_file: Path, vocab_size: int, folder: Path):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=vocab_size,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train([str(text_file)], trainer)
@@ -313,10 +357,18 @@ def init_model(cfg: Config, tokenizer, folder: Path) -> int:
 
     eos = tokenizer.convert_tokens_to_ids(EOS)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_heads,
-        head_dim=cfg.head_dim, max_position_embeddings=cfg.block_size, bos_token_id=eos, eos_token_id=eos,
-        tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        head_dim=cfg.head_dim,
+        max_position_embeddings=cfg.block_size,
+        bos_token_id=eos,
+        eos_token_id=eos,
+        tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
     )
     torch.manual_seed(cfg.pretrain_seed)
     model = LlamaForCausalLM(config)
@@ -335,8 +387,15 @@ def test_ids(tokenizer, path: Path, block: int, windows: int) -> tuple[torch.Ten
         raise SystemExit(f"error: {path} has {len(ids)} tokens, fewer than one block ({block})")
     chosen = list(range(total)) if windows == 0 or windows >= total else [i * total // windows for i in range(windows)]
     picked = torch.cat([ids[i * block : (i + 1) * block] for i in chosen])
-    info = {"file": str(path), "file_tokens": len(ids), "window": block, "stride": block,
-            "windows": len(chosen), "windows_in_file": total, "tokens_scored": len(chosen) * (block - 1)}
+    info = {
+        "file": str(path),
+        "file_tokens": len(ids),
+        "window": block,
+        "stride": block,
+        "windows": len(chosen),
+        "windows_in_file": total,
+        "tokens_scored": len(chosen) * (block - 1),
+    }
     return picked, info
 
 
@@ -366,16 +425,30 @@ def recipe():
     return _RECIPE
 
 
-def train(cfg: Config, model: Path, output: Path, data: Path, seed: int, lr: float, budget: dict,
-          quiet: bool = True) -> dict:
+def train(
+    cfg: Config, model: Path, output: Path, data: Path, seed: int, lr: float, budget: dict, quiet: bool = True
+) -> dict:
     """One run of the uptraining recipe (pretraining too): returns its training_summary.json."""
     if output.exists():
         shutil.rmtree(output)  # a half-finished run of an interrupted replication
     argv = [
-        f"model={model}", f"output_dir={output}", f"data={data}", "train=full", f"block_size={cfg.block_size}",
-        f"micro_batch_size={cfg.micro_batch_size}", "grad_accum=1", f"seed={seed}", f"lr={lr}",
-        f"warmup_ratio={cfg.warmup_ratio}", f"min_lr_ratio={cfg.min_lr_ratio}", f"weight_decay={cfg.weight_decay}",
-        "validation_fraction=0", "eval_every=0", "save_every=0", "report_to=none", "model_dtype=float32",
+        f"model={model}",
+        f"output_dir={output}",
+        f"data={data}",
+        "train=full",
+        f"block_size={cfg.block_size}",
+        f"micro_batch_size={cfg.micro_batch_size}",
+        "grad_accum=1",
+        f"seed={seed}",
+        f"lr={lr}",
+        f"warmup_ratio={cfg.warmup_ratio}",
+        f"min_lr_ratio={cfg.min_lr_ratio}",
+        f"weight_decay={cfg.weight_decay}",
+        "validation_fraction=0",
+        "eval_every=0",
+        "save_every=0",
+        "report_to=none",
+        "model_dtype=float32",
         *[f"{k}={v}" for k, v in budget.items()],
     ]
     if quiet:
@@ -395,8 +468,9 @@ def available_methods(wanted: list[str]) -> tuple[list[str], list[str]]:
         try:
             import convert.calibrate  # noqa: F401  registers "calibrated"
         except Exception as e:  # missing or broken module: run the rest, say why
-            notes.append(f"method 'calibrated' left out: convert.calibrate could not be imported "
-                         f"({type(e).__name__}: {e})")
+            notes.append(
+                f"method 'calibrated' left out: convert.calibrate could not be imported ({type(e).__name__}: {e})"
+            )
     keep = [m for m in wanted if m in METHODS]
     for m in wanted:
         if m not in METHODS and not any(m in n for n in notes):
@@ -421,8 +495,9 @@ class Cell:
 
 
 class Runner:
-    def __init__(self, cfg: Config, data: Path, test: Path, work: Path, log: Log, fresh: bool, keep_models: bool,
-                 quiet: bool):
+    def __init__(
+        self, cfg: Config, data: Path, test: Path, work: Path, log: Log, fresh: bool, keep_models: bool, quiet: bool
+    ):
         self.cfg, self.data, self.test, self.work, self.log = cfg, data, test, work, log
         self.fresh, self.keep_models, self.quiet = fresh, keep_models, quiet
         self.cells_dir = work / "cells"
@@ -453,9 +528,12 @@ class Runner:
         from convert.evaluate import tokenize_file
 
         self.train_tokens = len(tokenize_file(self.tokenizer, str(self.data)))
-        self.log(f"tokenizer: byte-level BPE, {len(self.tokenizer):,} tokens, trained on {self.data.name} "
-                 f"({self.train_tokens:,} tokens) in {time.time() - t0:.1f} s; test: {self.eval_info['windows']} windows x {cfg.block_size} tokens "
-                 f"of {self.eval_info['file_tokens']:,}")
+        self.log(
+            f"tokenizer: byte-level BPE, {len(self.tokenizer):,} tokens, trained on {self.data.name} "
+            f"({self.train_tokens:,} tokens) in {time.time() - t0:.1f} s; "
+            f"test: {self.eval_info['windows']} windows x {cfg.block_size} tokens "
+            f"of {self.eval_info['file_tokens']:,}"
+        )
         return {"tokenizer_seconds": time.time() - t0}
 
     def pretrain(self) -> dict:
@@ -465,32 +543,55 @@ class Runner:
         done = self.work / "pretrain.json"
         key = work_hash(cfg, self.data)
         row = json.loads(done.read_text()) if done.is_file() else None
-        if (not self.fresh and row is not None and row.get("key") == key and (mha / "config.json").is_file()
-                and (init / "config.json").is_file()):
+        if (
+            not self.fresh
+            and row is not None
+            and row.get("key") == key
+            and (mha / "config.json").is_file()
+            and (init / "config.json").is_file()
+        ):
             self.reused += 1
-            self.log(f"pretrain: reused {mha} ({row['tokens']:,} tokens, {fmt_seconds(row['train_seconds'])} "
-                     f"when trained)")
+            self.log(
+                f"pretrain: reused {mha} ({row['tokens']:,} tokens, {fmt_seconds(row['train_seconds'])} when trained)"
+            )
         else:
             for old in (init, self.work / "mha"):
                 shutil.rmtree(old, ignore_errors=True)
             done.unlink(missing_ok=True)
             params = init_model(cfg, self.tokenizer, init)
-            self.log(f"pretrain: llama {cfg.num_layers} layers, hidden {cfg.hidden_size}, {cfg.num_heads} heads x "
-                     f"{cfg.head_dim}, {params:,} parameters; training {cfg.pretrain_tokens:,} tokens with "
-                     f"recipes/uptrain.py ...")
+            self.log(
+                f"pretrain: llama {cfg.num_layers} layers, hidden {cfg.hidden_size}, {cfg.num_heads} heads x "
+                f"{cfg.head_dim}, {params:,} parameters; training {cfg.pretrain_tokens:,} tokens with "
+                f"recipes/uptrain.py ..."
+            )
             t1 = time.time()
-            summary = train(cfg, init, self.work / "mha", self.data, cfg.pretrain_seed, cfg.lr,
-                            {"tokens": cfg.pretrain_tokens}, quiet=self.quiet)
+            summary = train(
+                cfg,
+                init,
+                self.work / "mha",
+                self.data,
+                cfg.pretrain_seed,
+                cfg.lr,
+                {"tokens": cfg.pretrain_tokens},
+                quiet=self.quiet,
+            )
             train_s = time.time() - t1
             row = {
-                "parameters": params, "tokens": summary["tokens"], "steps": summary["steps"],
-                "train_seconds": train_s, "tokens_per_s": summary["tokens"] / train_s,
-                "final_train_loss": summary["final_train_loss"], "epochs": summary["tokens"] / self.train_tokens,
-                "train_text_tokens": self.train_tokens, "key": key,
+                "parameters": params,
+                "tokens": summary["tokens"],
+                "steps": summary["steps"],
+                "train_seconds": train_s,
+                "tokens_per_s": summary["tokens"] / train_s,
+                "final_train_loss": summary["final_train_loss"],
+                "epochs": summary["tokens"] / self.train_tokens,
+                "train_text_tokens": self.train_tokens,
+                "key": key,
             }
             done.write_text(json.dumps(row, indent=2))
-            self.log(f"pretrain: {row['steps']} steps, {row['tokens']:,} tokens ({row['epochs']:.1f} epochs of the "
-                     f"training text) in {fmt_seconds(train_s)} ({row['tokens_per_s']:,.0f} tokens/s)")
+            self.log(
+                f"pretrain: {row['steps']} steps, {row['tokens']:,} tokens ({row['epochs']:.1f} epochs of the "
+                f"training text) in {fmt_seconds(train_s)} ({row['tokens_per_s']:,.0f} tokens/s)"
+            )
         scores = self.cached("mha")
         if scores is None:
             t0 = time.time()
@@ -506,8 +607,18 @@ class Runner:
         D = pre["tokens"]
         mha = self.work / "mha" / "model"
         uplr = cfg.uptrain_peak_lr
-        rows = [{"kind": "mha", "groups": cfg.num_heads, "method": "-", "alpha": 0.0, "seed": cfg.pretrain_seed,
-                 "ppl": pre["ppl"], "nll": pre["nll"], "seconds": pre["train_seconds"]}]
+        rows = [
+            {
+                "kind": "mha",
+                "groups": cfg.num_heads,
+                "method": "-",
+                "alpha": 0.0,
+                "seed": cfg.pretrain_seed,
+                "ppl": pre["ppl"],
+                "nll": pre["nll"],
+                "seconds": pre["train_seconds"],
+            }
+        ]
         trained = [a for a in cfg.alphas if a > 0]
         if cfg.control:
             for alpha in trained:
@@ -524,30 +635,38 @@ class Runner:
                     names = [Cell("gqa", g, method, a, seed) for a in [*at_zero, *wanted]]
                     if not names:
                         continue
-                    rows.extend(self.conversion(g, method, seed, names, mha, D, uplr,
-                                                f"{gi * len(methods) + mi + 1}/{total}"))
+                    rows.extend(
+                        self.conversion(g, method, seed, names, mha, D, uplr, f"{gi * len(methods) + mi + 1}/{total}")
+                    )
         return rows
 
-    def conversion(self, g: int, method: str, seed: int, cells: list[Cell], mha: Path, D: int, uplr: float,
-                   progress: str) -> list[dict]:
+    def conversion(
+        self, g: int, method: str, seed: int, cells: list[Cell], mha: Path, D: int, uplr: float, progress: str
+    ) -> list[dict]:
         """Convert once, score it (alpha = 0), then uptrain a copy for each alpha."""
         cfg = self.cfg
         done = [self.cached(c.key) for c in cells]
         self.reused += sum(r is not None for r in done)
         if all(done):
-            self.log(f"{progress} {g_name(g, cfg.num_heads)} {method} seed {seed}: reused "
-                     + ", ".join(f"{pct(r['alpha'])} {r['ppl']:.2f}" for r in done))
+            self.log(
+                f"{progress} {g_name(g, cfg.num_heads)} {method} seed {seed}: reused "
+                + ", ".join(f"{pct(r['alpha'])} {r['ppl']:.2f}" for r in done)
+            )
             return done
         from convert import convert_checkpoint
 
         converted = self.work / "converted" / f"g{g}-{method}-s{seed}"
         options = None
         if method == "calibrated":
-            options = {"calibration_data": str(self.data), "calibration_tokens": cfg.calibration_tokens,
-                       "calibration_seq_len": cfg.block_size}
+            options = {
+                "calibration_data": str(self.data),
+                "calibration_tokens": cfg.calibration_tokens,
+                "calibration_seq_len": cfg.block_size,
+            }
         t0 = time.time()
-        report = convert_checkpoint(mha, converted, g, method, overwrite=True, seed=seed, progress=False,
-                                    method_options=options)
+        report = convert_checkpoint(
+            mha, converted, g, method, overwrite=True, seed=seed, progress=False, method_options=options
+        )
         convert_s = time.time() - t0
         errs = [r for r in report.per_layer if "k_rel_err" in r]
         rel = {k: sum(r[k] for r in errs) / len(errs) for k in ("k_rel_err", "v_rel_err")} if errs else {}
@@ -559,20 +678,30 @@ class Runner:
             if cell.alpha == 0:
                 t1 = time.time()
                 s = score(converted, self.ids, cfg.block_size)
-                row = {**dataclasses.asdict(cell), **s, "convert_seconds": convert_s, "uptrain_tokens": 0,
-                       "uptrain_steps": 0, "seconds": convert_s + time.time() - t1, **rel}
+                row = {
+                    **dataclasses.asdict(cell),
+                    **s,
+                    "convert_seconds": convert_s,
+                    "uptrain_tokens": 0,
+                    "uptrain_steps": 0,
+                    "seconds": convert_s + time.time() - t1,
+                    **rel,
+                }
                 out.append(self.store(cell.key, row))
             else:
                 row = self.uptrain_cell(cell, converted, D, uplr, convert_s, rel)
                 out.append(row)
         if not self.keep_models:
             shutil.rmtree(converted, ignore_errors=True)
-        self.log(f"{progress} {g_name(g, cfg.num_heads)} {method:<10} seed {seed}: "
-                 + ", ".join(f"{pct(r['alpha'])} {r['ppl']:.2f}" for r in out))
+        self.log(
+            f"{progress} {g_name(g, cfg.num_heads)} {method:<10} seed {seed}: "
+            + ", ".join(f"{pct(r['alpha'])} {r['ppl']:.2f}" for r in out)
+        )
         return out
 
-    def uptrain_cell(self, cell: Cell, model: Path, D: int, uplr: float, convert_s: float = 0.0,
-                     rel: dict | None = None) -> dict:
+    def uptrain_cell(
+        self, cell: Cell, model: Path, D: int, uplr: float, convert_s: float = 0.0, rel: dict | None = None
+    ) -> dict:
         cached = self.cached(cell.key)
         if cached is not None:
             if cell.kind == "control":
@@ -580,18 +709,34 @@ class Runner:
             return cached
         t0 = time.time()
         run_dir = self.work / "runs" / cell.key
-        summary = train(self.cfg, model, run_dir, self.data, cell.seed, uplr,
-                        {"compute_fraction": cell.alpha, "pretraining_tokens": D})
+        summary = train(
+            self.cfg,
+            model,
+            run_dir,
+            self.data,
+            cell.seed,
+            uplr,
+            {"compute_fraction": cell.alpha, "pretraining_tokens": D},
+        )
         train_s = time.time() - t0
         s = score(run_dir / "model", self.ids, self.cfg.block_size)
         if not self.keep_models:
             shutil.rmtree(run_dir, ignore_errors=True)
-        row = {**dataclasses.asdict(cell), **s, "uptrain_tokens": summary["tokens"], "uptrain_steps": summary["steps"],
-               "uptrain_seconds": train_s, "convert_seconds": convert_s, "seconds": time.time() - t0 + convert_s,
-               **(rel or {})}
+        row = {
+            **dataclasses.asdict(cell),
+            **s,
+            "uptrain_tokens": summary["tokens"],
+            "uptrain_steps": summary["steps"],
+            "uptrain_seconds": train_s,
+            "convert_seconds": convert_s,
+            "seconds": time.time() - t0 + convert_s,
+            **(rel or {}),
+        }
         if cell.kind == "control":
-            self.log(f"control: MHA trained on for {pct(cell.alpha)} ({summary['tokens']:,} tokens, "
-                     f"{summary['steps']} steps): {s['ppl']:.2f}")
+            self.log(
+                f"control: MHA trained on for {pct(cell.alpha)} ({summary['tokens']:,} tokens, "
+                f"{summary['steps']} steps): {s['ppl']:.2f}"
+            )
         return self.store(cell.key, row)
 
 
@@ -608,8 +753,13 @@ def aggregate(rows: list[dict]) -> dict:
         ppls = [r["ppl"] for r in rs]
         # mean of log perplexity (mean NLL) across seeds, shown as a perplexity
         mean_ppl = math.exp(sum(math.log(p) for p in ppls) / len(ppls))
-        out[key] = {"ppl": mean_ppl, "spread": (max(ppls) - min(ppls)) / 2, "n": len(ppls),
-                    "seeds": [r["seed"] for r in rs], "values": ppls}
+        out[key] = {
+            "ppl": mean_ppl,
+            "spread": (max(ppls) - min(ppls)) / 2,
+            "n": len(ppls),
+            "seeds": [r["seed"] for r in rs],
+            "values": ppls,
+        }
     return out
 
 
@@ -643,11 +793,18 @@ def check_claims(agg: dict, cfg: Config, methods: list[str]) -> list[dict]:
                     continue
                 ok = all(a["ppl"] < b["ppl"] for a, b in zip(vals, vals[1:]))
                 holds &= ok
-                details.append(f"{g_name(g, cfg.num_heads)} at {pct(alpha)}: "
-                               + ", ".join(f"{m} {v['ppl']:.2f}" for m, v in zip(order, vals))
-                               + (" (in order)" if ok else " (order broken)"))
-        claims.append({"claim": f"after uptraining, {' > '.join(order)} (lower perplexity is better)",
-                       "holds": holds if details else None, "details": details})
+                details.append(
+                    f"{g_name(g, cfg.num_heads)} at {pct(alpha)}: "
+                    + ", ".join(f"{m} {v['ppl']:.2f}" for m, v in zip(order, vals))
+                    + (" (in order)" if ok else " (order broken)")
+                )
+        claims.append(
+            {
+                "claim": f"after uptraining, {' > '.join(order)} (lower perplexity is better)",
+                "holds": holds if details else None,
+                "details": details,
+            }
+        )
 
     # 2. GQA usable right after conversion, MQA needs uptraining
     if "mean" in methods and 0.0 in cfg.alphas:
@@ -658,8 +815,10 @@ def check_claims(agg: dict, cfg: Config, methods: list[str]) -> list[dict]:
                 continue
             ratio = v["ppl"] / mha
             usable = ratio <= 1.5
-            details.append(f"{g_name(g, cfg.num_heads)} mean at 0%: {v['ppl']:.2f} = {ratio:.2f}x MHA "
-                           f"({'usable' if usable else 'not usable'})")
+            details.append(
+                f"{g_name(g, cfg.num_heads)} mean at 0%: {v['ppl']:.2f} = {ratio:.2f}x MHA "
+                f"({'usable' if usable else 'not usable'})"
+            )
             if g == 1:
                 mqa_needs = not usable
             else:
@@ -667,8 +826,14 @@ def check_claims(agg: dict, cfg: Config, methods: list[str]) -> list[dict]:
         holds = None if gqa_ok is None or mqa_needs is None else (gqa_ok and mqa_needs)
         if gqa_ok is None and mqa_needs is not None:
             holds = mqa_needs  # only MQA in the grid: its half of the claim
-        claims.append({"claim": "GQA is usable right after conversion (within 1.5x MHA perplexity, mean pooling), "
-                                "MQA needs uptraining", "holds": holds, "details": details})
+        claims.append(
+            {
+                "claim": "GQA is usable right after conversion (within 1.5x MHA perplexity, mean pooling), "
+                "MQA needs uptraining",
+                "holds": holds,
+                "details": details,
+            }
+        )
 
     # 3. gains from 5% with diminishing returns at 10%
     if {0.0, 0.05, 0.10} <= set(cfg.alphas) and "mean" in methods:
@@ -682,10 +847,17 @@ def check_claims(agg: dict, cfg: Config, methods: list[str]) -> list[dict]:
             share = gain_5 / (gain_5 + gain_10) if gain_5 + gain_10 > 0 else float("nan")
             ok = gain_5 > 0 and gain_10 < gain_5 and share > 0.5
             holds &= ok
-            details.append(f"{g_name(g, cfg.num_heads)} mean: {p0['ppl']:.2f} -> {p5['ppl']:.2f} (5%) -> "
-                           f"{p10['ppl']:.2f} (10%); {share:.0%} of the 0-10% gain (log ppl) reached at 5%")
-        claims.append({"claim": "uptraining gains by 5%, with diminishing returns from 5% to 10%",
-                       "holds": holds if details else None, "details": details})
+            details.append(
+                f"{g_name(g, cfg.num_heads)} mean: {p0['ppl']:.2f} -> {p5['ppl']:.2f} (5%) -> "
+                f"{p10['ppl']:.2f} (10%); {share:.0%} of the 0-10% gain (log ppl) reached at 5%"
+            )
+        claims.append(
+            {
+                "claim": "uptraining gains by 5%, with diminishing returns from 5% to 10%",
+                "holds": holds if details else None,
+                "details": details,
+            }
+        )
 
     # 4. GQA close to MHA at 5%
     if 0.05 in cfg.alphas and "mean" in methods:
@@ -698,10 +870,21 @@ def check_claims(agg: dict, cfg: Config, methods: list[str]) -> list[dict]:
             ratio = v["ppl"] / mha
             ok = ratio <= 1.05
             holds &= ok
-            more = f", {v['ppl'] / control['ppl']:.3f}x the MHA trained on for 5% ({control['ppl']:.2f})" if control else ""
-            details.append(f"{g_name(g, cfg.num_heads)} mean at 5%: {v['ppl']:.2f} = {ratio:.3f}x MHA ({mha:.2f}){more}")
-        claims.append({"claim": "GQA uptrained for 5% is close to MHA (within 5% perplexity)",
-                       "holds": holds if details else None, "details": details})
+            more = (
+                f", {v['ppl'] / control['ppl']:.3f}x the MHA trained on for 5% ({control['ppl']:.2f})"
+                if control
+                else ""
+            )
+            details.append(
+                f"{g_name(g, cfg.num_heads)} mean at 5%: {v['ppl']:.2f} = {ratio:.3f}x MHA ({mha:.2f}){more}"
+            )
+        claims.append(
+            {
+                "claim": "GQA uptrained for 5% is close to MHA (within 5% perplexity)",
+                "holds": holds if details else None,
+                "details": details,
+            }
+        )
     return claims
 
 
@@ -747,8 +930,11 @@ def markdown(results: dict) -> str:
     mha_row = [fmt_cell(lookup(agg, "mha", cfg.num_heads, "-", 0.0))]
     for a in alphas[1:]:
         mha_row.append(fmt_cell(lookup(agg, "control", cfg.num_heads, "-", a)) if cfg.control else "")
-    lines.append(f"| MHA (pretrained{'; α > 0: trained on, control' if cfg.control else ''}) | {cfg.num_heads} | "
-                 + " | ".join(mha_row) + " |")
+    lines.append(
+        f"| MHA (pretrained{'; α > 0: trained on, control' if cfg.control else ''}) | {cfg.num_heads} | "
+        + " | ".join(mha_row)
+        + " |"
+    )
     for g in cfg.groups:
         for m in methods:
             cells = [fmt_cell(lookup(agg, "gqa", g, m, a)) for a in alphas]
@@ -830,23 +1016,38 @@ def plot_alpha(results: dict, path: Path) -> None:
     agg = {tuple(json.loads(k)): v for k, v in results["aggregate"].items()}
     methods, mha = results["methods"], results["pretrain"]["ppl"]
     xs = [a * 100 for a in cfg.alphas]
-    fig, axes = plt.subplots(1, len(cfg.groups), figsize=(4.6 * len(cfg.groups), 4.2), dpi=110, squeeze=False,
-                             sharey=True)
+    fig, axes = plt.subplots(
+        1, len(cfg.groups), figsize=(4.6 * len(cfg.groups), 4.2), dpi=110, squeeze=False, sharey=True
+    )
     shown: list[float] = [mha]
     for ax, g in zip(axes[0], cfg.groups):
         for m in methods:
             pts = [(a * 100, lookup(agg, "gqa", g, m, a)) for a in cfg.alphas]
             pts = [(x, v) for x, v in pts if v is not None]
             shown.extend(v["ppl"] for _, v in pts)
-            ax.errorbar([x for x, _ in pts], [v["ppl"] for _, v in pts],
-                        yerr=[v["spread"] if v["n"] > 1 else 0 for _, v in pts], marker="o", ms=4, capsize=3,
-                        label=m, color=COLORS.get(m))
+            ax.errorbar(
+                [x for x, _ in pts],
+                [v["ppl"] for _, v in pts],
+                yerr=[v["spread"] if v["n"] > 1 else 0 for _, v in pts],
+                marker="o",
+                ms=4,
+                capsize=3,
+                label=m,
+                color=COLORS.get(m),
+            )
         ax.axhline(mha, color="black", ls="--", lw=1, label="MHA")
         if cfg.control:
             ctrl = [(a * 100, lookup(agg, "control", cfg.num_heads, "-", a)) for a in cfg.alphas if a > 0]
             ctrl = [(0.0, {"ppl": mha})] + [(x, v) for x, v in ctrl if v is not None]
-            ax.plot([x for x, _ in ctrl], [v["ppl"] for _, v in ctrl], color="gray", ls=":", marker="s", ms=3,
-                    label="MHA trained on (control)")
+            ax.plot(
+                [x for x, _ in ctrl],
+                [v["ppl"] for _, v in ctrl],
+                color="gray",
+                ls=":",
+                marker="s",
+                ms=3,
+                label="MHA trained on (control)",
+            )
         ax.set_xticks(xs, [f"{x:g}%" for x in xs])
         ax.set_xlabel("uptraining α (% of pretraining tokens)")
         ax.set_title(g_name(g, cfg.num_heads) + f" ({g} KV head{'s' if g > 1 else ''})")
@@ -888,15 +1089,39 @@ def hardware(threads: int) -> dict:
         mem = psutil.virtual_memory().total
     except ImportError:
         pass
-    summary = f"{cores}-core CPU ({cpu}), torch {threads} thread{'s' if threads > 1 else ''}" + (
-        f", {mem / 2**30:.0f} GiB RAM" if mem else "") + (f", GPU {gpu} (unused)" if gpu else "") + ", no GPU used"
-    return {"cpu": cpu, "cores": cores, "threads": threads, "memory_bytes": mem, "gpu": gpu,
-            "torch": torch.__version__, "python": platform.python_version(), "summary": summary}
+    summary = (
+        f"{cores}-core CPU ({cpu}), torch {threads} thread{'s' if threads > 1 else ''}"
+        + (f", {mem / 2**30:.0f} GiB RAM" if mem else "")
+        + (f", GPU {gpu} (unused)" if gpu else "")
+        + ", no GPU used"
+    )
+    return {
+        "cpu": cpu,
+        "cores": cores,
+        "threads": threads,
+        "memory_bytes": mem,
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "summary": summary,
+    }
 
 
-PRETRAIN_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "pretrain_tokens",
-                 "block_size", "micro_batch_size", "lr", "warmup_ratio", "min_lr_ratio", "weight_decay",
-                 "pretrain_seed")
+PRETRAIN_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_layers",
+    "num_heads",
+    "pretrain_tokens",
+    "block_size",
+    "micro_batch_size",
+    "lr",
+    "warmup_ratio",
+    "min_lr_ratio",
+    "weight_decay",
+    "pretrain_seed",
+)
 CELL_KEYS = ("uptrain_lr", "calibration_tokens", "eval_windows")  # and the pretraining (the work folder)
 
 
@@ -906,28 +1131,46 @@ def short_hash(value) -> str:
 
 def work_hash(cfg: Config, data: Path) -> str:
     """The work folder holds one pretrained model: keyed by what decides it."""
-    return short_hash({"pretrain": {k: getattr(cfg, k) for k in PRETRAIN_KEYS}, "data": file_digest(data),
-                       "grid_version": GRID_VERSION})
+    return short_hash(
+        {
+            "pretrain": {k: getattr(cfg, k) for k in PRETRAIN_KEYS},
+            "data": file_digest(data),
+            "grid_version": GRID_VERSION,
+        }
+    )
 
 
 def cell_tag(cfg: Config, test: Path) -> str:
     """What else changes a cell's number. The grid's extent does not: a larger grid reuses a smaller one's cells."""
-    return short_hash({"cell": {k: getattr(cfg, k) for k in CELL_KEYS}, "test": file_digest(test),
-                       "grid_version": GRID_VERSION})
+    return short_hash(
+        {"cell": {k: getattr(cfg, k) for k in CELL_KEYS}, "test": file_digest(test), "grid_version": GRID_VERSION}
+    )
 
 
 def provenance() -> dict:
     """The code that produced the numbers: git HEAD and a digest of each file involved (some may be uncommitted)."""
     import subprocess
 
-    files = ["bench/replicate_paper.py", "recipes/uptrain.py", "convert/checkpoint.py", "convert/methods.py",
-             "convert/calibrate.py", "convert/evaluate.py", "convert/data.py"]
+    files = [
+        "bench/replicate_paper.py",
+        "recipes/uptrain.py",
+        "convert/checkpoint.py",
+        "convert/methods.py",
+        "convert/calibrate.py",
+        "convert/evaluate.py",
+        "convert/data.py",
+    ]
     out = {"files": {f: file_digest(ROOT / f) for f in files if (ROOT / f).is_file()}}
     try:
-        out["git_head"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                         timeout=10).stdout.strip() or None
-        status = subprocess.run(["git", "status", "--porcelain", "--", *files], cwd=ROOT, capture_output=True,
-                                text=True, timeout=10).stdout
+        out["git_head"] = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+            or None
+        )
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--", *files], cwd=ROOT, capture_output=True, text=True, timeout=10
+        ).stdout
         out["uncommitted"] = sorted(line[3:] for line in status.splitlines())
     except (OSError, subprocess.SubprocessError):
         out["git_head"] = None
@@ -965,8 +1208,10 @@ def main(argv: list[str] | None = None) -> int:
     for n in notes:
         log(n)
     hw = hardware(threads)
-    log(f"replicate: {len(cfg.groups)} G x {len(methods)} methods x alphas {', '.join(pct(a) for a in cfg.alphas)}"
-        f", seeds {cfg.seeds}; {hw['summary']}; work {work}")
+    log(
+        f"replicate: {len(cfg.groups)} G x {len(methods)} methods x alphas {', '.join(pct(a) for a in cfg.alphas)}"
+        f", seeds {cfg.seeds}; {hw['summary']}; work {work}"
+    )
 
     runner = Runner(cfg, data, test, work, log, args.fresh, args.keep_models, args.quiet or args.json)
     timings = runner.prepare()
@@ -975,20 +1220,37 @@ def main(argv: list[str] | None = None) -> int:
     agg = aggregate(rows)
     claims = check_claims(agg, cfg, methods)
     if pre["ppl"] >= pre["init_ppl"]:
-        notes.append(f"the pretrained MHA model ({pre['ppl']:.2f}) does not beat its random init "
-                     f"({pre['init_ppl']:.2f}): the run is not meaningful")
+        notes.append(
+            f"the pretrained MHA model ({pre['ppl']:.2f}) does not beat its random init "
+            f"({pre['init_ppl']:.2f}): the run is not meaningful"
+        )
     wall = time.time() - start
     command = "python bench/replicate_paper.py " + " ".join(argv)
     results = {
-        "command": command, "quick": args.quick, "config": dataclasses.asdict(cfg), "methods": methods,
-        "data": str(data), "test": str(test), "work": str(work),
-        "tokenizer": {"kind": "byte-level BPE (tokenizers), trained on the training text",
-                      "vocab_size": len(runner.tokenizer), "seconds": timings["tokenizer_seconds"]},
-        "eval": runner.eval_info, "pretrain": pre, "rows": rows,
-        "aggregate": {json.dumps(list(k)): v for k, v in agg.items()}, "claims": claims, "notes": notes,
-        "hardware": hw, "load_average_start": load_start,
+        "command": command,
+        "quick": args.quick,
+        "config": dataclasses.asdict(cfg),
+        "methods": methods,
+        "data": str(data),
+        "test": str(test),
+        "work": str(work),
+        "tokenizer": {
+            "kind": "byte-level BPE (tokenizers), trained on the training text",
+            "vocab_size": len(runner.tokenizer),
+            "seconds": timings["tokenizer_seconds"],
+        },
+        "eval": runner.eval_info,
+        "pretrain": pre,
+        "rows": rows,
+        "aggregate": {json.dumps(list(k)): v for k, v in agg.items()},
+        "claims": claims,
+        "notes": notes,
+        "hardware": hw,
+        "load_average_start": load_start,
         "load_average_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
-        "wall_seconds": wall, "cells_reused": runner.reused, "provenance": code,
+        "wall_seconds": wall,
+        "cells_reused": runner.reused,
+        "provenance": code,
         "finished": time.strftime("%Y-%m-%d %H:%M:%S %z"),
     }
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")

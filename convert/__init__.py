@@ -2,13 +2,21 @@
 
 __version__ = "0.1.0"
 
-from .checkpoint import Report, convert_checkpoint, describe  # noqa: E402
-from .core import convert_model, kv_cache_bytes_per_token  # noqa: E402
-from .families import FAMILIES, ConversionError, supported_model_types  # noqa: E402
+from .checkpoint import Report, convert_checkpoint, describe
+from .core import convert_model, kv_cache_bytes_per_token
+from .families import FAMILIES, ConversionError, supported_model_types
 
 __all__ = [
-    "__version__", "convert_checkpoint", "convert_model", "describe", "kv_cache_bytes_per_token", "Report",
-    "ConversionError", "FAMILIES", "METHODS", "supported_model_types",
+    "__version__",
+    "convert_checkpoint",
+    "convert_model",
+    "describe",
+    "kv_cache_bytes_per_token",
+    "Report",
+    "ConversionError",
+    "FAMILIES",
+    "METHODS",
+    "supported_model_types",
 ]
 
 

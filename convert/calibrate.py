@@ -43,10 +43,11 @@ import json
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from itertools import combinations
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -140,8 +141,9 @@ def merge_subspace(
     P = P * scale[:, None, :].to(P.dtype)
     if align:
         target = W.mean(1)  # [F, D', m]
-        T = torch.linalg.solve(_cross(P, P, C, shift) + 1e-12 * torch.eye(m, dtype=P.dtype) * col.mean(),
-                               _cross(P, target, C, shift))
+        T = torch.linalg.solve(
+            _cross(P, P, C, shift) + 1e-12 * torch.eye(m, dtype=P.dtype) * col.mean(), _cross(P, target, C, shift)
+        )
         if bool((torch.linalg.cond(T) < 1e8).all()):
             P = P @ T
     # Least-squares maps from the shared outputs to each head's outputs.
@@ -461,7 +463,9 @@ def calibration_ids(
     tokenizer = _tokenizer(folder)
     if data == BUILTIN:
         ids = tokenizer(builtin_calibration_text(), add_special_tokens=False, return_tensors="pt").input_ids[0]
-        return _windows(ids, B, T, seed, "the builtin calibration text"), f"builtin: pydoc topics, first half (seed {seed})"
+        return _windows(
+            ids, B, T, seed, "the builtin calibration text"
+        ), f"builtin: pydoc topics, first half (seed {seed})"
     try:
         from .data import DataError, describe_source, sample_token_ids
     except ImportError:  # convert.data not available: plain local text files only
@@ -659,8 +663,16 @@ class LayerRunner:
 
     @torch.no_grad()
     def run(
-        self, layer: torch.nn.Module, i: int, xs: list[Tensor], *, attn_input: bool = False, o_io: bool = False,
-        stop: str | None = None, received: bool = False, attention_output: list[Tensor] | None = None,
+        self,
+        layer: torch.nn.Module,
+        i: int,
+        xs: list[Tensor],
+        *,
+        attn_input: bool = False,
+        o_io: bool = False,
+        stop: str | None = None,
+        received: bool = False,
+        attention_output: list[Tensor] | None = None,
     ) -> dict[str, Any]:
         """Run a materialized layer on chunks of hidden states. Captures the attention input ("A"), the o_proj
         input and output ("Z", "Y") and the attention each position receives ("W", eager attention only);
@@ -690,8 +702,11 @@ class LayerRunner:
             if stop == "o":  # o_proj runs inside the attention module
                 raise _Stop
 
-        handles = [attn.register_forward_pre_hook(pre_attn, with_kwargs=True), o.register_forward_hook(after_o),
-                   attn.register_forward_hook(after_attn)]
+        handles = [
+            attn.register_forward_pre_hook(pre_attn, with_kwargs=True),
+            o.register_forward_hook(after_o),
+            attn.register_forward_hook(after_attn),
+        ]
         if attention_output is not None:
             given = iter(attention_output)
             width = getattr(self, "_attn_tuple", 2)
@@ -715,8 +730,10 @@ class LayerRunner:
             if attention_output is not None:
                 del attn.forward
         cat = {"W": 1, "out": None}
-        return {k: (torch.cat(v, dim=cat.get(k, 0)) if cat.get(k, 0) is not None else v) if v else None
-                for k, v in got.items()}
+        return {
+            k: (torch.cat(v, dim=cat.get(k, 0)) if cat.get(k, 0) is not None else v) if v else None
+            for k, v in got.items()
+        }
 
 
 def slow_share(inv_freq: Tensor | None, pairs: int, context: int) -> Tensor | None:
@@ -822,9 +839,24 @@ class Calibrator:
     """
 
     def __init__(
-        self, source: Any, groups: int, seed: int, *, calibration_data: str | None, calibration_tokens: int,
-        calibration_seq_len: int, grouping: str, stream: str, refit_o: bool, ridge: float, calibration_dtype: str,
-        drift: float, input_correction: float, key_centering: str, key_weighting: float, value_weighting: float,
+        self,
+        source: Any,
+        groups: int,
+        seed: int,
+        *,
+        calibration_data: str | None,
+        calibration_tokens: int,
+        calibration_seq_len: int,
+        grouping: str,
+        stream: str,
+        refit_o: bool,
+        ridge: float,
+        calibration_dtype: str,
+        drift: float,
+        input_correction: float,
+        key_centering: str,
+        key_weighting: float,
+        value_weighting: float,
     ):
         if key_centering not in CENTERINGS:
             raise ConversionError(f"key_centering {key_centering!r}: choose one of {', '.join(CENTERINGS)}")
@@ -915,8 +947,14 @@ class Calibrator:
         if A_orig is not None and self._apart([A_orig], [A]) > floor:
             correction = input_correction(A, A_orig, C, self.input_correction)
         lm = LayerMath(
-            C, self.pairs, self._qk_norm(i), slow_share(self.inv_freq, len(self.pairs[0]), self.context),
-            self._means(A, torch.ones(A.shape[0])), moment, *self.weighting, correction,
+            C,
+            self.pairs,
+            self._qk_norm(i),
+            slow_share(self.inv_freq, len(self.pairs[0]), self.context),
+            self._means(A, torch.ones(A.shape[0])),
+            moment,
+            *self.weighting,
+            correction,
         )
         return {"calibration": LayerCalibration(i, lm, self.grouping, self.finish)}
 
@@ -933,7 +971,9 @@ class Calibrator:
         if self.centering == "none":
             return None
         T = A.shape[0] if self.centering == "global" else self.seq_len
-        aug = torch.cat([A.double(), torch.ones(A.shape[0], 1, dtype=torch.float64)], dim=1).reshape(-1, T, A.shape[1] + 1)
+        aug = torch.cat([A.double(), torch.ones(A.shape[0], 1, dtype=torch.float64)], dim=1).reshape(
+            -1, T, A.shape[1] + 1
+        )
         ws = w.double().reshape(-1, T)
         tot = ws.sum(1).clamp_min(1e-300)  # [r]
         mean = (aug * ws[..., None]).sum(1) / tot[:, None]  # [r, D+1]
@@ -1051,7 +1091,13 @@ class Calibrated(Method):
         return self.calibrator
 
     def merge(
-        self, att: Attention, groups: int, *, layer: int, seed: int, calibration: LayerCalibration | None = None,
+        self,
+        att: Attention,
+        groups: int,
+        *,
+        layer: int,
+        seed: int,
+        calibration: LayerCalibration | None = None,
         **context: Any,
     ) -> tuple[Attention, dict]:
         if groups == att.num_kv_heads:
@@ -1086,12 +1132,16 @@ class Calibrated(Method):
         summary["key_merge"] = (
             "approximate: this family normalizes q/k per head after the projection, which no fold commutes with; "
             "merged keys are the query-energy weighted mean of each group's keys"
-            if qk else "rotary-exact: complex principal component per rotary pair, conjugate folded into q_proj"
+            if qk
+            else "rotary-exact: complex principal component per rotary pair, conjugate folded into q_proj"
         )
         if rows:
             summary["plot"] = PLOT
-            plot_errors(rows, folder / PLOT, title=f"{report.source}: {report.kv_heads_before} -> "
-                        f"{report.kv_heads_after} KV heads, calibrated")
+            plot_errors(
+                rows,
+                folder / PLOT,
+                title=f"{report.source}: {report.kv_heads_before} -> {report.kv_heads_after} KV heads, calibrated",
+            )
         path = folder / "gqa_convert.json"
         if path.is_file():
             prov = json.loads(path.read_text())
@@ -1111,8 +1161,12 @@ def plot_errors(rows: list[dict], path: Path, title: str = "") -> None:
     rows = sorted(rows, key=lambda r: r["layer"])
     x = [r["layer"] for r in rows]
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
-    series = [("k_rel_err", "keys"), ("v_rel_err", "values"), ("attn_rel_err_folded", "attention out (folded o)"),
-              ("attn_rel_err", "attention out (o re-fitted)")]
+    series = [
+        ("k_rel_err", "keys"),
+        ("v_rel_err", "values"),
+        ("attn_rel_err_folded", "attention out (folded o)"),
+        ("attn_rel_err", "attention out (o re-fitted)"),
+    ]
     for key, label in series:
         if all(key in r for r in rows):
             ax.plot(x, [r[key] for r in rows], marker="o", ms=3, label=label)

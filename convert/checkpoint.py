@@ -15,11 +15,12 @@ import os
 import re
 import shutil
 import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from fnmatch import fnmatch
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
@@ -63,8 +64,17 @@ if TYPE_CHECKING:  # torch loads on a background thread during a conversion (see
 
 # Files worth taking from a hub repo or copying beside the converted weights (tokenizer, generation settings).
 SIDE_FILES = [
-    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
-    "vocab.json", "vocab.txt", "merges.txt", "*.tiktoken", "chat_template.jinja", "chat_template.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "*.tiktoken",
+    "chat_template.jinja",
+    "chat_template.json",
     "generation_config.json",
 ]
 SAFETENSORS_FILES = ["config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors"]
@@ -217,8 +227,11 @@ def _plain_view(raw: dict, family: Family) -> SimpleNamespace | None:
     rope = raw.get("rope_parameters")
     if any(raw.get(k) is None for k in needed) or not (isinstance(rope, dict) or "partial_rotary_factor" in raw):
         return None
-    if not all(isinstance(raw[k], int) and not isinstance(raw[k], bool) and raw[k] > 0
-               for k in needed[:4] + [family.kv_key] if k in raw):
+    if not all(
+        isinstance(raw[k], int) and not isinstance(raw[k], bool) and raw[k] > 0
+        for k in needed[:4] + [family.kv_key]
+        if k in raw
+    ):
         return None  # odd values: let transformers validate them and say what is wrong
     return SimpleNamespace(**raw)
 
@@ -258,7 +271,7 @@ def _check_weights(src: Source) -> None:
     for layer in range(s.num_layers):
         keys = fam.attention_keys(layer, present)
         prefix = fam.prefix.format(i=layer)
-        found = {k[len(prefix):]: src.tensors[k].shape for k in keys}
+        found = {k[len(prefix) :]: src.tensors[k].shape for k in keys}
         missing = [f"{n}.weight" for n in [*required, fam.o] if f"{n}.weight" not in found]
         wrong = [k for k, shape in found.items() if math.prod(shape) not in _allowed_numel(k, s, fam)]
         if missing or wrong:
@@ -321,8 +334,17 @@ def parse_size(size: str | int) -> int:
     if not m:
         raise ConversionError(f"--max-shard-size {size!r} is not a size like 5GB, 500MB or 2GiB")
     unit = m.group(2).rstrip("B") or ""
-    scale = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
-             "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}[unit]
+    scale = {
+        "": 1,
+        "K": 10**3,
+        "M": 10**6,
+        "G": 10**9,
+        "T": 10**12,
+        "KI": 2**10,
+        "MI": 2**20,
+        "GI": 2**30,
+        "TI": 2**40,
+    }[unit]
     return int(float(m.group(1)) * scale)
 
 
@@ -502,8 +524,9 @@ def _load_method(methods: Any, name: str, options: dict[str, Any] | None) -> "Me
     if options and not merger.needs_calibration:
         flags = ", ".join("--" + k.replace("_", "-") for k in options)
         calibrated = ", ".join(n for n, m in methods.METHODS.items() if m.needs_calibration)
-        raise ConversionError(f"{flags}: only for calibrated methods ({calibrated}); --method {name} reads the "
-                              "weights alone")
+        raise ConversionError(
+            f"{flags}: only for calibrated methods ({calibrated}); --method {name} reads the weights alone"
+        )
     return merger
 
 
@@ -561,8 +584,9 @@ def verify_output(folder: Path, src: Source, expected: dict[str, tuple[int, ...]
         raise AssertionError(f"output shapes differ from the plan: {wrong}")
 
 
-def _numpy_pool(src: Source, plan: list[OutTensor], method: str, dtype: str, options: dict | None = None
-                ) -> Callable | None:
+def _numpy_pool(
+    src: Source, plan: list[OutTensor], method: str, dtype: str, options: dict | None = None
+) -> Callable | None:
     """The pooling function when this conversion can run on numpy alone, else None (torch does it).
 
     That is mean or first pooling (`WEIGHT_ONLY_POOLS`), the split layout (every tensor that changes is a KV-head
@@ -576,8 +600,9 @@ def _numpy_pool(src: Source, plan: list[OutTensor], method: str, dtype: str, opt
     return WEIGHT_ONLY_POOLS[method]
 
 
-def _numpy_layers(src: Source, plan: list[OutTensor], pool: Callable, groups: int, report: Report
-                  ) -> Callable[[int], dict[str, "np.ndarray"]]:
+def _numpy_layers(
+    src: Source, plan: list[OutTensor], pool: Callable, groups: int, report: Report
+) -> Callable[[int], dict[str, "np.ndarray"]]:
     """compute_layer for the torch-free path: each KV-head tensor of a layer read as float32, pooled over its
     leading KV-head axis, rounded once to its dtype; K/V relative errors go to the report as the methods do."""
     fam, hkv = src.family, src.shapes.num_kv_heads
@@ -727,8 +752,12 @@ def convert_checkpoint(
             "tool": "gqa-convert",
             "version": __version__,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "settings": {"seed": seed, "revision": revision, "max_shard_size": str(max_shard_size),
-                         **(method_options or {})},
+            "settings": {
+                "seed": seed,
+                "revision": revision,
+                "max_shard_size": str(max_shard_size),
+                **(method_options or {}),
+            },
             **{k: v for k, v in report.as_dict().items() if k not in ("tensors_touched", "output")},
         }
         (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n")

@@ -41,45 +41,102 @@ def main() -> None:
 @click.argument("source")
 @click.argument("output", type=click.Path(file_okay=False))
 @click.option("--num-kv-heads", "-g", type=int, required=True, help="KV heads after conversion (G; 1 = MQA).")
-@click.option("--method", type=click.Choice(METHOD_NAMES), default="mean", show_default=True,
-              help="How the KV heads of a group are merged.")
-@click.option("--dtype", type=click.Choice(["keep", "float32", "float16", "bfloat16"]), default="keep",
-              show_default=True, help="Output dtype of floating tensors.")
+@click.option(
+    "--method",
+    type=click.Choice(METHOD_NAMES),
+    default="mean",
+    show_default=True,
+    help="How the KV heads of a group are merged.",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["keep", "float32", "float16", "bfloat16"]),
+    default="keep",
+    show_default=True,
+    help="Output dtype of floating tensors.",
+)
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit) when SOURCE is a hub id.")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 2GB, 500MB.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the random method and calibration.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty OUTPUT.")
-@click.option("--fsync", "durable", is_flag=True,
-              help="Put every file on disk before OUTPUT appears, so that even a power loss cannot leave a partial "
-                   "OUTPUT (waits for the disk: 0.6-1.2 s per 2 GB on the benchmark machine).")
+@click.option(
+    "--fsync",
+    "durable",
+    is_flag=True,
+    help="Put every file on disk before OUTPUT appears, so that even a power loss cannot leave a partial "
+    "OUTPUT (waits for the disk: 0.6-1.2 s per 2 GB on the benchmark machine).",
+)
 @click.option("--dry-run", is_flag=True, help="Print the plan and write nothing.")
 @click.option("--allow-pickle", is_flag=True, help="Accept pickle (*.bin) weights, loaded with weights_only=True.")
 @click.option("--trust-remote-code", is_flag=True, help="Let transformers run code shipped with the config.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar, only the result line.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@click.option("--calibration-data", default=None,
-              help="Calibrated methods: text to calibrate on, a .txt/.jsonl/.json/.parquet file or a hub dataset "
-                   "(default 'builtin': Python's pydoc text, offline; 'random': random token ids).")
-@click.option("--calibration-tokens", type=int, default=None, help="Calibrated methods: tokens to calibrate on "
-              "(default 8192).")
-@click.option("--grouping", type=click.Choice(["contiguous", "similarity"]), default=None,
-              help="Calibrated methods: which KV heads share a group (default contiguous).")
-def convert(source: str, output: str, num_kv_heads: int, method: str, dtype: str, revision: str | None,
-            max_shard_size: str, seed: int, overwrite: bool, durable: bool, dry_run: bool, allow_pickle: bool,
-            trust_remote_code: bool, quiet: bool, as_json: bool, calibration_data: str | None,
-            calibration_tokens: int | None, grouping: str | None) -> None:
+@click.option(
+    "--calibration-data",
+    default=None,
+    help="Calibrated methods: text to calibrate on, a .txt/.jsonl/.json/.parquet file or a hub dataset "
+    "(default 'builtin': Python's pydoc text, offline; 'random': random token ids).",
+)
+@click.option(
+    "--calibration-tokens", type=int, default=None, help="Calibrated methods: tokens to calibrate on (default 8192)."
+)
+@click.option(
+    "--grouping",
+    type=click.Choice(["contiguous", "similarity"]),
+    default=None,
+    help="Calibrated methods: which KV heads share a group (default contiguous).",
+)
+def convert(
+    source: str,
+    output: str,
+    num_kv_heads: int,
+    method: str,
+    dtype: str,
+    revision: str | None,
+    max_shard_size: str,
+    seed: int,
+    overwrite: bool,
+    durable: bool,
+    dry_run: bool,
+    allow_pickle: bool,
+    trust_remote_code: bool,
+    quiet: bool,
+    as_json: bool,
+    calibration_data: str | None,
+    calibration_tokens: int | None,
+    grouping: str | None,
+) -> None:
     """Convert SOURCE (folder or hub id) into OUTPUT with NUM_KV_HEADS key/value heads."""
     from .checkpoint import convert_checkpoint
 
     _keep_freed_memory()
 
-    options = {k: v for k, v in (("calibration_data", calibration_data), ("calibration_tokens", calibration_tokens),
-                                 ("grouping", grouping)) if v is not None}
+    options = {
+        k: v
+        for k, v in (
+            ("calibration_data", calibration_data),
+            ("calibration_tokens", calibration_tokens),
+            ("grouping", grouping),
+        )
+        if v is not None
+    }
     try:
         report = convert_checkpoint(
-            source, output, num_kv_heads, method, dtype=dtype, revision=revision, max_shard_size=max_shard_size,
-            overwrite=overwrite, dry_run=dry_run, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
-            seed=seed, progress=not (quiet or as_json), method_options=options or None, durable=durable,
+            source,
+            output,
+            num_kv_heads,
+            method,
+            dtype=dtype,
+            revision=revision,
+            max_shard_size=max_shard_size,
+            overwrite=overwrite,
+            dry_run=dry_run,
+            allow_pickle=allow_pickle,
+            trust_remote_code=trust_remote_code,
+            seed=seed,
+            progress=not (quiet or as_json),
+            method_options=options or None,
+            durable=durable,
         )
     except ConversionError as e:
         _fail(e)
@@ -91,18 +148,24 @@ def convert(source: str, output: str, num_kv_heads: int, method: str, dtype: str
 
 def _print_report(r: Any, quiet: bool) -> None:
     what = "would write" if r.dry_run else "wrote"
-    line = (f"{r.source} ({r.model_type}): {r.kv_heads_before} -> {r.kv_heads_after} KV heads by {r.method}; "
-            f"{what} {r.output}")
+    line = (
+        f"{r.source} ({r.model_type}): {r.kv_heads_before} -> {r.kv_heads_after} KV heads by {r.method}; "
+        f"{what} {r.output}"
+    )
     if quiet and not r.dry_run:
         click.echo(line)
         return
     click.echo(line)
-    click.echo(f"  tensors: {r.tensors_total} total, {len(r.tensors_touched)} rewritten "
-               f"(attention of every layer), the rest copied unchanged")
+    click.echo(
+        f"  tensors: {r.tensors_total} total, {len(r.tensors_touched)} rewritten "
+        f"(attention of every layer), the rest copied unchanged"
+    )
     click.echo(f"  bytes in: {_human(r.bytes_in)}, bytes out: {_human(r.bytes_out)} in {r.shards_out} shard(s)")
-    click.echo(f"  KV cache per token: {_human(r.kv_cache_bytes_per_token_before)} -> "
-               f"{_human(r.kv_cache_bytes_per_token_after)} "
-               f"({r.kv_cache_bytes_per_token_before / r.kv_cache_bytes_per_token_after:.1f}x smaller)")
+    click.echo(
+        f"  KV cache per token: {_human(r.kv_cache_bytes_per_token_before)} -> "
+        f"{_human(r.kv_cache_bytes_per_token_after)} "
+        f"({r.kv_cache_bytes_per_token_before / r.kv_cache_bytes_per_token_after:.1f}x smaller)"
+    )
     if r.dry_run:
         for name in r.tensors_touched[:8]:
             click.echo(f"    rewrite {name}")
@@ -128,10 +191,14 @@ def inspect(source: str, revision: str | None, allow_pickle: bool, as_json: bool
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
-    click.echo(f"{info['source']}: {info['model_type']}, {info['layers']} layers, hidden {info['hidden_size']}, "
-               f"{info['parameters'] / 1e6:.1f}M parameters ({info['dtype']})")
-    click.echo(f"  heads {info['num_heads']}, KV heads {info['num_kv_heads']}, head_dim {info['head_dim']}, "
-               f"rotary dims {info['rotary_dim']}")
+    click.echo(
+        f"{info['source']}: {info['model_type']}, {info['layers']} layers, hidden {info['hidden_size']}, "
+        f"{info['parameters'] / 1e6:.1f}M parameters ({info['dtype']})"
+    )
+    click.echo(
+        f"  heads {info['num_heads']}, KV heads {info['num_kv_heads']}, head_dim {info['head_dim']}, "
+        f"rotary dims {info['rotary_dim']}"
+    )
     click.echo("  --num-kv-heads   KV cache per token")
     for g, n in info["valid_num_kv_heads"].items():
         mark = "  (current)" if g == info["num_kv_heads"] else ""
@@ -140,18 +207,34 @@ def inspect(source: str, revision: str | None, allow_pickle: bool, as_json: bool
 
 @main.command("eval")
 @click.argument("models", nargs=-1, required=True)
-@click.option("--data", default=None,
-              help="Text to score: a .txt/.jsonl/.json/.parquet file or a hub dataset (default: Python's pydoc text).")
+@click.option(
+    "--data",
+    default=None,
+    help="Text to score: a .txt/.jsonl/.json/.parquet file or a hub dataset (default: Python's pydoc text).",
+)
 @click.option("--window", type=int, default=512, show_default=True, help="Tokens per perplexity window.")
 @click.option("--stride", type=int, default=None, help="Tokens between window starts (default: the window).")
 @click.option("--max-windows", type=int, default=8, show_default=True, help="Windows scored per model.")
-@click.option("--contexts", default="128,512,2048", show_default=True,
-              help="Context lengths for the decode measurement (comma-separated; empty to skip).")
+@click.option(
+    "--contexts",
+    default="128,512,2048",
+    show_default=True,
+    help="Context lengths for the decode measurement (comma-separated; empty to skip).",
+)
 @click.option("--new-tokens", type=int, default=32, show_default=True, help="Tokens decoded per measurement.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... or auto.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-def eval_(models: tuple[str, ...], data: str | None, window: int, stride: int | None, max_windows: int,
-          contexts: str, new_tokens: int, device: str, as_json: bool) -> None:
+def eval_(
+    models: tuple[str, ...],
+    data: str | None,
+    window: int,
+    stride: int | None,
+    max_windows: int,
+    contexts: str,
+    new_tokens: int,
+    device: str,
+    as_json: bool,
+) -> None:
     """Perplexity, KV-cache bytes per token and decode speed of MODELS, as one table with ratios to the first."""
     from transformers.utils import logging as hf_logging
 
@@ -166,23 +249,37 @@ def eval_(models: tuple[str, ...], data: str | None, window: int, stride: int | 
         if not (Path(m) / "config.json").is_file():
             _fail(ValueError(f"MODEL {m} is not a model folder (no config.json): pass converted or original folders"))
     try:
-        results = compare(list(models), data=data, window=window, stride=stride, max_windows=max_windows,
-                          contexts=ctx, new_tokens=new_tokens, device=device)
+        results = compare(
+            list(models),
+            data=data,
+            window=window,
+            stride=stride,
+            max_windows=max_windows,
+            contexts=ctx,
+            new_tokens=new_tokens,
+            device=device,
+        )
     except (ValueError, OSError) as e:
         _fail(e)
     if as_json:
         click.echo(json.dumps(as_dicts(results), indent=2))
         return
     r0 = results[0]
-    click.echo(f"perplexity: {r0.windows} windows x {r0.window} tokens, stride {r0.stride}, "
-               f"{r0.tokens} tokens scored, text {data or 'pydoc_data topics (second half)'}")
+    click.echo(
+        f"perplexity: {r0.windows} windows x {r0.window} tokens, stride {r0.stride}, "
+        f"{r0.tokens} tokens scored, text {data or 'pydoc_data topics (second half)'}"
+    )
     click.echo(f"decode: {new_tokens} new tokens after each context, greedy, with cache")
     click.echo(format_table(results))
 
 
 @main.command()
-@click.option("--output", type=click.Path(file_okay=False), default=None,
-              help="Where to write the converted model (default: in the gqa-convert cache).")
+@click.option(
+    "--output",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Where to write the converted model (default: in the gqa-convert cache).",
+)
 @click.option("--num-kv-heads", "-g", type=int, default=1, show_default=True, help="KV heads after conversion.")
 @click.option("--method", type=click.Choice(METHOD_NAMES), default="mean", show_default=True)
 @click.option("--windows", type=int, default=8, show_default=True, help="512-token windows scored per model.")
@@ -200,8 +297,10 @@ def demo(output: str | None, num_kv_heads: int, method: str, windows: int, quiet
         click.echo(json.dumps(r, indent=2))
         return
     before, after = r["models"]["original"], r["models"]["converted"]
-    click.echo(f"SmolLM2-135M-Instruct: {r['kv_heads'][0]} -> {r['kv_heads'][1]} KV heads by {r['method']} "
-               f"in {r['convert_seconds']:.1f} s, written to {r['output']}")
+    click.echo(
+        f"SmolLM2-135M-Instruct: {r['kv_heads'][0]} -> {r['kv_heads'][1]} KV heads by {r['method']} "
+        f"in {r['convert_seconds']:.1f} s, written to {r['output']}"
+    )
     click.echo(f"KV cache per token: {r['kv_cache_bytes_per_token'][0]:,} B -> {r['kv_cache_bytes_per_token'][1]:,} B")
     click.echo(f"perplexity on {r['eval_text']}, {after['windows']} x 512 tokens:")
     click.echo(f"  original  {before['perplexity']:>12.2f}")

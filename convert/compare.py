@@ -140,8 +140,9 @@ def evaluate_model(
 ) -> ModelEval:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
+    dev = torch.device(
+        "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    )
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path).to(dev).eval()
     cfg = model.config
@@ -154,10 +155,18 @@ def evaluate_model(
     s = shapes_for(family_for(cfg.model_type), cfg)
     dtype = next(model.parameters()).dtype
     result = ModelEval(
-        model=str(path), model_type=cfg.model_type, parameters=sum(p.numel() for p in model.parameters()),
-        num_heads=s.num_heads, num_kv_heads=s.num_kv_heads, dtype=str(dtype).removeprefix("torch."),
+        model=str(path),
+        model_type=cfg.model_type,
+        parameters=sum(p.numel() for p in model.parameters()),
+        num_heads=s.num_heads,
+        num_kv_heads=s.num_kv_heads,
+        dtype=str(dtype).removeprefix("torch."),
         kv_cache_bytes_per_token=kv_cache_bytes_per_token(s, s.num_kv_heads, dtype),
-        perplexity=ppl.ppl, tokens=ppl.tokens, windows=ppl.windows, window=ppl.window, stride=ppl.stride,
+        perplexity=ppl.ppl,
+        tokens=ppl.tokens,
+        windows=ppl.windows,
+        window=ppl.window,
+        stride=ppl.stride,
     )
     limit = getattr(cfg, "max_position_embeddings", None) or 1 << 30
     for context in contexts:
@@ -198,9 +207,14 @@ def format_table(results: list[ModelEval]) -> str:
     head += [f"tok/s @{c}" for c in contexts] + [f"peak MB @{contexts[-1]}"] if contexts else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
-        cells = [Path(r.model).name or r.model, str(r.num_kv_heads), f"{r.perplexity:.2f}",
-                 f"{r.perplexity / base.perplexity:.2f}", f"{r.kv_cache_bytes_per_token:,}",
-                 f"{r.kv_cache_bytes_per_token / base.kv_cache_bytes_per_token:.2f}"]
+        cells = [
+            Path(r.model).name or r.model,
+            str(r.num_kv_heads),
+            f"{r.perplexity:.2f}",
+            f"{r.perplexity / base.perplexity:.2f}",
+            f"{r.kv_cache_bytes_per_token:,}",
+            f"{r.kv_cache_bytes_per_token / base.kv_cache_bytes_per_token:.2f}",
+        ]
         speeds = {d.context: d for d in r.decode}
         for c, b in zip(contexts, base.decode):
             d = speeds.get(c)

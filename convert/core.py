@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from .families import ConversionError, Family, Shapes, family_for, output_shapes, shapes_for
 from .tensorio import nbytes

@@ -25,20 +25,21 @@ Plain-text files are cut into documents by `txt_documents`:
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import random
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import torch
 
 FILE_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 TXT_MODES = ("auto", "wikitext", "paragraphs", "lines", "file")
 TxtMode = Literal["auto", "wikitext", "paragraphs", "lines", "file"]
-Source = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
+Source = str | os.PathLike | Sequence[str | os.PathLike]
 
 # A WikiText article title: " = Title = " (exactly one '=' each side; sections use "= = ... = =").
 _WIKITEXT_TITLE = re.compile(r"^\s*= (?!=).*(?<!=) =\s*$")
@@ -63,9 +64,7 @@ def local_files(source: Source) -> list[Path] | None:
     single = len(items) == 1 and isinstance(source, (str, os.PathLike))
     if single:
         text = os.fspath(items[0])
-        looks_local = (
-            Path(text).suffix.lower() in FILE_BUILDERS or glob.has_magic(text) or Path(text).is_file()
-        )
+        looks_local = Path(text).suffix.lower() in FILE_BUILDERS or glob.has_magic(text) or Path(text).is_file()
         if not looks_local:
             return None  # a hub name ("wikitext") or a dataset folder
     files: list[Path] = []
@@ -81,8 +80,7 @@ def local_files(source: Source) -> list[Path] | None:
                 raise DataError(f"data file {str(path)!r} does not exist (relative paths start at {os.getcwd()})")
             if path.suffix.lower() not in FILE_BUILDERS:
                 raise DataError(
-                    f"data file {str(path)!r} has an unsupported type {path.suffix!r}: use "
-                    + ", ".join(FILE_BUILDERS)
+                    f"data file {str(path)!r} has an unsupported type {path.suffix!r}: use " + ", ".join(FILE_BUILDERS)
                 )
             files.append(path)
     kinds = {FILE_BUILDERS[f.suffix.lower()] for f in files}
@@ -94,10 +92,8 @@ def local_files(source: Source) -> list[Path] | None:
 def describe_source(source: Source, config: str | None = None, split: str | None = None) -> str:
     """A short human description of a source, for plans, model cards and errors."""
     files = None
-    try:
+    with contextlib.suppress(DataError):
         files = local_files(source)
-    except DataError:
-        pass
     if files is not None:
         names = [str(f) for f in files]
         return names[0] if len(names) == 1 else f"{len(names)} files ({names[0]}, ...)"
@@ -138,9 +134,7 @@ def iter_txt_documents(files: Sequence[str | Path], mode: str = "auto") -> Itera
                 continue
             current: list[str] = []
             for line in f:
-                starts_new = (
-                    _WIKITEXT_TITLE.match(line) if file_mode == "wikitext" else not line.strip()
-                )
+                starts_new = _WIKITEXT_TITLE.match(line) if file_mode == "wikitext" else not line.strip()
                 if starts_new:
                     doc = "".join(current)
                     if doc.strip():
@@ -194,9 +188,7 @@ def load_text_dataset(
     try:
         if files is not None:
             builder = FILE_BUILDERS[files[0].suffix.lower()]
-            ds = datasets.load_dataset(
-                builder, data_files=[str(f) for f in files], split="train", streaming=streaming
-            )
+            ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", streaming=streaming)
         else:
             ds = datasets.load_dataset(os.fspath(source), config, split=split or "train", streaming=streaming)
     except DataError:
@@ -329,8 +321,16 @@ class PackedStream:
     the document count, the shuffle buffer and its RNG, and the tokens of the unfinished block. It is plain JSON.
     """
 
-    def __init__(self, open_dataset, tokenizer, block_size: int, buffer_size: int, seed: int,
-                 holdout: float = 0.0, state: dict | None = None):
+    def __init__(
+        self,
+        open_dataset,
+        tokenizer,
+        block_size: int,
+        buffer_size: int,
+        seed: int,
+        holdout: float = 0.0,
+        state: dict | None = None,
+    ):
         if block_size < 2:
             raise DataError(f"block_size must be at least 2, got {block_size}")
         self.open_dataset, self.tokenizer, self.eos = open_dataset, tokenizer, eos_token_id(tokenizer)
@@ -349,8 +349,15 @@ class PackedStream:
         return self.seed * 100_003 + self.epoch
 
     def state(self) -> dict:
-        return {"epoch": self.epoch, "documents": self.documents, "source": self.source, "draining": self.draining,
-                "buffer": list(self.buffer), "tokens": list(self.tokens), "rng": list(self.rng.getstate())}
+        return {
+            "epoch": self.epoch,
+            "documents": self.documents,
+            "source": self.source,
+            "draining": self.draining,
+            "buffer": list(self.buffer),
+            "tokens": list(self.tokens),
+            "rng": list(self.rng.getstate()),
+        }
 
     def _epoch_documents(self) -> Iterator[str]:
         """The rest of this epoch's documents, from the saved position of the source."""

@@ -32,23 +32,34 @@ def run_demo(
     source = smollm2.materialize()
     output = Path(output) if output else smollm2.cache_root() / f"demo-smollm2-g{num_kv_heads}-{method}"
     start = time.perf_counter()
-    report = convert_checkpoint(source, output, num_kv_heads, method, overwrite=True, progress=progress,
-                                method_options=method_options)
+    report = convert_checkpoint(
+        source, output, num_kv_heads, method, overwrite=True, progress=progress, method_options=method_options
+    )
     seconds = time.perf_counter() - start
     tokenizer = AutoTokenizer.from_pretrained(output)
     ids = tokenizer(builtin_text("eval"), add_special_tokens=False, return_tensors="pt").input_ids[0]
     prompt = tokenizer(PROMPT, return_tensors="pt")
-    result = {"source": str(source), "output": str(output), "method": method, "convert_seconds": seconds,
-              "kv_heads": [report.kv_heads_before, report.kv_heads_after],
-              "kv_cache_bytes_per_token": [report.kv_cache_bytes_per_token_before,
-                                           report.kv_cache_bytes_per_token_after],
-              "eval_text": "pydoc_data topics (second half)", "models": {}}
+    result = {
+        "source": str(source),
+        "output": str(output),
+        "method": method,
+        "convert_seconds": seconds,
+        "kv_heads": [report.kv_heads_before, report.kv_heads_after],
+        "kv_cache_bytes_per_token": [report.kv_cache_bytes_per_token_before, report.kv_cache_bytes_per_token_after],
+        "eval_text": "pydoc_data topics (second half)",
+        "models": {},
+    }
     for name, path in (("original", source), ("converted", output)):
         model = AutoModelForCausalLM.from_pretrained(path).eval()
         ppl = perplexity(model, ids, window=512, max_windows=windows)
         with torch.no_grad():
             out = model.generate(**prompt, max_new_tokens=24, do_sample=False, pad_token_id=tokenizer.eos_token_id)
-        text = tokenizer.decode(out[0, prompt.input_ids.shape[1]:], skip_special_tokens=True)
-        result["models"][name] = {"kv_heads": model.config.num_key_value_heads, "perplexity": ppl.ppl,
-                                  "tokens": ppl.tokens, "windows": ppl.windows, "completion": " ".join(text.split())}
+        text = tokenizer.decode(out[0, prompt.input_ids.shape[1] :], skip_special_tokens=True)
+        result["models"][name] = {
+            "kv_heads": model.config.num_key_value_heads,
+            "perplexity": ppl.ppl,
+            "tokens": ppl.tokens,
+            "windows": ppl.windows,
+            "completion": " ".join(text.split()),
+        }
     return result

@@ -14,8 +14,9 @@ Layouts (rows of a projection weight, `d` = head_dim):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # torch is imported where tensors are touched: the table and the planning work without it
     from torch import Tensor
@@ -279,8 +280,7 @@ def _falcon_patch(raw: dict, groups: int) -> dict:
         return {**raw, "multi_query": True}
     if not raw.get("parallel_attn", True):
         raise ConversionError(
-            "falcon with sequential attention (parallel_attn=false) can only become multi-query: "
-            "use --num-kv-heads 1"
+            "falcon with sequential attention (parallel_attn=false) can only become multi-query: use --num-kv-heads 1"
         )
     # The new architecture with one shared layer norm computes exactly what classic parallel attention does.
     return {**raw, "new_decoder_architecture": True, "num_ln_in_parallel_attn": 1, "num_kv_heads": groups}
@@ -296,9 +296,31 @@ def _stablelm_refuse() -> dict[str, str]:
 FAMILIES: tuple[Family, ...] = (
     Family(
         model_types=(
-            "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2",
-            "gemma3_text", "olmo", "olmo2", "olmoe", "starcoder2", "granite", "granitemoe", "cohere", "cohere2",
-            "nemotron", "exaone4", "apertus", "seed_oss", "ernie4_5", "arcee", "smollm3",
+            "llama",
+            "mistral",
+            "mixtral",
+            "qwen2",
+            "qwen2_moe",
+            "qwen3",
+            "qwen3_moe",
+            "gemma",
+            "gemma2",
+            "gemma3_text",
+            "olmo",
+            "olmo2",
+            "olmoe",
+            "starcoder2",
+            "granite",
+            "granitemoe",
+            "cohere",
+            "cohere2",
+            "nemotron",
+            "exaone4",
+            "apertus",
+            "seed_oss",
+            "ernie4_5",
+            "arcee",
+            "smollm3",
         ),
     ),
     Family(model_types=("stablelm",), refuse=_stablelm_refuse()),

@@ -13,8 +13,9 @@ unchanged, and then merges contiguous runs.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -33,8 +34,9 @@ class Method(ABC):
     rewrites_queries: ClassVar[bool] = True
 
     @abstractmethod
-    def merge(self, att: Attention, groups: int, *, layer: int, seed: int, **context: Any) -> tuple[Attention, dict]:
-        ...
+    def merge(
+        self, att: Attention, groups: int, *, layer: int, seed: int, **context: Any
+    ) -> tuple[Attention, dict]: ...
 
     def layer_contexts(self, source: Any, groups: int, seed: int, **options: Any) -> Callable[[int], dict] | None:
         """For methods that need data: a function giving each layer's extra `merge` arguments, asked for in layer

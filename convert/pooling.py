@@ -13,7 +13,8 @@ The leading axis is the KV head; groups are contiguous runs of heads (see `conve
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 Array = Any  # a torch.Tensor or a numpy.ndarray, float32
 

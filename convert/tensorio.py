@@ -11,9 +11,10 @@ import json
 import math
 import os
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any
 
 from .families import ConversionError
 
@@ -25,9 +26,18 @@ if TYPE_CHECKING:
 # safetensors dtype -> (torch dtype name, bytes per element). Headers, plans and pass-through copies use these
 # names only, so a conversion can start copying before torch (about a second to import) has loaded.
 DTYPES: dict[str, tuple[str, int]] = {
-    "F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
-    "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1), "U8": ("uint8", 1),
-    "BOOL": ("bool", 1), "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1),
+    "F64": ("float64", 8),
+    "F32": ("float32", 4),
+    "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2),
+    "I64": ("int64", 8),
+    "I32": ("int32", 4),
+    "I16": ("int16", 2),
+    "I8": ("int8", 1),
+    "U8": ("uint8", 1),
+    "BOOL": ("bool", 1),
+    "F8_E4M3": ("float8_e4m3fn", 1),
+    "F8_E5M2": ("float8_e5m2", 1),
 }
 FLOATING = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 BY_TORCH_NAME = {name: st for st, (name, _) in DTYPES.items()}
@@ -290,8 +300,11 @@ def read_pickle_header(path: Path) -> dict[str, TensorInfo]:
     import torch
 
     state = _open_pickle(path)
-    return {k: TensorInfo(path, st_dtype(v.dtype), tuple(v.shape), key=k)
-            for k, v in state.items() if isinstance(v, torch.Tensor)}
+    return {
+        k: TensorInfo(path, st_dtype(v.dtype), tuple(v.shape), key=k)
+        for k, v in state.items()
+        if isinstance(v, torch.Tensor)
+    }
 
 
 def _open_pickle(path: Path) -> dict[str, "Tensor"]:
@@ -317,8 +330,14 @@ class ShardWriter:
     run on a `Copier` thread while merged tensors are written from the main thread.
     """
 
-    def __init__(self, path: Path, entries: list[tuple[str, Any, tuple[int, ...]]], metadata: dict, copier: Copier,
-                 durable: bool = False):
+    def __init__(
+        self,
+        path: Path,
+        entries: list[tuple[str, Any, tuple[int, ...]]],
+        metadata: dict,
+        copier: Copier,
+        durable: bool = False,
+    ):
         self.path = path
         self.copier = copier
         self.durable = durable  # fsynced by `finish`: every range goes to writeback as soon as it is written
@@ -341,8 +360,10 @@ class ShardWriter:
         """The file offset of a declared tensor, after checking its size and that it is written once."""
         want_size, offset = self.places.get(name, (None, 0))
         if want_size != size or name in self.written:
-            raise AssertionError(f"{self.path}: wrote {name} ({size} B), header expects {want_size} B "
-                                 f"{'(written twice)' if name in self.written else ''}")
+            raise AssertionError(
+                f"{self.path}: wrote {name} ({size} B), header expects {want_size} B "
+                f"{'(written twice)' if name in self.written else ''}"
+            )
         self.written.add(name)
         return self.base + offset
 

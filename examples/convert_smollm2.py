@@ -15,7 +15,9 @@ from convert.evaluate import builtin_text, perplexity
 from convert.smollm2 import materialize
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-parser.add_argument("--method", default="mean", choices=["mean", "first", "random"])  # weight-only: step 3 repeats it in memory
+parser.add_argument(
+    "--method", default="mean", choices=["mean", "first", "random"]
+)  # weight-only: step 3 repeats it in memory
 parser.add_argument("--num-kv-heads", type=int, default=1)
 args = parser.parse_args()
 

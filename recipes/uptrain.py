@@ -49,7 +49,7 @@ from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # accelerate warns on every checkpoint of a model with tied embeddings that it stored the shared tensor once: expected.
-import logging  # noqa: E402
+import logging
 
 logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
 
@@ -57,10 +57,10 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 try:
-    from convert import data as textdata  # noqa: E402
+    from convert import data as textdata
 except ImportError:  # run from a checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from convert import data as textdata  # noqa: E402
+    from convert import data as textdata
 
 SCOPES = ("full", "attention", "kv", "lora")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -130,11 +130,38 @@ class Settings:
 
 # Settings that decide the trajectory of a run: a checkpoint resumes only under the same values.
 RUN_KEYS = (
-    "model", "train", "kv_modules", "lora_modules", "lora_r", "lora_alpha", "lora_dropout", "model_dtype",
-    "mixed_precision", "data", "data_config", "data_split", "text_column", "txt_documents", "streaming",
-    "shuffle_buffer", "validation", "validation_split", "validation_fraction", "max_eval_blocks", "block_size",
-    "seed", "lr", "min_lr_ratio", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps", "max_grad_norm",
-    "teacher", "kd_weight", "kd_temperature",
+    "model",
+    "train",
+    "kv_modules",
+    "lora_modules",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "model_dtype",
+    "mixed_precision",
+    "data",
+    "data_config",
+    "data_split",
+    "text_column",
+    "txt_documents",
+    "streaming",
+    "shuffle_buffer",
+    "validation",
+    "validation_split",
+    "validation_fraction",
+    "max_eval_blocks",
+    "block_size",
+    "seed",
+    "lr",
+    "min_lr_ratio",
+    "weight_decay",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_eps",
+    "max_grad_norm",
+    "teacher",
+    "kd_weight",
+    "kd_temperature",
 )  # plus the derived global batch, steps and warmup steps
 
 
@@ -298,8 +325,17 @@ def check_settings(s: Settings) -> None:
             )
         if s.pretraining_tokens is None:
             problems.append("compute_fraction needs pretraining_tokens (the tokens the original model saw)")
-    positive = ("block_size", "micro_batch_size", "grad_accum", "keep_checkpoints", "max_eval_blocks",
-                "shuffle_buffer", "lr", "kd_temperature", "adam_eps")
+    positive = (
+        "block_size",
+        "micro_batch_size",
+        "grad_accum",
+        "keep_checkpoints",
+        "max_eval_blocks",
+        "shuffle_buffer",
+        "lr",
+        "kd_temperature",
+        "adam_eps",
+    )
     for key in positive:
         if getattr(s, key) <= 0:
             problems.append(f"{key} must be positive, got {getattr(s, key)}")
@@ -389,7 +425,7 @@ def complete_checkpoints(s: Settings) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.name.startswith(CHECKPOINT_PREFIX) and (p / "trainer_state.json").is_file()]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
 
 
 def fingerprint(s: Settings, plan: dict) -> dict:
@@ -471,8 +507,12 @@ def load_documents(s: Settings, part: str):
 
     def open_dataset():
         return textdata.load_text_dataset(
-            source, config=s.data_config, split=split, text_column=s.text_column,
-            streaming=s.streaming, txt_documents=s.txt_documents,
+            source,
+            config=s.data_config,
+            split=split,
+            text_column=s.text_column,
+            streaming=s.streaming,
+            txt_documents=s.txt_documents,
         )
 
     ds = open_dataset()
@@ -500,8 +540,12 @@ def prepare_data(s: Settings, tokenizer) -> dict:
         if first is None:
             raise SettingsError(f"training data {train_name} holds fewer tokens than one block ({s.block_size})")
         separate = s.validation is not None or s.validation_split is not None
-        data.update(train_blocks=None, open_train=open_train, train_tokens=None,
-                    holdout=0.0 if separate else s.validation_fraction)
+        data.update(
+            train_blocks=None,
+            open_train=open_train,
+            train_tokens=None,
+            holdout=0.0 if separate else s.validation_fraction,
+        )
     else:
         docs = list(train_texts())
         if not docs:
@@ -626,8 +670,12 @@ def choose_trainable(model: torch.nn.Module, s: Settings) -> torch.nn.Module:
         from peft import LoraConfig, get_peft_model
 
         config = LoraConfig(
-            r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout,
-            target_modules=list(s.lora_modules), modules_to_save=list(s.kv_modules), task_type="CAUSAL_LM",
+            r=s.lora_r,
+            lora_alpha=s.lora_alpha,
+            lora_dropout=s.lora_dropout,
+            target_modules=list(s.lora_modules),
+            modules_to_save=list(s.kv_modules),
+            task_type="CAUSAL_LM",
         )
         return get_peft_model(model, config)
     if s.train == "full":
@@ -718,29 +766,50 @@ def plot_losses(rows: list[dict], path: Path) -> None:
 def model_card(source_dir: str, summary: dict) -> str:
     """The input checkpoint's card (or a new one) with an uptraining section appended."""
     src = Path(source_dir) / "README.md"
-    card = src.read_text() if src.is_file() else (
-        "---\nlibrary_name: transformers\ntags:\n- gqa-convert\n- uptrained\n---\n\n"
-        f"# {Path(summary['settings']['output_dir']).name}\n\nConverted with gqa-convert, then uptrained.\n"
+    card = (
+        src.read_text()
+        if src.is_file()
+        else (
+            "---\nlibrary_name: transformers\ntags:\n- gqa-convert\n- uptrained\n---\n\n"
+            f"# {Path(summary['settings']['output_dir']).name}\n\nConverted with gqa-convert, then uptrained.\n"
+        )
     )
     s, first, last = summary["settings"], summary["initial_eval"], summary["final_eval"]
-    alpha = f"{summary['compute_fraction']:.3g} of {human(s['pretraining_tokens'])} pretraining tokens" if summary[
-        "compute_fraction"] is not None else "n/a (pretraining_tokens not given)"
-    teacher = (f"{s['teacher']} (KL weight {s['kd_weight']}, temperature {s['kd_temperature']})"
-               if s["teacher"] else "none")
-    scope = s["train"] + (f" (LoRA r={s['lora_r']} on {', '.join(s['lora_modules'])}; "
-                          f"{', '.join(s['kv_modules'])} trained fully; merged)" if s["train"] == "lora" else "")
+    alpha = (
+        f"{summary['compute_fraction']:.3g} of {human(s['pretraining_tokens'])} pretraining tokens"
+        if summary["compute_fraction"] is not None
+        else "n/a (pretraining_tokens not given)"
+    )
+    teacher = (
+        f"{s['teacher']} (KL weight {s['kd_weight']}, temperature {s['kd_temperature']})" if s["teacher"] else "none"
+    )
+    scope = s["train"] + (
+        f" (LoRA r={s['lora_r']} on {', '.join(s['lora_modules'])}; {', '.join(s['kv_modules'])} trained fully; merged)"
+        if s["train"] == "lora"
+        else ""
+    )
     rows = [
         ("input checkpoint", s["model"]),
         ("data", summary["data"]),
-        ("tokens", f"{summary['tokens']:,} ({summary['steps']} steps x {summary['global_batch']} blocks x "
-                   f"{s['block_size']} tokens)"),
+        (
+            "tokens",
+            f"{summary['tokens']:,} ({summary['steps']} steps x {summary['global_batch']} blocks x "
+            f"{s['block_size']} tokens)",
+        ),
         ("compute fraction alpha", alpha),
         ("trained", f"{scope}: {summary['trainable_params']:,} of {summary['total_params']:,} parameters"),
         ("teacher", teacher),
-        ("optimizer", f"AdamW lr {s['lr']}, warmup {summary['warmup_steps']} steps, cosine to "
-                      f"{s['min_lr_ratio']} x lr, weight decay {s['weight_decay']}, clip {s['max_grad_norm']}"),
-        ("validation perplexity", (f"{first['val_ppl']:.3f} before -> {last['val_ppl']:.3f} after "
-                                   f"({summary['validation']})") if last else "not measured"),
+        (
+            "optimizer",
+            f"AdamW lr {s['lr']}, warmup {summary['warmup_steps']} steps, cosine to "
+            f"{s['min_lr_ratio']} x lr, weight decay {s['weight_decay']}, clip {s['max_grad_norm']}",
+        ),
+        (
+            "validation perplexity",
+            (f"{first['val_ppl']:.3f} before -> {last['val_ppl']:.3f} after ({summary['validation']})")
+            if last
+            else "not measured",
+        ),
         ("processes", str(summary["num_processes"])),
         ("wall time", duration(summary["train_seconds"])),
     ]
@@ -808,8 +877,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(s: Settings, options: dict) -> int:
     from accelerate.utils import get_int_from_env
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from tqdm.auto import tqdm
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -869,8 +938,12 @@ def run(s: Settings, options: dict) -> int:
     from accelerate import Accelerator
     from accelerate.utils import DistributedType, is_tensorboard_available, set_seed
 
-    trackers = [] if s.report_to == "none" else (
-        (["tensorboard"] if is_tensorboard_available() else []) if s.report_to == "auto" else s.report_to.split(",")
+    trackers = (
+        []
+        if s.report_to == "none"
+        else (
+            (["tensorboard"] if is_tensorboard_available() else []) if s.report_to == "auto" else s.report_to.split(",")
+        )
     )
     accelerator = Accelerator(
         cpu=not torch.accelerator.is_available(),
@@ -900,7 +973,9 @@ def run(s: Settings, options: dict) -> int:
     no_decay = [p for p in trainable if p.ndim < 2]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=s.lr, betas=(s.adam_beta1, s.adam_beta2), eps=s.adam_eps,
+        lr=s.lr,
+        betas=(s.adam_beta1, s.adam_beta2),
+        eps=s.adam_eps,
     )
     total, warmup = plan["total_steps"], plan["warmup_steps"]
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -926,7 +1001,12 @@ def run(s: Settings, options: dict) -> int:
     if s.streaming:
         saved_stream = resume_from / "stream_state.json" if resume_from is not None else None
         data["stream"] = textdata.PackedStream(
-            data["open_train"], tokenizer, s.block_size, s.shuffle_buffer, s.seed, data["holdout"],
+            data["open_train"],
+            tokenizer,
+            s.block_size,
+            s.shuffle_buffer,
+            s.seed,
+            data["holdout"],
             state=json.loads(saved_stream.read_text()) if saved_stream is not None else None,
         )
     metrics = Metrics(accelerator, Path(s.output_dir) / "metrics.jsonl", start_step if resume_from else None)
@@ -937,19 +1017,31 @@ def run(s: Settings, options: dict) -> int:
     tokens = plan["tokens"]
     alpha = tokens / s.pretraining_tokens if s.pretraining_tokens else None
     flops = 6 * total_params * tokens + 2 * teacher_params * tokens
-    epochs = f"{tokens / data['train_tokens']:.2f} epochs of {human(data['train_tokens'])} tokens" if data[
-        "train_tokens"] else "streaming"
+    epochs = (
+        f"{tokens / data['train_tokens']:.2f} epochs of {human(data['train_tokens'])} tokens"
+        if data["train_tokens"]
+        else "streaming"
+    )
     say(f"uptrain {s.model} -> {s.output_dir}/model")
-    say(f"  data        {data['train_name']} ({epochs}); validation {data.get('val_name', 'none')}"
-        + (f", {len(data['val_blocks'])} blocks" if data["val_blocks"] is not None else ""))
-    say(f"  trained     {s.train}: {trainable_params:,} of {total_params:,} parameters"
-        + (f"; teacher {s.teacher} (kd_weight {s.kd_weight}, T {s.kd_temperature})" if teacher is not None else ""))
-    say(f"  budget      {total} steps x {plan['global_batch']} blocks ({s.micro_batch_size} x {s.grad_accum} accum x "
+    say(
+        f"  data        {data['train_name']} ({epochs}); validation {data.get('val_name', 'none')}"
+        + (f", {len(data['val_blocks'])} blocks" if data["val_blocks"] is not None else "")
+    )
+    say(
+        f"  trained     {s.train}: {trainable_params:,} of {total_params:,} parameters"
+        + (f"; teacher {s.teacher} (kd_weight {s.kd_weight}, T {s.kd_temperature})" if teacher is not None else "")
+    )
+    say(
+        f"  budget      {total} steps x {plan['global_batch']} blocks ({s.micro_batch_size} x {s.grad_accum} accum x "
         f"{num_processes} proc) x {s.block_size} tokens = {tokens:,} tokens"
-        + (f" = alpha {alpha:.3g} of {human(s.pretraining_tokens)}" if alpha is not None else ""))
-    say(f"  compute     ~{human(flops, 'FLOP')} (6 N D, N = {human(total_params)}"
-        + (", + 2 N_teacher D" if teacher is not None else "") + ")"
-        + f"; lr {s.lr}, warmup {warmup}, cosine to {s.min_lr_ratio} x lr")
+        + (f" = alpha {alpha:.3g} of {human(s.pretraining_tokens)}" if alpha is not None else "")
+    )
+    say(
+        f"  compute     ~{human(flops, 'FLOP')} (6 N D, N = {human(total_params)}"
+        + (", + 2 N_teacher D" if teacher is not None else "")
+        + ")"
+        + f"; lr {s.lr}, warmup {warmup}, cosine to {s.min_lr_ratio} x lr"
+    )
     if resume_from is not None:
         say(f"  resume      from {resume_from} (step {start_step}, {start_step * plan['tokens_per_step']:,} tokens)")
 
@@ -978,8 +1070,13 @@ def run(s: Settings, options: dict) -> int:
 
     fault_nan_at = int(os.environ.get("GQA_UPTRAIN_FAULT_NAN_AT", "0"))  # test hook: poison this step's loss
     step_delay = float(os.environ.get("GQA_UPTRAIN_STEP_DELAY", "0"))  # test hook: slow steps down
-    bar = tqdm(total=total, initial=start_step, disable=quiet or not accelerator.is_main_process,
-               unit="step", dynamic_ncols=True)
+    bar = tqdm(
+        total=total,
+        initial=start_step,
+        disable=quiet or not accelerator.is_main_process,
+        unit="step",
+        dynamic_ncols=True,
+    )
     batches = global_batches(s, data, plan["global_batch"], start_step)
     rank, procs, mb = accelerator.process_index, num_processes, s.micro_batch_size
     session_start, measured_from, last_ckpt = time.time(), None, (resume_from.name if resume_from else None)
@@ -1018,8 +1115,12 @@ def run(s: Settings, options: dict) -> int:
             what = f"the loss is {step_loss}" if not math.isfinite(step_loss) else f"the gradient norm is {norm}"
             raise TrainingError(
                 f"{what} at step {step}; stopped without saving. The last good checkpoint is "
-                + (f"{keep[-1]} (step {keep[-1].name[len(CHECKPOINT_PREFIX):].lstrip('0') or 0}); "
-                   f"rerun with resume: auto, after lowering lr or enabling clipping" if keep else "none")
+                + (
+                    f"{keep[-1]} (step {keep[-1].name[len(CHECKPOINT_PREFIX) :].lstrip('0') or 0}); "
+                    f"rerun with resume: auto, after lowering lr or enabling clipping"
+                    if keep
+                    else "none"
+                )
             )
         if step_delay:
             time.sleep(step_delay)
@@ -1029,8 +1130,15 @@ def run(s: Settings, options: dict) -> int:
         elapsed_measured = now - measured_from[0]
         steps_measured = step - measured_from[1]
         tokens_per_s = steps_measured * plan["tokens_per_step"] / elapsed_measured if steps_measured else None
-        row = {"kind": "train", "step": step, "tokens": step * plan["tokens_per_step"], "loss": step_loss,
-               "lm_loss": step_lm, "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens_per_s}
+        row = {
+            "kind": "train",
+            "step": step,
+            "tokens": step * plan["tokens_per_step"],
+            "loss": step_loss,
+            "lm_loss": step_lm,
+            "lr": scheduler.get_last_lr()[0],
+            "tokens_per_s": tokens_per_s,
+        }
         if teacher is not None:
             row["kl"] = step_kl
         if grad_norm is not None:
@@ -1040,13 +1148,17 @@ def run(s: Settings, options: dict) -> int:
         bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens_per_s or 0:.0f}", refresh=False)
         if steps_measured == 3:
             left = (total - step) * plan["tokens_per_step"] / tokens_per_s
-            say(f"  measured    {tokens_per_s:,.0f} tokens/s over steps {step - 2}-{step}: {total - step} steps "
-                f"left, about {duration(left)} of training (evaluations and checkpoints not counted)")
+            say(
+                f"  measured    {tokens_per_s:,.0f} tokens/s over steps {step - 2}-{step}: {total - step} steps "
+                f"left, about {duration(left)} of training (evaluations and checkpoints not counted)"
+            )
         if (s.eval_every and step % s.eval_every == 0) or step == total:
             run_eval(step)
             if eval_rows and eval_rows[-1]["step"] == step:
-                say(f"  step {step:<6} validation loss {eval_rows[-1]['val_loss']:.4f}, "
-                    f"perplexity {eval_rows[-1]['val_ppl']:.3f}")
+                say(
+                    f"  step {step:<6} validation loss {eval_rows[-1]['val_loss']:.4f}, "
+                    f"perplexity {eval_rows[-1]['val_ppl']:.3f}"
+                )
         if s.save_every and step % s.save_every == 0:
             seconds = previous_seconds + time.time() - session_start
             last_ckpt = save_checkpoint(accelerator, s, step, trainer_state(step, seconds), data.get("stream")).name
@@ -1083,8 +1195,10 @@ def run(s: Settings, options: dict) -> int:
     final = save_output(accelerator, model, s, tokenizer, summary, metrics.rows)
     accelerator.end_training()
     if summary["final_eval"]:
-        say(f"done: {final} (validation perplexity {summary['initial_eval']['val_ppl']:.3f} -> "
-            f"{summary['final_eval']['val_ppl']:.3f}, {tokens:,} tokens, {duration(train_seconds)})")
+        say(
+            f"done: {final} (validation perplexity {summary['initial_eval']['val_ppl']:.3f} -> "
+            f"{summary['final_eval']['val_ppl']:.3f}, {tokens:,} tokens, {duration(train_seconds)})"
+        )
     else:
         say(f"done: {final} ({tokens:,} tokens, {duration(train_seconds)})")
     if options["json"] and accelerator.is_main_process:

@@ -26,5 +26,8 @@ if __name__ == "__main__":
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
         ids = tokenize_file(tokenizer, test_file, WINDOW * WINDOWS + 1)
         result = perplexity(model, ids, WINDOW, max_windows=WINDOWS)
-        print(f"{folder}\tppl {result.ppl:.3f}\ttokens {result.tokens}\twindows {result.windows}"
-              f"\t{time.time() - started:.0f}s", flush=True)
+        print(
+            f"{folder}\tppl {result.ppl:.3f}\ttokens {result.tokens}\twindows {result.windows}"
+            f"\t{time.time() - started:.0f}s",
+            flush=True,
+        )

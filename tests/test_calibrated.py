@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import logits, make_groups_identical, save, tiny_model
 from transformers import AutoModelForCausalLM
 
 from convert import METHODS, convert_checkpoint
@@ -16,15 +17,12 @@ from convert.calibrate import GroupCost, LayerMath, merge_layer, rotary_pairs, s
 from convert.families import family_for, shapes_for
 from convert.methods import permute_kv_heads
 
-from tiny import logits, make_groups_identical, save, tiny_model
-
 RANDOM = dict(calibration_data="random", calibration_tokens=384, calibration_seq_len=48)
 TOL = dict(rtol=1e-4, atol=1e-4)
 
 
 def convert(src: Path, out: Path, groups: int, **options) -> tuple[torch.nn.Module, object]:
-    report = convert_checkpoint(src, out, groups, "calibrated", progress=False,
-                                method_options={**RANDOM, **options})
+    report = convert_checkpoint(src, out, groups, "calibrated", progress=False, method_options={**RANDOM, **options})
     return AutoModelForCausalLM.from_pretrained(out).eval(), report
 
 
@@ -230,16 +228,24 @@ def test_smollm2_mqa_perplexity(tmp_path, smollm2_path, wikitext_valid, wikitext
     from convert.evaluate import perplexity, tokenize_file
 
     start = time.perf_counter()
-    report = convert_checkpoint(smollm2_path, tmp_path / "mqa", 1, "calibrated", progress=False, method_options=dict(
-        calibration_data=str(wikitext_valid), calibration_tokens=8192))
+    report = convert_checkpoint(
+        smollm2_path,
+        tmp_path / "mqa",
+        1,
+        "calibrated",
+        progress=False,
+        method_options=dict(calibration_data=str(wikitext_valid), calibration_tokens=8192),
+    )
     seconds = time.perf_counter() - start
     tok = AutoTokenizer.from_pretrained(smollm2_path)
     ids = tokenize_file(tok, str(wikitext_test), 12 * 512 + 1)
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "mqa", dtype=torch.float32)
     ppl = perplexity(model, ids, 512, max_windows=12).ppl
     prov = json.loads((tmp_path / "mqa" / "gqa_convert.json").read_text())
-    print(f"\nSmolLM2-135M MQA calibrated: WikiText-2 test ppl {ppl:.2f} (12 x 512), "
-          f"{prov['calibration']['calibration_tokens']} calibration tokens, conversion {seconds:.1f} s")
+    print(
+        f"\nSmolLM2-135M MQA calibrated: WikiText-2 test ppl {ppl:.2f} (12 x 512), "
+        f"{prov['calibration']['calibration_tokens']} calibration tokens, conversion {seconds:.1f} s"
+    )
     assert report.kv_heads_after == 1
     assert ppl <= 60 * 1.05
 
@@ -250,12 +256,29 @@ def test_cli_calibrated(tmp_path):
     from convert.cli import main
 
     src = save(tiny_model("llama"), tmp_path / "src")
-    run = CliRunner().invoke(main, ["convert", str(src), str(tmp_path / "out"), "-g", "2", "--method", "calibrated",
-                                    "--calibration-data", "random", "--calibration-tokens", "256", "--grouping",
-                                    "similarity", "--quiet"])
+    run = CliRunner().invoke(
+        main,
+        [
+            "convert",
+            str(src),
+            str(tmp_path / "out"),
+            "-g",
+            "2",
+            "--method",
+            "calibrated",
+            "--calibration-data",
+            "random",
+            "--calibration-tokens",
+            "256",
+            "--grouping",
+            "similarity",
+            "--quiet",
+        ],
+    )
     assert run.exit_code == 0, run.output
     prov = json.loads((tmp_path / "out" / "gqa_convert.json").read_text())
     assert prov["settings"]["grouping"] == "similarity" and prov["calibration"]["calibration_tokens"] == 256
-    refused = CliRunner().invoke(main, ["convert", str(src), str(tmp_path / "m"), "-g", "2", "--grouping",
-                                        "similarity"])
+    refused = CliRunner().invoke(
+        main, ["convert", str(src), str(tmp_path / "m"), "-g", "2", "--grouping", "similarity"]
+    )
     assert refused.exit_code == 2 and "only for calibrated methods" in refused.output

@@ -12,10 +12,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors import safe_open
+from tiny import save, tiny_model
 from transformers import AutoModelForCausalLM
 
 from convert.cli import main
-from tiny import save, tiny_model
 
 
 def run(*args: str):
@@ -131,7 +131,9 @@ def test_overwrite_replaces_output(src, tmp_path):
 
 def test_random_method_is_seeded_and_scaled(src, tmp_path):
     for name, seed in (("a", 1), ("b", 1), ("c", 2)):
-        assert run("convert", src, tmp_path / name, "-g", "1", "--method", "random", "--seed", seed, "-q").exit_code == 0
+        assert (
+            run("convert", src, tmp_path / name, "-g", "1", "--method", "random", "--seed", seed, "-q").exit_code == 0
+        )
     a, b, c = (_all_tensors(tmp_path / n)["model.layers.0.self_attn.k_proj.weight"] for n in "abc")
     assert torch.equal(a, b) and not torch.equal(a, c)
     source = _all_tensors(src)["model.layers.0.self_attn.k_proj.weight"]
@@ -153,6 +155,7 @@ def _corrupt_config(key, value):
         raw = json.loads((src / "config.json").read_text())
         raw[key] = value
         (src / "config.json").write_text(json.dumps(raw))
+
     return apply
 
 
@@ -242,7 +245,7 @@ def _all_tensors(folder: Path) -> dict[str, torch.Tensor]:
     out = {}
     for shard in folder.glob("*.safetensors"):
         with safe_open(shard, "pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
+            out.update({k: f.get_tensor(k) for k in f})
     return out
 
 

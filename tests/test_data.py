@@ -12,18 +12,18 @@ from uptrain_assets import toy_documents, train_tokenizer, write_corpus
 
 from convert import data as td
 
-WIKI = """ 
- = First Article = 
- 
- Opening paragraph of the first article . 
- 
- = = A Section = = 
- 
- Text inside the section . 
- 
- = Second Article = 
- 
- The second article has one paragraph . 
+WIKI = """
+ = First Article =
+
+ Opening paragraph of the first article .
+
+ = = A Section = =
+
+ Text inside the section .
+
+ = Second Article =
+
+ The second article has one paragraph .
 """
 
 
@@ -53,7 +53,7 @@ def test_wikitext_documents_split_at_titles_and_keep_the_text(tmp_path):
     assert len(docs) == 2  # the section heading stays inside the first article
     assert docs[0].startswith(" = First Article = \n") and "= = A Section = =" in docs[0]
     assert docs[1].startswith(" = Second Article = ")
-    assert "".join(docs) == WIKI[len(" \n"):]  # the documents are the file, minus the blank line before the first
+    assert "".join(docs) == WIKI[len(" \n") :]  # the documents are the file, minus the blank line before the first
 
 
 def test_real_wikitext_valid_has_its_60_articles(wikitext_valid):

@@ -6,12 +6,12 @@ import json
 
 import torch
 from click.testing import CliRunner
+from tiny import save, tiny_model
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from convert import convert_checkpoint
 from convert.cli import main
-from tiny import save, tiny_model
 
 
 def word_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
@@ -39,8 +39,22 @@ def make(tmp_path, name: str, zero_head: bool = False, **overrides):
 
 
 def run_eval(*args):
-    result = CliRunner().invoke(main, ["eval", *map(str, args), "--contexts", "16,48", "--new-tokens", "4",
-                                       "--max-windows", "3", "--window", "32", "--json"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "eval",
+            *map(str, args),
+            "--contexts",
+            "16,48",
+            "--new-tokens",
+            "4",
+            "--max-windows",
+            "3",
+            "--window",
+            "32",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     return json.loads(result.output)
 
@@ -71,8 +85,9 @@ def test_kv_bytes_and_ratios_against_the_first_model(tmp_path):
 
 def test_table_output_and_bad_model(tmp_path):
     folder = make(tmp_path, "m")
-    result = CliRunner().invoke(main, ["eval", str(folder), "--contexts", "16", "--new-tokens", "2",
-                                       "--window", "32", "--max-windows", "1"])
+    result = CliRunner().invoke(
+        main, ["eval", str(folder), "--contexts", "16", "--new-tokens", "2", "--window", "32", "--max-windows", "1"]
+    )
     assert result.exit_code == 0, result.output
     assert "| model | KV heads | ppl |" in result.output and "1 windows x 32 tokens" in result.output
     bad = CliRunner().invoke(main, ["eval", str(tmp_path / "missing")])

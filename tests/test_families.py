@@ -7,12 +7,12 @@ import json
 
 import pytest
 import torch
+from tiny import logits, make_groups_identical, save, tiny_model
 from torch.testing import assert_close
 from transformers import AutoModelForCausalLM
 
 from convert import convert_checkpoint, convert_model
 from convert.families import supported_model_types
-from tiny import logits, make_groups_identical, save, tiny_model
 
 FAMILIES = supported_model_types()
 
@@ -64,8 +64,9 @@ def test_convert_model_matches_convert_checkpoint(model_type, tmp_path):
 
 def test_falcon_classic_mha_to_grouped_and_multi_query(tmp_path):
     """Classic falcon interleaves q/k/v per head; G=1 becomes multi_query, 1<G<H the new grouped architecture."""
-    model = tiny_model("falcon", new_decoder_architecture=False, multi_query=False, parallel_attn=True,
-                       num_kv_heads=None)
+    model = tiny_model(
+        "falcon", new_decoder_architecture=False, multi_query=False, parallel_attn=True, num_kv_heads=None
+    )
     make_groups_identical(model, 1)
     src = save(model, tmp_path / "src")
     for groups in (1, 2):
@@ -134,8 +135,13 @@ def test_planned_shapes_are_what_join_produces(model_type, groups):
     for layer in range(s_in.num_layers):
         keys = family.attention_keys(layer, set(state))
         att = family.split(layer, state.__getitem__, keys, s_in)
-        shrunk = att.replace(**{a: getattr(att, a)[:groups] for a in ("k", "v", "k_bias", "v_bias", "k_norm")
-                                if getattr(att, a) is not None})
+        shrunk = att.replace(
+            **{
+                a: getattr(att, a)[:groups]
+                for a in ("k", "v", "k_bias", "v_bias", "k_norm")
+                if getattr(att, a) is not None
+            }
+        )
         want = {k: tuple(t.shape) for k, t in family.join(layer, shrunk, keys, s_out).items()}
         got = family.planned_shapes(layer, {k: tuple(state[k].shape) for k in keys}, s_in, s_out)
         assert got == want

@@ -27,8 +27,21 @@ def load_script():
 def test_quick_replication_end_to_end(tmp_path, wikitext_valid, wikitext_test):
     """--quick: pretrain a tiny llama from scratch, convert to MQA by mean and random, uptrain 5%, score on test."""
     out, work = tmp_path / "out", tmp_path / "work"
-    cmd = [sys.executable, str(SCRIPT), "--quick", "--out", str(out), "--work", str(work), "--data", str(wikitext_valid),
-           "--test", str(wikitext_test), "--json", "--quiet"]
+    cmd = [
+        sys.executable,
+        str(SCRIPT),
+        "--quick",
+        "--out",
+        str(out),
+        "--work",
+        str(work),
+        "--data",
+        str(wikitext_valid),
+        "--test",
+        str(wikitext_test),
+        "--json",
+        "--quiet",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     printed = json.loads(proc.stdout)
@@ -48,8 +61,13 @@ def test_quick_replication_end_to_end(tmp_path, wikitext_valid, wikitext_test):
 
     rows = results["rows"]
     cells = {(r["kind"], r["groups"], r["method"], r["alpha"]) for r in rows}
-    assert cells == {("mha", 4, "-", 0.0), ("gqa", 1, "mean", 0.0), ("gqa", 1, "mean", 0.05),
-                     ("gqa", 1, "random", 0.0), ("gqa", 1, "random", 0.05)}
+    assert cells == {
+        ("mha", 4, "-", 0.0),
+        ("gqa", 1, "mean", 0.0),
+        ("gqa", 1, "mean", 0.05),
+        ("gqa", 1, "random", 0.0),
+        ("gqa", 1, "random", 0.05),
+    }
     for r in rows:
         assert math.isfinite(r["ppl"]) and r["ppl"] > 1, r
         if r["kind"] == "gqa" and r["alpha"] > 0:
@@ -120,8 +138,9 @@ def _agg(script, table: dict) -> dict:
 def test_claims_on_known_numbers():
     """The verdicts follow the stated thresholds: ranking, usable (<= 1.5x MHA), diminishing returns, close (<= 5%)."""
     script = load_script()
-    cfg = script.Config(groups=[1, 4], methods=["mean", "first", "random"], alphas=[0.0, 0.01, 0.05, 0.10],
-                        control=False)
+    cfg = script.Config(
+        groups=[1, 4], methods=["mean", "first", "random"], alphas=[0.0, 0.01, 0.05, 0.10], control=False
+    )
     paper_like = {("mha", 8, "-", 0.0): 20.0}
     for g, start in ((1, 200.0), (4, 25.0)):
         for m, extra in (("mean", 0.0), ("first", 1.0), ("random", 3.0)):

@@ -18,7 +18,10 @@ WINDOWS, WINDOW = 12, 512
 def test_smollm2_gqa3_to_mqa_loads_generates_and_is_measured(smollm2_path, wikitext_test, tmp_path, record_property):
     out = tmp_path / "smollm2-mqa"
     report = convert_checkpoint(smollm2_path, out, 1, progress=False)
-    assert report.kv_heads_before == 3 and report.kv_cache_bytes_per_token_after * 3 == report.kv_cache_bytes_per_token_before
+    assert (
+        report.kv_heads_before == 3
+        and report.kv_cache_bytes_per_token_after * 3 == report.kv_cache_bytes_per_token_before
+    )
     tokenizer = AutoTokenizer.from_pretrained(out)
     ids = tokenize_file(tokenizer, str(wikitext_test), WINDOWS * WINDOW + 1)
     ppl = {}
@@ -47,7 +50,7 @@ def test_demo_command_runs_offline(smollm2_path, tmp_path):
 
     result = CliRunner().invoke(main, ["demo", "--output", str(tmp_path / "demo"), "--windows", "1", "--json"])
     assert result.exit_code == 0, result.output
-    r = json.loads(result.output[result.output.index("{"):])
+    r = json.loads(result.output[result.output.index("{") :])
     assert r["kv_heads"] == [3, 1]
     assert r["models"]["converted"]["kv_heads"] == 1
     assert r["models"]["original"]["perplexity"] < r["models"]["converted"]["perplexity"]

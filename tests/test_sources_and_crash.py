@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 
 from click.testing import CliRunner
+from tiny import save, tiny_model
 from transformers import AutoModelForCausalLM
 
 from convert.cli import main
-from tiny import save, tiny_model
 
 
 def fake_hub_cache(cache: Path, repo_id: str, files_from: Path, commit: str = "a" * 40) -> None:
@@ -55,13 +55,32 @@ def test_hub_id_resolves_from_the_local_cache_offline(tmp_path, monkeypatch):
 
 def test_sigkill_leaves_no_output_and_an_intact_source(tmp_path):
     # Large enough (~170 MB float32) that the kill lands while shards are being written.
-    model = tiny_model("llama", hidden_size=512, intermediate_size=1536, num_hidden_layers=12,
-                       num_attention_heads=8, num_key_value_heads=8, head_dim=64, vocab_size=8000)
+    model = tiny_model(
+        "llama",
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=12,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        head_dim=64,
+        vocab_size=8000,
+    )
     src = save(model, tmp_path / "src", shard="40MB")
     before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in src.iterdir()}
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "convert.cli", "convert", str(src), str(out), "-g", "1", "-q",
-           "--max-shard-size", "20MB"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "convert.cli",
+        "convert",
+        str(src),
+        str(out),
+        "-g",
+        "1",
+        "-q",
+        "--max-shard-size",
+        "20MB",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 60
     killed_mid_write = False

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
+from tiny import save, tiny_model
 
 from convert import convert_checkpoint
 from convert.checkpoint import _numpy_pool, open_source, plan_tensors
 from convert.families import family_for, supported_model_types
 from convert.tensorio import TensorInfo, float32_to, read_float32
-from tiny import save, tiny_model
 
 SPLIT = [t for t in supported_model_types() if family_for(t).layout == "split"]
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -26,7 +26,7 @@ def _tensors(folder) -> dict[str, torch.Tensor]:
     out = {}
     for f in sorted(folder.glob("*.safetensors")):
         with safe_open(f, "pt") as st:
-            out.update({k: st.get_tensor(k) for k in st.keys()})
+            out.update({k: st.get_tensor(k) for k in st})
     return out
 
 
@@ -104,8 +104,28 @@ def test_torch_does_what_numpy_cannot(case, tmp_path):
 def test_rounding_is_torchs(st, tmp_path):
     """float32 -> bf16/f16 rounding (ties to even, overflow to inf, NaN, subnormals) and the way back equal torch's."""
     dtype = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}[st]
-    special = torch.tensor([0.0, -0.0, 1.0, -1.5, float("inf"), -float("inf"), float("nan"), 3.4e38, -3.4e38,
-                            65504.0, 65520.0, 1e-40, -1e-45, 6e-8, 1.00390625, 1.01171875, 1 + 2**-8, 1 + 3 * 2**-8])
+    special = torch.tensor(
+        [
+            0.0,
+            -0.0,
+            1.0,
+            -1.5,
+            float("inf"),
+            -float("inf"),
+            float("nan"),
+            3.4e38,
+            -3.4e38,
+            65504.0,
+            65520.0,
+            1e-40,
+            -1e-45,
+            6e-8,
+            1.00390625,
+            1.01171875,
+            1 + 2**-8,
+            1 + 3 * 2**-8,
+        ]
+    )
     x = torch.cat([special, torch.randn(4096) * torch.logspace(-30, 30, 4096)])
     got = float32_to(x.numpy(), st)
     want = x.to(dtype).view({2: torch.int16, 4: torch.int32}[dtype.itemsize]).numpy()
@@ -139,8 +159,9 @@ def test_console_script_exit_codes(tmp_path):
     """The script exits without interpreter teardown: output, messages and exit codes must survive that."""
     src = save(tiny_model("llama"), tmp_path / "src")
     run = [sys.executable, "-m", "convert.cli"]
-    ok = subprocess.run([*run, "convert", str(src), str(tmp_path / "out"), "-g", "2", "-q"],
-                        capture_output=True, text=True)
+    ok = subprocess.run(
+        [*run, "convert", str(src), str(tmp_path / "out"), "-g", "2", "-q"], capture_output=True, text=True
+    )
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.strip().endswith(f"wrote {tmp_path / 'out'}")
     assert _tensors(tmp_path / "out")

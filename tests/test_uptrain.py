@@ -5,6 +5,7 @@ Every run trains a 2-layer, 64-wide llama on a toy corpus, so a whole run costs 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -25,8 +26,16 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "uptrain.py"
 # Shared by the runs below; block 32 x global batch 4 = 128 tokens a step.
 BASE = [
-    "block_size=32", "micro_batch_size=4", "grad_accum=1", "lr=3e-3", "warmup_steps=2", "seed=0",
-    "max_eval_blocks=8", "report_to=none", "eval_every=6", "save_every=6",
+    "block_size=32",
+    "micro_batch_size=4",
+    "grad_accum=1",
+    "lr=3e-3",
+    "warmup_steps=2",
+    "seed=0",
+    "max_eval_blocks=8",
+    "report_to=none",
+    "eval_every=6",
+    "save_every=6",
 ]
 
 
@@ -60,8 +69,9 @@ def recipe_command(args: list[str]) -> list[str]:
 
 
 def run_recipe(args: list[str], timeout: int = 600, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(recipe_command(args), capture_output=True, text=True, timeout=timeout,
-                          env=recipe_env(**env), cwd=REPO)
+    return subprocess.run(
+        recipe_command(args), capture_output=True, text=True, timeout=timeout, env=recipe_env(**env), cwd=REPO
+    )
 
 
 def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -88,10 +98,8 @@ def logged_steps(out: Path) -> int:
         return 0
     steps = [0]
     for line in text.splitlines():
-        try:
+        with contextlib.suppress(json.JSONDecodeError):
             steps.append(json.loads(line)["step"])
-        except json.JSONDecodeError:
-            pass
     return max(steps)
 
 
@@ -118,16 +126,27 @@ def scenario_three_steps(assets, out):
     model = out.parent / "model"
     shutil.copytree(assets["model"], model)
     (model / "NOTICE.txt").write_text("carried over\n")
-    return run_recipe([
-        *BASE, f"model={model}", f"data={assets['jsonl']}", "text_column=body", f"output_dir={out}",
-        "max_steps=3", "pretraining_tokens=38400", "--json",
-    ])
+    return run_recipe(
+        [
+            *BASE,
+            f"model={model}",
+            f"data={assets['jsonl']}",
+            "text_column=body",
+            f"output_dir={out}",
+            "max_steps=3",
+            "pretraining_tokens=38400",
+            "--json",
+        ]
+    )
 
 
 def scenario_reference(assets, out):
     """An uninterrupted 24-step run on one process: what the killed and the 2-process runs must reproduce."""
-    return ok(run_recipe([*BASE, *REFERENCE, f"model={assets['model']}", f"data={assets['corpus']}",
-                          f"output_dir={out}", "--quiet"]))
+    return ok(
+        run_recipe(
+            [*BASE, *REFERENCE, f"model={assets['model']}", f"data={assets['corpus']}", f"output_dir={out}", "--quiet"]
+        )
+    )
 
 
 def scenario_kill_and_resume(assets, out):
@@ -135,8 +154,13 @@ def scenario_kill_and_resume(assets, out):
     args = [*BASE, *REFERENCE, f"model={assets['model']}", f"data={assets['corpus']}", f"output_dir={out}", "--quiet"]
     out.mkdir(parents=True)
     with open(out.parent / "killed.log", "w") as log:
-        proc = subprocess.Popen(recipe_command(args), stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-                                env=recipe_env(GQA_UPTRAIN_STEP_DELAY="0.3"))  # slow steps: the kill lands mid-run
+        proc = subprocess.Popen(
+            recipe_command(args),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            env=recipe_env(GQA_UPTRAIN_STEP_DELAY="0.3"),
+        )  # slow steps: the kill lands mid-run
         checkpoint = out / "checkpoints" / "step-000006" / "trainer_state.json"
         deadline = time.time() + 400
         while time.time() < deadline and proc.poll() is None:
@@ -144,8 +168,13 @@ def scenario_kill_and_resume(assets, out):
                 break
             time.sleep(0.05)
         os.kill(proc.pid, signal.SIGKILL)
-        killed = {"returncode": proc.wait(60), "checkpoint": checkpoint.is_file(), "model": (out / "model").exists(),
-                  "logged": logged_steps(out), "log": (out.parent / "killed.log").read_text()[-3000:]}
+        killed = {
+            "returncode": proc.wait(60),
+            "checkpoint": checkpoint.is_file(),
+            "model": (out / "model").exists(),
+            "logged": logged_steps(out),
+            "log": (out.parent / "killed.log").read_text()[-3000:],
+        }
     # as if a second kill had hit while the next checkpoint was being written
     (out / "checkpoints" / ".tmp-step-000012").mkdir()
     (out / "checkpoints" / ".tmp-step-000012" / "model.safetensors").write_bytes(b"partial")
@@ -154,33 +183,77 @@ def scenario_kill_and_resume(assets, out):
 
 def scenario_two_processes(assets, out):
     launch = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "recipes/accelerate_ddp.yaml"),
-        "--num_processes", "2", "--main_process_port", str(free_port()), str(RECIPE),
-        *BASE, "max_steps=24", "micro_batch_size=2", "grad_accum=1", f"model={assets['model']}",
-        f"data={assets['corpus']}", f"output_dir={out}", "--quiet",
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "recipes/accelerate_ddp.yaml"),
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        str(free_port()),
+        str(RECIPE),
+        *BASE,
+        "max_steps=24",
+        "micro_batch_size=2",
+        "grad_accum=1",
+        f"model={assets['model']}",
+        f"data={assets['corpus']}",
+        f"output_dir={out}",
+        "--quiet",
     ]
     return subprocess.run(launch, capture_output=True, text=True, timeout=600, env=recipe_env(), cwd=REPO)
 
 
 def scenario_lora(assets, out):
-    return run_recipe([
-        *BASE, f"model={assets['model']}", f"data={assets['corpus']}", f"output_dir={out}", "max_steps=4",
-        "train=lora", "lora_modules=[q_proj,o_proj,up_proj]", "lora_r=4", "lr=1e-2", "--quiet",
-        "mixed_precision=bf16", "gradient_checkpointing=true",  # both through accelerate / transformers, on CPU
-    ])
+    return run_recipe(
+        [
+            *BASE,
+            f"model={assets['model']}",
+            f"data={assets['corpus']}",
+            f"output_dir={out}",
+            "max_steps=4",
+            "train=lora",
+            "lora_modules=[q_proj,o_proj,up_proj]",
+            "lora_r=4",
+            "lr=1e-2",
+            "--quiet",
+            "mixed_precision=bf16",
+            "gradient_checkpointing=true",  # both through accelerate / transformers, on CPU
+        ]
+    )
 
 
 def scenario_distillation(assets, out):
-    return run_recipe([
-        *BASE, f"model={assets['student']}", f"teacher={assets['teacher']}", f"data={assets['corpus']}",
-        f"output_dir={out}", "max_steps=12", "kd_weight=1.0", "kd_temperature=1.0", "lr=3e-3", "--quiet",
-    ])
+    return run_recipe(
+        [
+            *BASE,
+            f"model={assets['student']}",
+            f"teacher={assets['teacher']}",
+            f"data={assets['corpus']}",
+            f"output_dir={out}",
+            "max_steps=12",
+            "kd_weight=1.0",
+            "kd_temperature=1.0",
+            "lr=3e-3",
+            "--quiet",
+        ]
+    )
 
 
 def scenario_streaming_resume(assets, out):
     """A streamed 6-step run, then the same run resumed from its step-3 checkpoint."""
-    args = [*BASE, f"model={assets['model']}", f"data={assets['corpus']}", f"output_dir={out}", "max_steps=6",
-            "streaming=true", "save_every=3", "shuffle_buffer=50", "--quiet"]
+    args = [
+        *BASE,
+        f"model={assets['model']}",
+        f"data={assets['corpus']}",
+        f"output_dir={out}",
+        "max_steps=6",
+        "streaming=true",
+        "save_every=3",
+        "shuffle_buffer=50",
+        "--quiet",
+    ]
     first = ok(run_recipe(args))
     first_losses = losses(out)
     shutil.rmtree(out / "model")
@@ -190,16 +263,28 @@ def scenario_streaming_resume(assets, out):
 
 def scenario_nan(assets, out):
     return run_recipe(
-        [*BASE, f"model={assets['model']}", f"data={assets['corpus']}", f"output_dir={out}", "max_steps=8",
-         "save_every=2", "--quiet"],
+        [
+            *BASE,
+            f"model={assets['model']}",
+            f"data={assets['corpus']}",
+            f"output_dir={out}",
+            "max_steps=8",
+            "save_every=2",
+            "--quiet",
+        ],
         GQA_UPTRAIN_FAULT_NAN_AT="5",
     )
 
 
 SCENARIOS = {  # the longest chains first
-    "kill": scenario_kill_and_resume, "stream": scenario_streaming_resume, "ddp": scenario_two_processes,
-    "reference": scenario_reference, "three": scenario_three_steps, "lora": scenario_lora,
-    "distill": scenario_distillation, "nan": scenario_nan,
+    "kill": scenario_kill_and_resume,
+    "stream": scenario_streaming_resume,
+    "ddp": scenario_two_processes,
+    "reference": scenario_reference,
+    "three": scenario_three_steps,
+    "lora": scenario_lora,
+    "distill": scenario_distillation,
+    "nan": scenario_nan,
 }
 
 
@@ -367,7 +452,7 @@ def fails(recipe, capsys, args: list[str]) -> str:
     assert code == 2, err
     assert "error: " in err
     assert time.time() - started < 60
-    return err[err.index("error: "):]
+    return err[err.index("error: ") :]
 
 
 def test_bad_model_folders(recipe, assets, tmp_path, capsys):

@@ -10,8 +10,17 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from convert.families import family_for
 
 BASE = dict(
-    hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4,
-    vocab_size=160, max_position_embeddings=256, head_dim=8, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    vocab_size=160,
+    max_position_embeddings=256,
+    head_dim=8,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
     tie_word_embeddings=False,
 )
 # Only what a family needs beyond BASE to build small and to exercise its special case.
@@ -22,7 +31,9 @@ EXTRA: dict[str, dict] = {
     "gemma2": dict(head_dim=16),
     "gemma3_text": dict(head_dim=16, sliding_window=16),
     "mixtral": dict(num_local_experts=2, num_experts_per_tok=1),
-    "qwen2_moe": dict(num_experts=2, num_experts_per_tok=1, moe_intermediate_size=32, shared_expert_intermediate_size=32),
+    "qwen2_moe": dict(
+        num_experts=2, num_experts_per_tok=1, moe_intermediate_size=32, shared_expert_intermediate_size=32
+    ),
     "qwen3_moe": dict(num_experts=2, num_experts_per_tok=1, moe_intermediate_size=32),
     "olmoe": dict(num_experts=2, num_experts_per_tok=1),
     "granitemoe": dict(num_local_experts=2, num_experts_per_tok=1),
@@ -76,8 +87,11 @@ def make_groups_identical(model: torch.nn.Module, groups: int) -> None:
         for layer in range(s.num_layers):
             keys = family.attention_keys(layer, set(state))
             att = family.split(layer, state.__getitem__, keys, s)
-            same = {a: getattr(att, a)[::n].repeat_interleave(n, 0)
-                    for a in ("k", "v", "k_bias", "v_bias", "k_norm") if getattr(att, a) is not None}
+            same = {
+                a: getattr(att, a)[::n].repeat_interleave(n, 0)
+                for a in ("k", "v", "k_bias", "v_bias", "k_norm")
+                if getattr(att, a) is not None
+            }
             for key, t in family.join(layer, att.replace(**same), keys, s).items():
                 state[key].copy_(t.to(state[key].dtype))
 
