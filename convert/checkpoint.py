@@ -29,7 +29,15 @@ from .families import (
     family_for,
     shapes_for,
 )
-from .output import OutputLock, check_output, move_into_place, remove_stale_temp_folders, temp_folder, write_error
+from .output import (
+    OutputLock,
+    check_output,
+    is_write_error,
+    move_into_place,
+    remove_stale_temp_folders,
+    temp_folder,
+    write_error,
+)
 from .planning import DTYPE_CHOICES, OutTensor, assign_shards, output_st, parse_size, plan_tensors
 from .pooling import WEIGHT_ONLY_POOLS
 from .report import PROVENANCE, Report, model_card, provenance
@@ -44,7 +52,7 @@ from .tensorio import (
     read_tensor,
     sync_folder,
 )
-from .writing import copy_side_files, numpy_layers, numpy_pool, torch_layers, verify_output, write_shards
+from .writing import copy_side_files, numpy_layers, numpy_pool, torch_layers, verify_output, write_shards, write_text
 
 if TYPE_CHECKING:  # torch loads on a background thread during a conversion (see Conversion.open)
     import torch
@@ -322,6 +330,8 @@ class Conversion:
                 self.verify()
                 self.finish()
             except OSError as e:
+                if not is_write_error(e, self.tmp):
+                    raise
                 raise write_error(e, self.output, self.bytes_out) from e
         finally:
             self.clean_up()
@@ -405,11 +415,11 @@ class Conversion:
         if s.dtype != "keep":
             raw["dtype"] = s.dtype
             raw.pop("torch_dtype", None)
-        (tmp / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
+        write_text(tmp / "config.json", json.dumps(raw, indent=2, sort_keys=True) + "\n")
         copy_side_files(self.src.folder, tmp, SIDE_FILES)
-        (tmp / "README.md").write_text(model_card(self.report, self.src.name))
+        write_text(tmp / "README.md", model_card(self.report, self.src.name))
         settings = {"seed": s.seed, "revision": s.revision, "max_shard_size": str(s.max_shard_size), **self.options}
-        (tmp / PROVENANCE).write_text(json.dumps(provenance(self.report, settings), indent=2) + "\n")
+        write_text(tmp / PROVENANCE, json.dumps(provenance(self.report, settings), indent=2) + "\n")
         if self.merger is not None:
             self.merger.finish(tmp, self.report)
 

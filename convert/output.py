@@ -188,6 +188,13 @@ def check_output(src_folder: Path, output: Path, overwrite: bool, needed_bytes: 
         )
 
 
+def is_write_error(error: OSError, tmp: Path | None) -> bool:
+    """Whether an error of the write phases is the output's (full disk, size limit, or a file in `tmp`)."""
+    if error.errno in SPACE_ERRORS or error.errno == errno.EFBIG:
+        return True
+    return tmp is not None and error.filename is not None and str(error.filename).startswith(str(tmp))
+
+
 def write_error(error: OSError, output: Path, needed_bytes: int) -> ConversionError:
     """One line for a failed write: which file, what ran out, and how much room the conversion needs."""
     where = error.filename or f"the temporary folder beside {output}"

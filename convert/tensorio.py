@@ -214,7 +214,7 @@ def copy_raw(info: TensorInfo, out_fd: int, out_offset: int, writeback: bool = F
 WRITE_FAILURES = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO}
 
 
-def _named(error: OSError, path: Path) -> OSError:
+def named(error: OSError, path: Path) -> OSError:
     """The same error, naming the output file it happened in (positional writes raise it without a name)."""
     if error.filename is None and error.errno is not None:
         return OSError(error.errno, error.strerror, str(path))
@@ -370,7 +370,7 @@ class ShardWriter:
             write_all(self.fd, struct.pack("<Q", len(raw)) + raw, 0)
         except OSError as e:
             self.discard()
-            raise _named(e, path) from e
+            raise named(e, path) from e
         self.base = 8 + len(raw)
         self.written: set[str] = set()
 
@@ -392,7 +392,7 @@ class ShardWriter:
         try:
             write_all(self.fd, data, offset)
         except OSError as e:
-            raise _named(e, self.path) from e
+            raise named(e, self.path) from e
         if self.durable:
             start_writeback(self.fd, offset, size)
 
@@ -406,7 +406,7 @@ class ShardWriter:
         except OSError as e:
             if e.errno not in WRITE_FAILURES:  # a read error of the source file: its own name is the one to give
                 raise
-            raise _named(e, self.path) from e
+            raise named(e, self.path) from e
 
     def close(self) -> None:
         """Check that every declared tensor was written (or handed to the copier)."""
@@ -419,7 +419,7 @@ class ShardWriter:
             try:
                 os.fsync(self.fd)
             except OSError as e:
-                raise _named(e, self.path) from e
+                raise named(e, self.path) from e
         self.discard()
 
     def discard(self) -> None:

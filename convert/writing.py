@@ -15,7 +15,17 @@ from tqdm.auto import tqdm
 from .core import convert_layer
 from .planning import OutTensor
 from .pooling import WEIGHT_ONLY_POOLS, relative_error
-from .tensorio import NUMPY_FLOATS, Copier, ShardWriter, float32_to, nbytes, read_float32, read_tensor, tensor_bytes
+from .tensorio import (
+    NUMPY_FLOATS,
+    Copier,
+    ShardWriter,
+    float32_to,
+    named,
+    nbytes,
+    read_float32,
+    read_tensor,
+    tensor_bytes,
+)
 
 if TYPE_CHECKING:  # torch loads on a background thread during a conversion (see convert.checkpoint)
     import numpy as np
@@ -93,7 +103,7 @@ def write_shards(
         bar.close()
     if len(shards) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        write_text(folder / "model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
     return weight_map
 
 
@@ -165,12 +175,23 @@ def torch_layers(
     return compute_layer
 
 
+def write_text(path: Path, text: str) -> None:
+    """Write a small file; a failure names it (a failed write() does not say which file it was writing)."""
+    try:
+        path.write_text(text)
+    except OSError as e:
+        raise named(e, path) from e
+
+
 def copy_side_files(src: Path, dst: Path, patterns: list[str]) -> list[str]:
     """Copy the tokenizer and generation files (`patterns`) from the source folder."""
     copied = []
     for f in sorted(src.iterdir()):
         if f.is_file() and any(fnmatch(f.name, p) for p in patterns):
-            shutil.copy2(f, dst / f.name)
+            try:
+                shutil.copy2(f, dst / f.name)
+            except OSError as e:
+                raise named(e, dst / f.name) from e
             copied.append(f.name)
     return copied
 
