@@ -325,14 +325,14 @@ class Conversion:
             return self._new_report(rewrites)
         try:
             self.check()
-            try:
-                self.write()
-                self.verify()
-                self.finish()
-            except OSError as e:
-                if not is_write_error(e, self.tmp):
-                    raise
-                raise write_error(e, self.output, self.bytes_out) from e
+            self.write()
+            self.verify()
+            self.finish()
+        except OSError as e:
+            if not is_write_error(e, self.output):
+                raise
+            largest = max(sum(nbytes(t.st, t.shape) for t in shard) for shard in self.shards)
+            raise write_error(e, self.output, self.bytes_out, largest) from e
         finally:
             self.clean_up()
         return self.report

@@ -109,9 +109,13 @@ class OutputLock:
             if holder and holder.split()[0] != host_name():
                 os.close(fd)
                 raise ConversionError(self._held_message(holder, maybe_stale=True))
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, me.encode(), 0)
             self.fd = fd
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, me.encode(), 0)
+            except OSError as e:  # a full disk, say: no lock file stays behind
+                self.release()
+                raise OSError(e.errno, e.strerror, str(self.path)) from e
         return self
 
     @staticmethod
@@ -188,14 +192,16 @@ def check_output(src_folder: Path, output: Path, overwrite: bool, needed_bytes: 
         )
 
 
-def is_write_error(error: OSError, tmp: Path | None) -> bool:
-    """Whether an error of the write phases is the output's (full disk, size limit, or a file in `tmp`)."""
+def is_write_error(error: OSError, output: Path) -> bool:
+    """Whether an error is the output side's: a full disk, the size limit, or a file of OUTPUT's own (its lock,
+    its temporary folder, OUTPUT itself), rather than a source file that could not be read."""
     if error.errno in SPACE_ERRORS or error.errno == errno.EFBIG:
         return True
-    return tmp is not None and error.filename is not None and str(error.filename).startswith(str(tmp))
+    name = str(error.filename or "")
+    return name == str(output) or name.startswith(str(output.parent / f".{output.name}.gqa-"))
 
 
-def write_error(error: OSError, output: Path, needed_bytes: int) -> ConversionError:
+def write_error(error: OSError, output: Path, needed_bytes: int, largest_file: int) -> ConversionError:
     """One line for a failed write: which file, what ran out, and how much room the conversion needs."""
     where = error.filename or f"the temporary folder beside {output}"
     need = f"{(needed_bytes + SPARE_BYTES) / 1e9:.2f} GB"
@@ -209,8 +215,8 @@ def write_error(error: OSError, output: Path, needed_bytes: int) -> ConversionEr
     if error.errno == errno.EFBIG:
         return ConversionError(
             f"writing {where} failed: the file is larger than this process may write (the file-size limit, "
-            f"`ulimit -f`, or the file system's largest file). Raise the limit (the largest shard is at most "
-            f"--max-shard-size; the conversion writes {need} in all) or pass a smaller --max-shard-size"
+            f"`ulimit -f`, or the file system's largest file). Raise the limit above {largest_file / 1e6:.1f} MB "
+            f"(the largest output file) or pass a --max-shard-size below it"
         )
     return ConversionError(f"writing {where} failed: {error.strerror or error}. Check OUTPUT's disk and permissions")
 

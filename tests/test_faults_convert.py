@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from fnmatch import fnmatch
 from pathlib import Path
 
 import pytest
@@ -152,7 +153,7 @@ def test_file_size_limit_fails_cleanly_and_a_rerun_succeeds(small, tmp_path):
     assert failed.returncode == 2, failed.stderr
     assert "Traceback" not in failed.stderr
     [line] = error_lines(failed.stderr)
-    assert "model.safetensors failed" in line and "file-size limit" in line and "--max-shard-size" in line
+    assert "model.safetensors failed" in line and "file-size limit" in line and "--max-shard-size below it" in line
     assert not out.exists() and leftovers(out) == []
     ok = subprocess.run(command(small, out), capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
@@ -196,19 +197,24 @@ def _full_disk(monkeypatch, where: str, after: int = 0) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    ("where", "file"),
-    [("copy", "/model-00001-of-"), ("write", ".safetensors"), ("small", "/config.json")],
+    ("where", "after", "file"),
+    [
+        ("copy", 0, "/.out.gqa-tmp-*/model-00001-of-0000?.safetensors"),  # the copier thread's first copy
+        ("write", 0, "/.out.gqa-lock"),  # the first write of all
+        ("write", 2_000, "/.out.gqa-tmp-*/model-0000?-of-0000?.safetensors"),  # past the headers: a merged tensor
+        ("small", 0, "/.out.gqa-tmp-*/config.json"),
+    ],
 )
-def test_disk_full_fails_cleanly_and_a_rerun_succeeds(where, file, small, tmp_path, monkeypatch):
+def test_disk_full_fails_cleanly_and_a_rerun_succeeds(where, after, file, small, tmp_path, monkeypatch):
     out = tmp_path / "out"
     args = ["convert", str(small), str(out), "-g", "1", "-q", "--max-shard-size", "100KB"]
-    hits = _full_disk(monkeypatch, where, after=2_000)  # past the first headers, into the merged tensors
+    hits = _full_disk(monkeypatch, where, after)
     failed = CliRunner().invoke(main, args)
     assert hits, "the injected fault was never reached"
     assert failed.exit_code == 2, failed.output
     [line] = error_lines(failed.output)
-    assert "the disk is full" in line and "needs" in line and "GB free" in line and "Free some space" in line
-    assert file in line and ".out.gqa-tmp-" in line
+    assert fnmatch(line, f"error: writing {tmp_path}{file} failed: the disk is full (the conversion needs *")
+    assert "GB free beside" in line and "Free some space or choose an OUTPUT on another disk" in line
     assert "Traceback" not in failed.output
     assert not out.exists() and leftovers(out) == []
     monkeypatch.undo()
