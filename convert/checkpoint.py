@@ -301,14 +301,17 @@ class Conversion:
     removes both and restores the torch thread count.
     """
 
+    # Set by open and plan:
+    src: Source
+    tensors: list[OutTensor]  # every output tensor, in layer order
+    s_out: Shapes
+    pool: Callable | None  # the numpy pooling function, or None: a torch method merges
+    shards: list[list[OutTensor]]
+    bytes_out: int
+
     def __init__(self, source: str | Path, output: str | Path, groups: int, method: str, settings: Settings) -> None:
-        self.source, self.output, self.groups, self.method, self.settings = (
-            source,
-            Path(output),
-            groups,
-            method,
-            settings,
-        )
+        self.source, self.output, self.groups, self.method = source, Path(output), groups, method
+        self.settings = settings
         self.options = settings.method_options or {}
         self.methods: Callable[[], Any] | None = None  # waits for convert.methods (and torch) to finish importing
         self.merger: Method | None = None
