@@ -127,8 +127,8 @@ class OutputLock:
         return True
 
     def _held_message(self, holder: str, maybe_stale: bool = False) -> str:
-        host, _, pid = (holder or "an unknown host ?").partition(" ")
-        who = f"pid {pid} on host {host}" if holder else "another process"
+        host, _, pid = holder.partition(" ")
+        who = f"pid {pid} on host {host}" if pid else "a process that is starting"
         if maybe_stale:
             return (
                 f"OUTPUT {self.output} is locked by a conversion on another host ({who}; lock file {self.path}). "
