@@ -340,6 +340,10 @@ FAMILIES: tuple[Family, ...] = (
     ),
 )
 
+from .families_mha import MHA_FAMILIES  # noqa: E402  (its rows build on the classes above)
+
+FAMILIES = FAMILIES + MHA_FAMILIES
+
 # Families whose q/k norms make a merged key only approximately equal to the pooled source keys.
 QK_NORM_FAMILIES = ("qwen3", "qwen3_moe", "olmo2", "olmoe", "gemma3_text", "cohere", "exaone4", "apertus")
 
