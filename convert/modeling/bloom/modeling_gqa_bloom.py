@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers import BloomForCausalLM
-from transformers.models.bloom.modeling_bloom import BloomAttention, dropout_add
+from transformers.models.bloom.modeling_bloom import BloomAttention, BloomModel, BloomPreTrainedModel, dropout_add
 
 from .configuration_gqa_bloom import GQABloomConfig
 from .gqa_attention import attend
@@ -50,12 +50,24 @@ class GQABloomAttention(BloomAttention):
         return dropout_add(out, residual, self.hidden_dropout, self.training), weights
 
 
-class GQABloomForCausalLM(BloomForCausalLM):
+class GQABloomModel(BloomModel):
     config_class = GQABloomConfig
     _supports_sdpa = True  # the attention goes through transformers' interface, ALiBi as a position bias
 
     def __init__(self, config: GQABloomConfig):
         super().__init__(config)
-        for i, block in enumerate(self.transformer.h):
+        for i, block in enumerate(self.h):
             block.self_attention = GQABloomAttention(config, layer_idx=i)
+        self.post_init()
+
+
+class GQABloomForCausalLM(BloomForCausalLM):
+    config_class = GQABloomConfig
+    _supports_sdpa = True
+
+    def __init__(self, config: GQABloomConfig):
+        # BloomForCausalLM.__init__ would build a stock BloomModel, which refuses sdpa: the same three steps here
+        BloomPreTrainedModel.__init__(self, config)
+        self.transformer = GQABloomModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
