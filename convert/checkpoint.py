@@ -37,7 +37,7 @@ from .families import (
 )
 from .families_mha import modeling_template
 from .pooling import WEIGHT_ONLY_POOLS, relative_error
-from .shipped import require_flag, ship_modeling_code, shipped_note
+from .shipped import check_method, require_flag, ship_modeling_code, shipped_note
 from .tensorio import (
     DTYPES,
     FLOATING,
@@ -676,6 +676,7 @@ def convert_checkpoint(
     template = modeling_template(src.family, num_kv_heads, s_in.num_heads)
     if template:
         require_flag(template, write_modeling_code, f"{src.raw_config['model_type']} with {num_kv_heads} KV heads")
+        check_method(template, method)
     plan, s_out = plan_tensors(src, num_kv_heads, dtype)
     pool = _numpy_pool(src, plan, method, dtype, method_options)
     if pool is None and methods is None:

@@ -22,6 +22,9 @@ from .families import ConversionError
 TEMPLATES = Path(__file__).parent / "modeling"
 COMMON = "common"
 FLAG = "--write-modeling-code"
+# Methods that read the weights alone. The calibrated method runs the layers of the stock source class and writes
+# into the stock output class: the shipped-code routes are not covered by it.
+SHIPPED_METHODS = ("mean", "first", "random")
 
 
 def load_hint(loads_with: str = "AutoModelForCausalLM") -> str:
@@ -63,6 +66,14 @@ def shipped_note(template: str) -> str:
         f"route: modeling code shipped with the checkpoint (model_type {m['model_type']}, "
         f"{', '.join(m['architectures'])}); load with {load_hint(m.get('loads_with', 'AutoModelForCausalLM'))}"
     )
+
+
+def check_method(template: str, method: str) -> None:
+    if method not in SHIPPED_METHODS:
+        raise ConversionError(
+            f"--method {method} is not available where the output ships its own modeling code "
+            f"({template_manifest(template)['model_type']}): use --method {', '.join(SHIPPED_METHODS)}"
+        )
 
 
 def ship_modeling_code(template: str, folder: Path, raw_config: dict, num_kv_heads: int | None = None) -> dict:
