@@ -231,6 +231,11 @@ def inspect(source: str, revision: str | None, allow_pickle: bool, as_json: bool
 )
 @click.option("--new-tokens", type=int, default=32, show_default=True, help="Tokens decoded per measurement.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... or auto.")
+@click.option(
+    "--trust-remote-code",
+    is_flag=True,
+    help="Let transformers run modeling code shipped with a model (outputs written with --write-modeling-code).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def eval_(
     models: tuple[str, ...],
@@ -241,6 +246,7 @@ def eval_(
     contexts: str,
     new_tokens: int,
     device: str,
+    trust_remote_code: bool,
     as_json: bool,
 ) -> None:
     """Perplexity, KV-cache bytes per token and decode speed of MODELS, as one table with ratios to the first."""
@@ -266,6 +272,7 @@ def eval_(
             contexts=ctx,
             new_tokens=new_tokens,
             device=device,
+            trust_remote_code=trust_remote_code,
         )
     except (ValueError, OSError) as e:
         _fail(e)

@@ -192,6 +192,25 @@ def test_mpt_variant_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
+def test_eval_needs_trust_remote_code(tmp_path: Path) -> None:
+    """`gqa-convert eval` refuses shipped code unless --trust-remote-code, then scores it."""
+    from test_eval import word_tokenizer
+
+    build("gpt2").save_pretrained(tmp_path / "src")
+    convert(tmp_path / "src", tmp_path / "out", 2)
+    word_tokenizer(160).save_pretrained(tmp_path / "out")
+    args = ["eval", str(tmp_path / "out"), "--contexts", "16", "--new-tokens", "2", "--max-windows", "2"]
+    args += ["--window", "16", "--json"]
+    refused = CliRunner().invoke(main, args)
+    assert refused.exit_code == 2
+    assert "--trust-remote-code" in refused.output and "modeling_gqa_gpt2.py" in refused.output
+    result = CliRunner().invoke(main, [*args, "--trust-remote-code"])
+    assert result.exit_code == 0, result.output
+    row = json.loads(result.output)[0]
+    assert (row["model_type"], row["num_kv_heads"]) == ("gqa_gpt2", 2)
+    assert row["perplexity"] > 1
+
+
 LOADER = """
 import sys, torch
 from transformers import AutoModelForCausalLM
