@@ -259,6 +259,8 @@ def open_source(
     for f in files:
         infos = read_pickle_header(f) if is_pickle else read_header(f)[0]
         tensors.update(infos)
+    if hasattr(family, "for_keys"):  # tensor names with or without the base model's prefix
+        family = family.for_keys(set(tensors))
     src = Source(folder, name, raw, family, shapes_for(family, view), tensors, is_pickle, trust_remote_code, config)
     _check_weights(src)
     return src

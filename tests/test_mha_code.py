@@ -126,6 +126,18 @@ def test_generate_with_cache_equals_recomputation(kind: str, groups: int, tmp_pa
             )
 
 
+@pytest.mark.parametrize("kind", ["gpt2", "opt", "bloom"])
+def test_checkpoint_saved_from_the_base_model(kind: str, tmp_path: Path) -> None:
+    """The hub's gpt2, opt and bloom name tensors without the `transformer.` / `model.` prefix (saved from the base
+    model, head tied to the embedding): they convert, and load into the causal LM with the source's logits."""
+    model = build(kind)
+    make_groups_identical(model, 2)
+    model.base_model.save_pretrained(tmp_path / "src")
+    convert(tmp_path / "src", tmp_path / "out", 2)
+    with torch.no_grad():
+        torch.testing.assert_close(load(tmp_path / "out")(ids()).logits, model(ids()).logits, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("method", ["mean", "first", "random"])
 def test_every_weight_method(method: str, tmp_path: Path) -> None:
     build("bloom").save_pretrained(tmp_path / "src")
