@@ -828,4 +828,8 @@ def describe(source: str | Path, revision: str | None = None, allow_pickle: bool
         "dtype": DTYPES[st][0],
         "parameters": sum(math.prod(t.shape) for t in src.tensors.values()),
         "valid_num_kv_heads": {g: kv_cache_bytes_per_token(s, g, st) for g in valid_groups(s)},
+        # G -> how the output of that G loads, where it needs shipped modeling code (--write-modeling-code)
+        "shipped_code": {
+            g: shipped_note(t) for g in valid_groups(s) if (t := modeling_template(src.family, g, s.num_heads))
+        },
     }

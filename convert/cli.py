@@ -208,9 +208,13 @@ def inspect(source: str, revision: str | None, allow_pickle: bool, as_json: bool
         f"rotary dims {info['rotary_dim']}"
     )
     click.echo("  --num-kv-heads   KV cache per token")
+    shipped = info.get("shipped_code", {})
     for g, n in info["valid_num_kv_heads"].items():
         mark = "  (current)" if g == info["num_kv_heads"] else ""
+        mark += "  (shipped code: --write-modeling-code)" if g in shipped else ""
         click.echo(f"  {g:>14}   {n:>10,} B{mark}")
+    for note in dict.fromkeys(shipped.values()):
+        click.echo(f"  {note}")
 
 
 @main.command("eval")

@@ -193,6 +193,19 @@ def test_source_code_is_never_copied(tmp_path: Path) -> None:
     assert "trust_remote_code=True" in card
 
 
+def test_inspect_says_the_route(tmp_path: Path) -> None:
+    """inspect marks the G values that need shipped code, and reads a shipped output without running its code."""
+    build("mpt").save_pretrained(tmp_path / "src")
+    result = CliRunner().invoke(main, ["inspect", str(tmp_path / "src")])
+    assert result.exit_code == 0, result.output
+    lines = {line.split()[0]: line for line in result.output.splitlines() if line.strip()[:1].isdigit()}
+    assert "shipped code" in lines["2"] and "shipped code" not in lines["8"]
+    assert "GQAMptForCausalLM" in result.output and "trust_remote_code=True" in result.output
+    convert(tmp_path / "src", tmp_path / "out", 4)
+    info = json.loads(CliRunner().invoke(main, ["inspect", str(tmp_path / "out"), "--json"]).output)
+    assert (info["model_type"], info["num_kv_heads"], sorted(info["shipped_code"])) == ("gqa_mpt", 4, ["1", "2", "4"])
+
+
 def test_mpt_variant_refused(tmp_path: Path) -> None:
     model = build("mpt")
     model.save_pretrained(tmp_path / "src")
