@@ -206,6 +206,13 @@ def test_inspect_says_the_route(tmp_path: Path) -> None:
     assert (info["model_type"], info["num_kv_heads"], sorted(info["shipped_code"])) == ("gqa_mpt", 4, ["1", "2", "4"])
 
 
+def test_in_memory_conversion_points_to_the_folder_route() -> None:
+    from convert import convert_model
+
+    with pytest.raises(ConversionError, match="--write-modeling-code"):
+        convert_model(build("gpt2"), 2)
+
+
 def test_mpt_variant_refused(tmp_path: Path) -> None:
     model = build("mpt")
     model.save_pretrained(tmp_path / "src")
