@@ -243,6 +243,25 @@ def test_eval_needs_trust_remote_code(tmp_path: Path) -> None:
     assert row["perplexity"] > 1
 
 
+def test_hub_id_from_the_offline_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hub-style gpt2 (base-model names, tied head) from the local hub cache with HF_HUB_OFFLINE=1."""
+    import huggingface_hub.constants as c
+    from test_sources_and_crash import fake_hub_cache
+
+    model = build("gpt2")
+    make_groups_identical(model, 4)
+    model.base_model.save_pretrained(tmp_path / "src")
+    fake_hub_cache(tmp_path / "hub", "tiny-org/tiny-gpt2", tmp_path / "src")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    args = ["convert", "tiny-org/tiny-gpt2", str(tmp_path / "out"), "-g", "4", "-q", "--write-modeling-code"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    with torch.no_grad():
+        torch.testing.assert_close(load(tmp_path / "out")(ids()).logits, model(ids()).logits, rtol=1e-4, atol=1e-5)
+
+
 LOADER = """
 import sys, torch
 from transformers import AutoModelForCausalLM
