@@ -115,6 +115,7 @@ def test_generate_with_cache_equals_recomputation(kind: str, groups: int, tmp_pa
     assert torch.equal(out, seq)
     if kind in SDPA:
         sdpa = load(tmp_path / "out", "sdpa")
+        assert sdpa.config._attn_implementation == "sdpa"
         x, mask = ids(2, 10), torch.ones(2, 10, dtype=torch.long)
         mask[1, :3] = 0  # left padding
         with torch.no_grad():
@@ -124,6 +125,9 @@ def test_generate_with_cache_equals_recomputation(kind: str, groups: int, tmp_pa
                 rtol=1e-4,
                 atol=1e-5,
             )
+        # decoding one token at a time (sdpa packs the query heads of a group) with a padded batch
+        kw = dict(attention_mask=mask, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+        assert torch.equal(sdpa.generate(x, **kw), model.generate(x, **kw))
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "opt", "bloom"])
