@@ -74,9 +74,12 @@ def test_shipped_code_at_h_heads_is_the_source(kind: str, tmp_path: Path) -> Non
     (tmp_path / "config.json").write_text(json.dumps(raw))
     shipped = load(tmp_path)
     assert type(shipped).__name__.startswith("GQA")
-    x = ids()
+    x, mask = ids(), torch.ones(2, 12, dtype=torch.long)
+    mask[0, :4] = 0  # left padding
     with torch.no_grad():
         torch.testing.assert_close(shipped(x).logits, model(x).logits, rtol=1e-4, atol=1e-5)
+        got, want = shipped(x, attention_mask=mask).logits, model(x, attention_mask=mask).logits
+    torch.testing.assert_close(got[mask.bool()], want[mask.bool()], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", list(CONFIGS))
