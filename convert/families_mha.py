@@ -213,6 +213,24 @@ MHA_FAMILIES: tuple[MhaFamily, ...] = (
 )
 
 
+def takes_shipped_route(raw: dict, groups: int | None) -> bool:
+    """Whether a classic MHA source is read with these rows (as it is, shipped code below H) rather than
+    re-expressed as a stock class (convert.reexpress, where that route exists). bloom, mpt and every gqa_<x>
+    output: always. gpt2 and pre-LN opt: only at 1 < G < H, where no stock class holds G (at G = 1 gpt_bigcode's
+    multi-query does). Post-LN opt (opt-350m): below H. `groups` None (inspect): the stock route where there is one.
+    """
+    family = next((f for f in MHA_FAMILIES if raw.get("model_type") in f.model_types), None)
+    if family is None:
+        return False
+    if family.template not in ("gpt2", "opt") or raw["model_type"].startswith("gqa_"):
+        return True
+    if groups is None:
+        return False
+    heads = family.config_view(raw).num_attention_heads
+    post_ln = raw["model_type"] == "opt" and raw.get("do_layer_norm_before") is False
+    return groups < heads and (groups > 1 or post_ln)
+
+
 def modeling_template(family: Family, groups: int, num_heads: int) -> str | None:
     """The shipped-code template a conversion to `groups` KV heads needs, or None (the stock class holds it)."""
     if not isinstance(family, MhaFamily):

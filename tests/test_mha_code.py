@@ -220,6 +220,19 @@ def test_in_memory_conversion_points_to_the_folder_route() -> None:
         convert_model(build("gpt2"), 2)
 
 
+def test_route_between_stock_and_shipped_code() -> None:
+    """Which classic sources these rows read as they are (the rest is re-expressed as a stock class)."""
+    from convert.families_mha import takes_shipped_route
+
+    gpt2, opt = {"model_type": "gpt2", "n_head": 8}, {"model_type": "opt", "num_attention_heads": 8}
+    post_ln = {**opt, "do_layer_norm_before": False}
+    assert [takes_shipped_route(gpt2, g) for g in (None, 1, 2, 4, 8)] == [False, False, True, True, False]
+    assert [takes_shipped_route(opt, g) for g in (1, 2, 8)] == [False, True, False]
+    assert [takes_shipped_route(post_ln, g) for g in (1, 2, 8)] == [True, True, False]
+    assert all(takes_shipped_route({"model_type": t}, g) for t in ("bloom", "mpt", "gqa_gpt2") for g in (None, 1))
+    assert not takes_shipped_route({"model_type": "llama"}, 1)
+
+
 def test_mpt_variant_refused(tmp_path: Path) -> None:
     model = build("mpt")
     model.save_pretrained(tmp_path / "src")
