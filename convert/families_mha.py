@@ -161,6 +161,10 @@ def _refusals(raw: dict) -> list[tuple[bool, str]]:
             "mpt prefix-LM / sequence-id attention is not supported by transformers' MptForCausalLM",
         ),
         (attn.get("alibi") is False, "mpt without alibi is not supported by transformers' MptForCausalLM"),
+        (
+            attn.get("attn_type", "multihead_attention") != "multihead_attention",
+            f"mpt with attn_type={attn.get('attn_type')!r} is not supported by transformers' MptForCausalLM",
+        ),
     ]
 
 
