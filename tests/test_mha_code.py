@@ -198,6 +198,8 @@ def test_source_code_is_never_copied(tmp_path: Path) -> None:
     ]
     card = (tmp_path / "out" / "README.md").read_text()
     assert "trust_remote_code=True" in card
+    notes = json.loads((tmp_path / "out" / "gqa_convert.json").read_text())["notes"]
+    assert any("GQAOPTForCausalLM" in n and "trust_remote_code=True" in n for n in notes)
 
 
 def test_inspect_says_the_route(tmp_path: Path) -> None:
