@@ -287,29 +287,38 @@ def test_hub_id_from_the_offline_cache(tmp_path: Path, monkeypatch: pytest.Monke
 LOADER = """
 import sys, torch
 from transformers import AutoModelForCausalLM
-folder, trust = sys.argv[1], sys.argv[2] == "1"
-try:
-    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=trust)
-except Exception as e:
-    print(type(e).__name__, e)
-    sys.exit(3)
-x = torch.arange(3, 12)[None]
-print(type(model).__name__, model.config.num_key_value_heads, tuple(model(x).logits.shape))
+trust = sys.argv[1] == "1"
+for folder in sys.argv[2:]:
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=trust)
+    except Exception as e:
+        print("refused", type(e).__name__, str(e).replace(chr(10), " "))
+        continue
+    with torch.no_grad():
+        torch.save(model(torch.arange(3, 12)[None]).logits, folder + ".logits.pt")
+    print("loaded", type(model).__name__, model.config.num_key_value_heads)
 """
 
 
 @pytest.mark.slow
 def test_loads_in_a_fresh_process(tmp_path: Path) -> None:
-    """A fresh interpreter loads the output with trust_remote_code=True, and refuses clearly without it."""
-    build("gpt2").save_pretrained(tmp_path / "src")
-    convert(tmp_path / "src", tmp_path / "out", 2)
+    """A fresh interpreter loads every shipped-code output with trust_remote_code=True (same logits as here), and
+    refuses each clearly without it."""
+    kinds = ["gpt2", "opt-post-ln", "bloom", "mpt"]
+    for kind in kinds:
+        build(kind).save_pretrained(tmp_path / kind)
+        convert(tmp_path / kind, tmp_path / f"{kind}-out", 2)
+    folders = [str(tmp_path / f"{kind}-out") for kind in kinds]
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
     run = lambda trust: subprocess.run(
-        [sys.executable, "-c", LOADER, str(tmp_path / "out"), trust], capture_output=True, text=True, env=env
-    )
-    ok = run("1")
-    assert ok.returncode == 0, ok.stderr[-2000:]
-    assert ok.stdout.split()[-5:] == ["GQAGPT2LMHeadModel", "2", "(1,", "9,", "160)"]
-    refused = run("0")
-    assert refused.returncode == 3
-    assert "trust_remote_code" in refused.stdout
+        [sys.executable, "-c", LOADER, trust, *folders], capture_output=True, text=True, env=env, check=True
+    ).stdout.splitlines()
+    loaded = [line for line in run("1") if line.startswith(("loaded", "refused"))]
+    names = ["GQAGPT2LMHeadModel", "GQAOPTForCausalLM", "GQABloomForCausalLM", "GQAMptForCausalLM"]
+    assert loaded == [f"loaded {name} 2" for name in names]
+    for folder in folders:
+        with torch.no_grad():
+            here = load(Path(folder))(torch.arange(3, 12)[None]).logits
+        torch.testing.assert_close(torch.load(folder + ".logits.pt"), here)
+    refused = [line for line in run("0") if line.startswith(("loaded", "refused"))]
+    assert len(refused) == 4 and all(line.startswith("refused") and "trust_remote_code" in line for line in refused)
