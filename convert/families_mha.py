@@ -107,8 +107,8 @@ class MhaFamily(Family):
         w = join(att.q, att.k, att.v).reshape(-1, D)  # [(H + 2G) d, D]
         o = att.o.reshape(D, H * d)
         out = {
-            f"{p}{self.fused}.weight": w.T if self.transposed else w,
-            f"{p}{self.o}.weight": o.T if self.transposed else o,
+            f"{p}{self.fused}.weight": w.T.contiguous() if self.transposed else w,  # back to Conv1D's [in, out]
+            f"{p}{self.o}.weight": o.T.contiguous() if self.transposed else o,
         }
         if att.q_bias is not None:
             out[f"{p}{self.fused}.bias"] = join(
