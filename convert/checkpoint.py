@@ -29,6 +29,7 @@ from .families import (
     family_for,
     shapes_for,
 )
+from .families_mha import modeling_template
 from .output import (
     OutputLock,
     check_output,
@@ -41,6 +42,7 @@ from .output import (
 from .planning import DTYPE_CHOICES, OutTensor, assign_shards, output_st, parse_size, plan_tensors
 from .pooling import WEIGHT_ONLY_POOLS
 from .report import PROVENANCE, Report, model_card, provenance
+from .shipped import check_method, require_flag, ship_modeling_code, shipped_note
 from .tensorio import (
     DTYPES,
     FLOATING,
@@ -194,6 +196,8 @@ def _plain_view(raw: dict, family: Family) -> SimpleNamespace | None:
     A missing key would take the config class's default (gemma's head_dim is 256, phi's rotary factor 0.5), so
     only a complete config is read directly.
     """
+    if hasattr(family, "config_view"):  # read with the stock config class, never with shipped code
+        return family.config_view(raw)
     needed = ["num_attention_heads", "hidden_size", "num_hidden_layers", "head_dim", *family.config_keys]
     rope = raw.get("rope_parameters")
     if any(raw.get(k) is None for k in needed) or not (isinstance(rope, dict) or "partial_rotary_factor" in raw):
@@ -226,6 +230,8 @@ def open_source(
     for f in files:
         infos = read_pickle_header(f) if is_pickle else read_header(f)[0]
         tensors.update(infos)
+    if hasattr(family, "for_keys"):  # tensor names with or without the base model's prefix
+        family = family.for_keys(set(tensors))
     src = Source(folder, name, raw, family, shapes_for(family, view), tensors, is_pickle, trust_remote_code, config)
     _check_weights(src)
     return src
@@ -285,12 +291,14 @@ class Settings:
     progress: bool = True
     method_options: dict[str, Any] | None = None
     durable: bool = False
+    write_modeling_code: bool = False
 
 
 class Conversion:
     """One conversion of SOURCE into OUTPUT, in phases that run top to bottom (`run`):
 
-    open    read SOURCE's config and shard headers (no tensor data); start torch loading when it will be needed
+    open    read SOURCE's config and shard headers (no tensor data); start torch loading when it will be needed;
+            whether the output needs modeling code of its own (no stock class holds G KV heads)
     plan    every output tensor's dtype, shape and shard; whether numpy alone can do the merge
     check   OUTPUT: a usable path, room on disk, the lock beside it; then the temporary folder
     write   the shards, the config, tokenizer files, model card and provenance, all in the temporary folder
@@ -303,6 +311,7 @@ class Conversion:
 
     # Set by open and plan:
     src: Source
+    template: Any  # the modeling code to ship with the output, or None: a stock transformers class loads it
     tensors: list[OutTensor]  # every output tensor, in layer order
     s_out: Shapes
     pool: Callable | None  # the numpy pooling function, or None: a torch method merges
@@ -353,6 +362,11 @@ class Conversion:
             self.methods = _import_in_background("convert.methods")
         self.src = open_source(self.source, s.revision, s.allow_pickle, s.trust_remote_code)
         check_groups(self.groups, self.src.shapes)
+        self.template = modeling_template(self.src.family, self.groups, self.src.shapes.num_heads)
+        if self.template:
+            what = f"{self.src.raw_config['model_type']} with {self.groups} KV heads"
+            require_flag(self.template, s.write_modeling_code, what)
+            check_method(self.template, self.method)
 
     # --- plan ----------------------------------------------------------------------------------------------------
 
@@ -388,6 +402,8 @@ class Conversion:
             kv_cache_bytes_per_token_after=kv_cache_bytes_per_token(s_in, self.groups, out_st),
             dry_run=self.settings.dry_run,
         )
+        if self.template:
+            report.notes.append(shipped_note(self.template))
         if src.raw_config["model_type"] in QK_NORM_FAMILIES:
             report.notes.append(
                 "this family normalizes keys per head after the projection (q/k norm): merged keys are pooled "
@@ -415,6 +431,8 @@ class Conversion:
         s, tmp = self.settings, self.tmp
         write_shards(self.shards, tmp, self._start_merging, s.progress, s.durable)
         raw = self.src.family.patch_config(self.src.raw_config, self.groups)
+        if self.template:
+            raw = ship_modeling_code(self.template, tmp, raw, self.groups)
         if s.dtype != "keep":
             raw["dtype"] = s.dtype
             raw.pop("torch_dtype", None)
@@ -493,6 +511,7 @@ def convert_checkpoint(
     progress: bool = True,
     method_options: dict[str, Any] | None = None,
     durable: bool = False,
+    write_modeling_code: bool = False,
 ) -> Report:
     """Convert the checkpoint at SOURCE (folder or hub id) to `num_kv_heads` KV heads, written at OUTPUT.
 
@@ -513,6 +532,7 @@ def convert_checkpoint(
         progress=progress,
         method_options=method_options,
         durable=durable,
+        write_modeling_code=write_modeling_code,
     )
     return Conversion(source, output, num_kv_heads, method, settings).run()
 
@@ -568,4 +588,8 @@ def describe(source: str | Path, revision: str | None = None, allow_pickle: bool
         "dtype": DTYPES[st][0],
         "parameters": sum(math.prod(t.shape) for t in src.tensors.values()),
         "valid_num_kv_heads": {g: kv_cache_bytes_per_token(s, g, st) for g in valid_groups(s)},
+        # G -> how the output of that G loads, where it needs shipped modeling code (--write-modeling-code)
+        "shipped_code": {
+            g: shipped_note(t) for g in valid_groups(s) if (t := modeling_template(src.family, g, s.num_heads))
+        },
     }

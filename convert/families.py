@@ -340,12 +340,21 @@ FAMILIES: tuple[Family, ...] = (
     ),
 )
 
+from .families_mha import MHA_FAMILIES  # noqa: E402  (its rows build on the classes above)
+
+FAMILIES = FAMILIES + MHA_FAMILIES
+
 # Families whose q/k norms make a merged key only approximately equal to the pooled source keys.
 QK_NORM_FAMILIES = ("qwen3", "qwen3_moe", "olmo2", "olmoe", "gemma3_text", "cohere", "exaone4", "apertus")
 
 
 def supported_model_types() -> list[str]:
     return sorted(t for f in FAMILIES for t in f.model_types)
+
+
+def stock_kv_model_types() -> list[str]:
+    """The model_types whose own transformers class holds a KV-head count (no re-expression, no shipped code)."""
+    return sorted(t for f in FAMILIES if f not in MHA_FAMILIES for t in f.model_types)
 
 
 def family_for(model_type: str | None) -> Family:

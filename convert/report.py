@@ -68,9 +68,16 @@ multi-head / grouped-query attention with {report.kv_heads_before} KV heads beca
 - dtype: `{report.dtype}`
 - details and per-layer statistics: `{PROVENANCE}`
 
-Load it with stock transformers: `AutoModelForCausalLM.from_pretrained(path)`. A converted model has lost some
+{_load_line(report)} A converted model has lost some
 quality; uptraining (`recipes/uptrain.py` in gqa-convert) wins most of it back.
 """
+
+
+def _load_line(report: Report) -> str:
+    for note in report.notes:
+        if note.startswith("route: modeling code"):  # the shipped-code route: the note ends with how to load it
+            return f"It ships its own modeling code: {note.rsplit('; ', 1)[-1]}."
+    return "Load it with stock transformers: `AutoModelForCausalLM.from_pretrained(path)`."
 
 
 def provenance(report: Report, settings: dict[str, Any]) -> dict:
