@@ -691,6 +691,9 @@ def convert_checkpoint(
             kv_cache_bytes_per_token_after=kv_cache_bytes_per_token(s_in, num_kv_heads, out_st),
             dry_run=dry_run,
         )
+        if src.family.cache_notes is not None:
+            element = nbytes(out_st, ())
+            report.notes += src.family.cache_notes(s_in, s_in.num_kv_heads, num_kv_heads, element)
         if src.raw_config["model_type"] in QK_NORM_FAMILIES:
             report.notes.append(
                 "this family normalizes keys per head after the projection (q/k norm): merged keys are pooled "
@@ -747,6 +750,8 @@ def convert_checkpoint(
             raw.pop("torch_dtype", None)
         (tmp / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
         _copy_side_files(src.folder, tmp)
+        if src.family.ship_files is not None:
+            src.family.ship_files(tmp)
         (tmp / "README.md").write_text(_model_card(report, src.name))
         provenance = {
             "tool": "gqa-convert",
@@ -794,6 +799,7 @@ def describe(source: str | Path, revision: str | None = None, allow_pickle: bool
     src = open_source(source, revision, allow_pickle)
     s = src.shapes
     st = next((t.st for t in src.tensors.values() if t.st in FLOATING), "F32")
+    notes = src.family.cache_notes(s, s.num_kv_heads, s.num_kv_heads, nbytes(st, ())) if src.family.cache_notes else []
     return {
         "source": src.name,
         "model_type": src.raw_config["model_type"],
@@ -806,4 +812,5 @@ def describe(source: str | Path, revision: str | None = None, allow_pickle: bool
         "dtype": DTYPES[st][0],
         "parameters": sum(math.prod(t.shape) for t in src.tensors.values()),
         "valid_num_kv_heads": {g: kv_cache_bytes_per_token(s, g, st) for g in valid_groups(s)},
+        "notes": notes,
     }

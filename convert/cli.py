@@ -203,6 +203,8 @@ def inspect(source: str, revision: str | None, allow_pickle: bool, as_json: bool
     for g, n in info["valid_num_kv_heads"].items():
         mark = "  (current)" if g == info["num_kv_heads"] else ""
         click.echo(f"  {g:>14}   {n:>10,} B{mark}")
+    for note in info.get("notes", []):
+        click.echo(f"  note: {note}")
 
 
 @main.command("eval")

@@ -80,13 +80,19 @@ def cache_bytes(s: Shapes, groups: int, element_bytes: int) -> dict[str, int]:
 
 
 def cache_notes(s: Shapes, before: int, after: int, element_bytes: int) -> list[str]:
+    """What 'KV cache per token' means for an encoder-decoder, with both caches before and after."""
     b, a = cache_bytes(s, before, element_bytes), cache_bytes(s, after, element_bytes)
+    line = (
+        "encoder-decoder: 'KV cache per token' counts one generated token's self-attention cache plus one input "
+        "token's cross-attention cache (which scales with the input length)"
+    )
+    if before == after:
+        return [line + ": each is half of it"]
+    self_b, self_a = b["self_attention_per_output_token"], a["self_attention_per_output_token"]
+    cross_b, cross_a = b["cross_attention_per_input_token"], a["cross_attention_per_input_token"]
     return [
-        "encoder-decoder: 'KV cache per token' is one generated token's self-attention cache plus one input "
-        f"token's cross-attention cache. Self-attention: {b['self_attention_per_output_token']:,} -> "
-        f"{a['self_attention_per_output_token']:,} B per generated token; cross-attention: "
-        f"{b['cross_attention_per_input_token']:,} -> {a['cross_attention_per_input_token']:,} B per input token "
-        "(scales with the input length)"
+        f"{line}. Self-attention: {self_b:,} -> {self_a:,} B per generated token; cross-attention: "
+        f"{cross_b:,} -> {cross_a:,} B per input token"
     ]
 
 
@@ -100,6 +106,9 @@ T5_FAMILY = Family(
     config_keys=("num_heads", "d_kv", "d_model", "num_decoder_layers"),
     kv_heads=_t5_kv_heads,
     patch=t5_patch,
+    read_shapes=t5_shapes,
+    ship_files=ship_t5_modeling,
+    cache_notes=cache_notes,
     notes="decoder self- and cross-attention pooled; encoder and relative position bias untouched; ships modeling "
     "code (trust_remote_code=True)",
 )
