@@ -27,8 +27,7 @@ if TYPE_CHECKING:
 
 TEMPLATE = Path(__file__).parent / "modeling" / "t5"
 MODELING_FILE = "modeling_t5_gqa.py"
-MODEL_CLASS = "T5GQAForConditionalGeneration"
-AUTO_MAP = {"AutoModelForSeq2SeqLM": f"{MODELING_FILE[:-3]}.{MODEL_CLASS}"}
+MODEL_CLASSES = {"t5": "T5GQAForConditionalGeneration", "mt5": "MT5GQAForConditionalGeneration"}
 
 
 class _DecoderAttentionPrefix(str):
@@ -63,7 +62,9 @@ def t5_patch(raw: dict, groups: int) -> dict:
     """config.json of the output: G, and the shipped class that reads it."""
     if raw.get("is_encoder_decoder") is False:
         raise ConversionError("this T5 config is encoder-only (is_encoder_decoder=false): it has no decoder to convert")
-    return {**raw, "num_key_value_heads": groups, "architectures": [MODEL_CLASS], "auto_map": dict(AUTO_MAP)}
+    cls = MODEL_CLASSES[raw["model_type"]]
+    auto_map = {"AutoModelForSeq2SeqLM": f"{MODELING_FILE[:-3]}.{cls}"}
+    return {**raw, "num_key_value_heads": groups, "architectures": [cls], "auto_map": auto_map}
 
 
 def ship_t5_modeling(folder: Path) -> list[str]:
@@ -125,7 +126,7 @@ def convert_t5_model(
 
     from .core import check_groups, convert_layer
     from .methods import get_method
-    from .modeling.t5.modeling_t5_gqa import T5GQAForConditionalGeneration
+    from .modeling.t5 import modeling_t5_gqa
 
     with torch.no_grad():
         s_in = t5_shapes(model.config)
@@ -140,7 +141,8 @@ def convert_t5_model(
             new_state.update({k: v.to(state[k].dtype) for k, v in out.items()})
         config = copy.deepcopy(model.config)
         config.num_key_value_heads = num_kv_heads
-        new = T5GQAForConditionalGeneration(config).to(next(model.parameters()).dtype)
+        cls = getattr(modeling_t5_gqa, MODEL_CLASSES[config.model_type])
+        new = cls(config).to(next(model.parameters()).dtype)
         new.load_state_dict(new_state, strict=True)
         new.generation_config = copy.deepcopy(model.generation_config)
         return new.eval()

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 from transformers.cache_utils import EncoderDecoderCache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.t5 import modeling_t5 as stock
+from transformers.models.mt5 import modeling_mt5
+from transformers.models.t5 import modeling_t5
 
 
 def kv_heads(config: Any) -> int:
@@ -24,8 +25,9 @@ def kv_heads(config: Any) -> int:
     return int(getattr(config, "num_key_value_heads", None) or config.num_heads)
 
 
-class T5GQAAttention(stock.T5Attention):
-    """T5Attention whose k and v projections give G heads of d_kv; q, o and the position bias keep H heads."""
+class GroupedKV:
+    """Mixed in before T5Attention (or mT5's copy of it): k and v projections give G heads of d_kv; q, o and the
+    position bias keep H heads."""
 
     def __init__(
         self,
@@ -89,7 +91,7 @@ class T5GQAAttention(stock.T5Attention):
         per_group = self.n_heads // self.n_kv_heads
         key = key.repeat_interleave(per_group, dim=1)  # [b, H, m, d]: contiguous groups
         value = value.repeat_interleave(per_group, dim=1)
-        attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, stock.eager_attention_forward)
+        attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, self.eager)
         out, weights = attend(
             self,
             query,
@@ -104,15 +106,37 @@ class T5GQAAttention(stock.T5Attention):
         return self.o(out.reshape(batch, length, -1)), position_bias, weights
 
 
-class T5GQAForConditionalGeneration(stock.T5ForConditionalGeneration):
-    """Stock T5ForConditionalGeneration with every decoder attention (self and cross) replaced by T5GQAAttention."""
+class T5GQAAttention(GroupedKV, modeling_t5.T5Attention):
+    eager = staticmethod(modeling_t5.eager_attention_forward)
+
+
+class MT5GQAAttention(GroupedKV, modeling_mt5.MT5Attention):
+    eager = staticmethod(modeling_mt5.eager_attention_forward)
+
+
+def _group_decoder(model: Any, attention: type) -> None:
+    """Replace every decoder attention (self and cross) of a freshly built stock model by `attention`."""
+    decoder_config = model.decoder.config
+    for i, block in enumerate(model.decoder.block):
+        block.layer[0].SelfAttention = attention(
+            decoder_config, has_relative_attention_bias=i == 0, layer_idx=i, is_causal=True
+        )
+        block.layer[1].EncDecAttention = attention(decoder_config, layer_idx=i, is_causal=False)
+
+
+class T5GQAForConditionalGeneration(modeling_t5.T5ForConditionalGeneration):
+    """Stock T5ForConditionalGeneration with every decoder attention (self and cross) grouped."""
 
     def __init__(self, config: Any) -> None:
         super().__init__(config)
-        decoder_config = self.decoder.config
-        for i, block in enumerate(self.decoder.block):
-            block.layer[0].SelfAttention = T5GQAAttention(
-                decoder_config, has_relative_attention_bias=i == 0, layer_idx=i, is_causal=True
-            )
-            block.layer[1].EncDecAttention = T5GQAAttention(decoder_config, layer_idx=i, is_causal=False)
+        _group_decoder(self, T5GQAAttention)
+        self.post_init()
+
+
+class MT5GQAForConditionalGeneration(modeling_mt5.MT5ForConditionalGeneration):
+    """Stock MT5ForConditionalGeneration with every decoder attention (self and cross) grouped."""
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
+        _group_decoder(self, MT5GQAAttention)
         self.post_init()
