@@ -659,6 +659,11 @@ def convert_checkpoint(
     maybe_numpy = method in WEIGHT_ONLY_POOLS and not method_options
     methods = None if maybe_numpy else _import_in_background("convert.methods")
     src = open_source(source, revision, allow_pickle, trust_remote_code)
+    if src.family.methods is not None and method not in src.family.methods:
+        raise ConversionError(
+            f"--method {method} cannot convert {src.raw_config['model_type']}: choose one of "
+            f"{', '.join(src.family.methods)}"
+        )
     s_in = src.shapes
     check_groups(num_kv_heads, s_in)
     plan, s_out = plan_tensors(src, num_kv_heads, dtype)

@@ -104,6 +104,8 @@ class Family:
     ship_files: Callable[[Any], list[str]] | None = None
     # Extra report lines on the KV cache: (shapes, KV heads before, after, bytes per element) -> notes.
     cache_notes: Callable[[Any, int, int, int], list[str]] | None = None
+    # The merge methods that can convert this family (None: all); the calibrated ones run a causal LM.
+    methods: tuple[str, ...] | None = None
 
     def current_kv_heads(self, config: Any) -> int:
         if self.kv_heads is not None:

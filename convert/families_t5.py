@@ -110,6 +110,7 @@ T5_FAMILY = Family(
     read_shapes=t5_shapes,
     ship_files=ship_t5_modeling,
     cache_notes=cache_notes,
+    methods=("mean", "first", "random"),  # calibration runs a causal LM, not an encoder-decoder
     notes="decoder self- and cross-attention pooled; encoder and relative position bias untouched; ships modeling "
     "code (trust_remote_code=True)",
 )

@@ -230,6 +230,14 @@ def test_g_that_does_not_divide_the_heads_is_refused(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_calibrated_is_refused_before_anything_is_written(tmp_path):
+    src = save(tiny_t5("t5"), tmp_path / "src")
+    result = CliRunner().invoke(main, ["convert", str(src), str(tmp_path / "out"), "-g", "2", "--method", "calibrated"])
+    assert result.exit_code == 2
+    assert "--method calibrated cannot convert t5: choose one of mean, first, random" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
 @pytest.mark.slow
 def test_output_loads_in_a_fresh_process_only_with_trust_remote_code(tmp_path):
     out = convert(save(tiny_t5("t5.1.1"), tmp_path / "src"), tmp_path / "out", 2)
