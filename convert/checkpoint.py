@@ -35,7 +35,9 @@ from .families import (
     output_shapes,
     shapes_for,
 )
+from .families_mha import modeling_template
 from .pooling import WEIGHT_ONLY_POOLS, relative_error
+from .shipped import check_method, require_flag, ship_modeling_code, shipped_note
 from .tensorio import (
     DTYPES,
     FLOATING,
@@ -223,6 +225,8 @@ def _plain_view(raw: dict, family: Family) -> SimpleNamespace | None:
     A missing key would take the config class's default (gemma's head_dim is 256, phi's rotary factor 0.5), so
     only a complete config is read directly.
     """
+    if hasattr(family, "config_view"):  # read with the stock config class, never with shipped code
+        return family.config_view(raw)
     needed = ["num_attention_heads", "hidden_size", "num_hidden_layers", "head_dim", *family.config_keys]
     rope = raw.get("rope_parameters")
     if any(raw.get(k) is None for k in needed) or not (isinstance(rope, dict) or "partial_rotary_factor" in raw):
@@ -565,9 +569,16 @@ multi-head / grouped-query attention with {report.kv_heads_before} KV heads beca
 - dtype: `{report.dtype}`
 - details and per-layer statistics: `{PROVENANCE}`
 
-Load it with stock transformers: `AutoModelForCausalLM.from_pretrained(path)`. A converted model has lost some
+{_load_line(report)} A converted model has lost some
 quality; uptraining (`recipes/uptrain.py` in gqa-convert) wins most of it back.
 """
+
+
+def _load_line(report: Report) -> str:
+    for note in report.notes:
+        if note.startswith("route: modeling code"):  # the shipped-code route: the note ends with how to load it
+            return f"It ships its own modeling code: {note.rsplit('; ', 1)[-1]}."
+    return "Load it with stock transformers: `AutoModelForCausalLM.from_pretrained(path)`."
 
 
 def verify_output(folder: Path, src: Source, expected: dict[str, tuple[int, ...]], groups: int) -> None:
@@ -644,6 +655,7 @@ def convert_checkpoint(
     progress: bool = True,
     method_options: dict[str, Any] | None = None,
     durable: bool = False,
+    write_modeling_code: bool = False,
 ) -> Report:
     """Convert the checkpoint at SOURCE (folder or hub id) to `num_kv_heads` KV heads, written at OUTPUT.
 
@@ -659,13 +671,12 @@ def convert_checkpoint(
     maybe_numpy = method in WEIGHT_ONLY_POOLS and not method_options
     methods = None if maybe_numpy else _import_in_background("convert.methods")
     src = open_source(source, revision, allow_pickle, trust_remote_code)
-    if src.family.methods is not None and method not in src.family.methods:
-        raise ConversionError(
-            f"--method {method} cannot convert {src.raw_config['model_type']}: choose one of "
-            f"{', '.join(src.family.methods)}"
-        )
     s_in = src.shapes
     check_groups(num_kv_heads, s_in)
+    template = modeling_template(src.family, num_kv_heads, s_in.num_heads)
+    if template:
+        require_flag(template, write_modeling_code, f"{src.raw_config['model_type']} with {num_kv_heads} KV heads")
+        check_method(template, method)
     plan, s_out = plan_tensors(src, num_kv_heads, dtype)
     pool = _numpy_pool(src, plan, method, dtype, method_options)
     if pool is None and methods is None:
@@ -696,6 +707,8 @@ def convert_checkpoint(
             kv_cache_bytes_per_token_after=kv_cache_bytes_per_token(s_in, num_kv_heads, out_st),
             dry_run=dry_run,
         )
+        if template:
+            report.notes.append(shipped_note(template))
         if src.family.cache_notes is not None:
             element = nbytes(out_st, ())
             report.notes += src.family.cache_notes(s_in, s_in.num_kv_heads, num_kv_heads, element)
@@ -750,13 +763,13 @@ def convert_checkpoint(
         _write_shards(src, shards, tmp, start_merging, progress, durable)
         report = state["report"]
         raw = src.family.patch_config(src.raw_config, num_kv_heads)
+        if template:
+            raw = ship_modeling_code(template, tmp, raw, num_kv_heads)
         if dtype != "keep":
             raw["dtype"] = dtype
             raw.pop("torch_dtype", None)
         (tmp / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
         _copy_side_files(src.folder, tmp)
-        if src.family.ship_files is not None:
-            src.family.ship_files(tmp)
         (tmp / "README.md").write_text(_model_card(report, src.name))
         provenance = {
             "tool": "gqa-convert",

@@ -69,6 +69,12 @@ def main() -> None:
 @click.option("--dry-run", is_flag=True, help="Print the plan and write nothing.")
 @click.option("--allow-pickle", is_flag=True, help="Accept pickle (*.bin) weights, loaded with weights_only=True.")
 @click.option("--trust-remote-code", is_flag=True, help="Let transformers run code shipped with the config.")
+@click.option(
+    "--write-modeling-code",
+    is_flag=True,
+    help="Where no stock transformers class can hold the KV heads (gpt2, opt, bloom, mpt below H), write "
+    "modeling code beside the weights; loading it then needs trust_remote_code=True.",
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar, only the result line.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option(
@@ -100,6 +106,7 @@ def convert(
     dry_run: bool,
     allow_pickle: bool,
     trust_remote_code: bool,
+    write_modeling_code: bool,
     quiet: bool,
     as_json: bool,
     calibration_data: str | None,
@@ -137,6 +144,7 @@ def convert(
             progress=not (quiet or as_json),
             method_options=options or None,
             durable=durable,
+            write_modeling_code=write_modeling_code,
         )
     except ConversionError as e:
         _fail(e)

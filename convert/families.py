@@ -100,12 +100,8 @@ class Family:
     patch: Callable[[dict, int], dict] | None = None
     # Families that do not follow the common config keys read their sizes themselves (T5: d_kv, decoder layers).
     read_shapes: Callable[[Any], "Shapes"] | None = None
-    # Files the output needs besides weights and config (modeling code stock transformers lacks): folder -> names.
-    ship_files: Callable[[Any], list[str]] | None = None
     # Extra report lines on the KV cache: (shapes, KV heads before, after, bytes per element) -> notes.
     cache_notes: Callable[[Any, int, int, int], list[str]] | None = None
-    # The merge methods that can convert this family (None: all); the calibrated ones run a causal LM.
-    methods: tuple[str, ...] | None = None
 
     def current_kv_heads(self, config: Any) -> int:
         if self.kv_heads is not None:
@@ -348,10 +344,10 @@ FAMILIES: tuple[Family, ...] = (
     ),
 )
 
-# Families kept in modules of their own (they import Family from here).
-from .families_t5 import T5_FAMILY  # noqa: E402
+from .families_mha import MHA_FAMILIES  # noqa: E402  (its rows build on the classes above)
+from .families_t5 import T5_FAMILIES  # noqa: E402  (encoder-decoder rows, built on MhaFamily)
 
-FAMILIES += (T5_FAMILY,)
+FAMILIES = FAMILIES + MHA_FAMILIES + T5_FAMILIES
 
 # Families whose q/k norms make a merged key only approximately equal to the pooled source keys.
 QK_NORM_FAMILIES = ("qwen3", "qwen3_moe", "olmo2", "olmoe", "gemma3_text", "cohere", "exaone4", "apertus")

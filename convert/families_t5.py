@@ -9,25 +9,23 @@ attention modules, so the T5 row counts attention modules instead of blocks:
 The encoder is not in the walk: its tensors pass through byte for byte, and so does the relative position bias
 (`relative_attention_bias`, one column per query head), which is not one of the projections.
 
-transformers' T5 classes have no KV-head count, so a converted T5 ships `convert/modeling/t5/modeling_t5_gqa.py`
-and names it in `auto_map`; `num_key_value_heads` in config.json says G.
+transformers' T5 classes have no KV-head count, so below H KV heads the output ships the `t5` template
+(`convert/modeling/t5/`, through `convert.shipped`): model_type gqa_t5, `num_key_value_heads` = G. mT5 has T5.1.1's
+architecture; its output is a gqa_t5 model too (mT5 never scales the decoder output, which T5Config says with
+tie_word_embeddings=false).
 """
 
 from __future__ import annotations
 
 import copy
-import shutil
-from pathlib import Path
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .families import ConversionError, Family, Shapes
+from .families import ConversionError, Shapes
+from .families_mha import MhaFamily
 
 if TYPE_CHECKING:
     import torch
-
-TEMPLATE = Path(__file__).parent / "modeling" / "t5"
-MODELING_FILE = "modeling_t5_gqa.py"
-MODEL_CLASSES = {"t5": "T5GQAForConditionalGeneration", "mt5": "MT5GQAForConditionalGeneration"}
 
 
 class _DecoderAttentionPrefix(str):
@@ -54,23 +52,28 @@ def t5_shapes(config: Any) -> Shapes:
     )
 
 
-def _t5_kv_heads(config: Any) -> int:
-    return int(getattr(config, "num_key_value_heads", None) or config.num_heads)
-
-
 def t5_patch(raw: dict, groups: int) -> dict:
-    """config.json of the output: G, and the shipped class that reads it."""
+    """config.json of the output: G (the shipped code, below H, also sets model_type and auto_map)."""
     if raw.get("is_encoder_decoder") is False:
         raise ConversionError("this T5 config is encoder-only (is_encoder_decoder=false): it has no decoder to convert")
-    cls = MODEL_CLASSES[raw["model_type"]]
-    auto_map = {"AutoModelForSeq2SeqLM": f"{MODELING_FILE[:-3]}.{cls}"}
-    return {**raw, "num_key_value_heads": groups, "architectures": [cls], "auto_map": auto_map}
+    raw = {**raw, "num_key_value_heads": groups}
+    if raw.get("model_type") == "mt5":
+        raw["tie_word_embeddings"] = False  # read by T5Config as "do not scale the decoder output", as mT5 does
+    return raw
 
 
-def ship_t5_modeling(folder: Path) -> list[str]:
-    """Copy the modeling code `auto_map` names into the output folder; returns the file names written."""
-    shutil.copyfile(TEMPLATE / MODELING_FILE, Path(folder) / MODELING_FILE)
-    return [MODELING_FILE]
+@dataclass(frozen=True)
+class T5Family(MhaFamily):
+    """T5's row: sizes from T5Config (d_kv, decoder layers), read with the stock config class."""
+
+    def config_view(self, raw: dict) -> Any:
+        """transformers' T5Config of a source or of a converted gqa_t5 folder, without running shipped code."""
+        import transformers
+
+        drop = ("auto_map", "model_type", "architectures", self.kv_key)
+        config = getattr(transformers, self.config_class).from_dict({k: v for k, v in raw.items() if k not in drop})
+        config.num_key_value_heads = int(raw.get(self.kv_key) or config.num_heads)
+        return config
 
 
 def cache_bytes(s: Shapes, groups: int, element_bytes: int) -> dict[str, int]:
@@ -97,29 +100,33 @@ def cache_notes(s: Shapes, before: int, after: int, element_bytes: int) -> list[
     ]
 
 
-T5_FAMILY = Family(
-    model_types=("t5", "mt5"),
-    prefix=_DecoderAttentionPrefix("decoder.block.{i}."),
-    q="q",
-    k="k",
-    v="v",
-    o="o",
-    config_keys=("num_heads", "d_kv", "d_model", "num_decoder_layers"),
-    kv_heads=_t5_kv_heads,
-    patch=t5_patch,
-    read_shapes=t5_shapes,
-    ship_files=ship_t5_modeling,
-    cache_notes=cache_notes,
-    methods=("mean", "first", "random"),  # calibration runs a causal LM, not an encoder-decoder
-    notes="decoder self- and cross-attention pooled; encoder and relative position bias untouched; ships modeling "
-    "code (trust_remote_code=True)",
-)
+def _row(model_types: tuple[str, ...], config_class: str) -> T5Family:
+    return T5Family(
+        model_types=model_types,
+        prefix=_DecoderAttentionPrefix("decoder.block.{i}."),
+        q="q",
+        k="k",
+        v="v",
+        o="o",
+        config_keys=(),
+        patch=t5_patch,
+        read_shapes=t5_shapes,
+        cache_notes=cache_notes,
+        config_class=config_class,
+        template="t5",
+        notes="decoder self- and cross-attention pooled; encoder and relative position bias untouched; below H KV "
+        "heads: shipped code (gqa_t5)",
+    )
+
+
+T5_FAMILIES: tuple[T5Family, ...] = (_row(("t5", "gqa_t5"), "T5Config"), _row(("mt5",), "MT5Config"))
+T5_MODEL_TYPES = ("t5", "gqa_t5", "mt5")
 
 
 def convert_t5_model(
     model: "torch.nn.Module", num_kv_heads: int, method: str = "mean", seed: int = 0
 ) -> "torch.nn.Module":
-    """Convert a loaded T5ForConditionalGeneration (or mT5) in memory into the shipped GQA class.
+    """Convert a loaded T5ForConditionalGeneration (or mT5) in memory into the shipped class (GQAT5...).
 
     The input model is not modified; weights keep their dtype, merging runs in float32.
     """
@@ -127,7 +134,8 @@ def convert_t5_model(
 
     from .core import check_groups, convert_layer
     from .methods import get_method
-    from .modeling.t5 import modeling_t5_gqa
+    from .modeling.t5.configuration_gqa_t5 import GQAT5Config
+    from .modeling.t5.modeling_gqa_t5 import GQAT5ForConditionalGeneration
 
     with torch.no_grad():
         s_in = t5_shapes(model.config)
@@ -136,14 +144,14 @@ def convert_t5_model(
         merger = get_method(method)
         state = model.state_dict()
         new_state = dict(state)
+        family = T5_FAMILIES[0]
         for layer in range(s_in.num_layers):
-            keys = T5_FAMILY.attention_keys(layer, set(state))
-            out, _ = convert_layer(T5_FAMILY, merger, layer, state.__getitem__, keys, s_in, s_out, seed)
+            keys = family.attention_keys(layer, set(state))
+            out, _ = convert_layer(family, merger, layer, state.__getitem__, keys, s_in, s_out, seed)
             new_state.update({k: v.to(state[k].dtype) for k, v in out.items()})
-        config = copy.deepcopy(model.config)
-        config.num_key_value_heads = num_kv_heads
-        cls = getattr(modeling_t5_gqa, MODEL_CLASSES[config.model_type])
-        new = cls(config).to(next(model.parameters()).dtype)
+        raw = t5_patch(model.config.to_dict(), num_kv_heads)
+        config = GQAT5Config.from_dict({k: v for k, v in raw.items() if k not in ("model_type", "architectures")})
+        new = GQAT5ForConditionalGeneration(config).to(next(model.parameters()).dtype)
         new.load_state_dict(new_state, strict=True)
         new.generation_config = copy.deepcopy(model.generation_config)
         return new.eval()

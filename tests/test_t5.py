@@ -17,7 +17,7 @@ from transformers import AutoConfig, AutoModelForSeq2SeqLM
 
 from convert.checkpoint import convert_checkpoint
 from convert.cli import main
-from convert.families_t5 import MODEL_CLASSES, MODELING_FILE, convert_t5_model, t5_shapes
+from convert.families_t5 import convert_t5_model, t5_shapes
 
 H, D_KV, DEC_LAYERS = 4, 8, 2
 KINDS = {
@@ -101,17 +101,19 @@ def load(folder: Path) -> torch.nn.Module:
 
 
 def convert(src: Path, out: Path, groups: int, method: str = "mean") -> Path:
-    convert_checkpoint(src, out, groups, method, progress=False)
+    convert_checkpoint(src, out, groups, method, progress=False, write_modeling_code=True)
     return out
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_g_equal_to_heads_leaves_logits_unchanged(kind, tmp_path):
+    """At G = H the stock class holds the output: no code is shipped and it loads without trust_remote_code."""
     model = tiny_t5(kind)
     out = convert(save(model, tmp_path / "src"), tmp_path / "out", H)
-    converted = load(out)
-    assert type(converted).__name__ == MODEL_CLASSES[converted.config.model_type]
-    torch.testing.assert_close(logits(converted, inputs()), logits(model, inputs()), rtol=0, atol=1e-6)
+    assert not list(out.glob("*.py"))
+    converted = AutoModelForSeq2SeqLM.from_pretrained(out).eval()
+    assert type(converted) is type(model)
+    torch.testing.assert_close(logits(converted, inputs()), logits(model, inputs()), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
@@ -121,6 +123,7 @@ def test_identical_heads_in_each_group_give_the_source_logits(kind, groups, meth
     make_groups_identical(model, groups)
     out = convert(save(model, tmp_path / "src"), tmp_path / "out", groups, method)
     converted = load(out)
+    assert type(converted).__name__ == "GQAT5ForConditionalGeneration"
     assert converted.config.num_key_value_heads == groups
     torch.testing.assert_close(logits(converted, inputs()), logits(model, inputs()))
 
@@ -215,7 +218,9 @@ def test_inspect_and_dry_run_give_both_caches(tmp_path):
     assert shown.exit_code == 0, shown.output
     assert "head_dim 8" in shown.output and "cross-attention" in shown.output
     # 2 decoder layers * (K + V) * G heads * 8 dims * 4 bytes, for each cache
-    dry = runner.invoke(main, ["convert", str(src), str(tmp_path / "out"), "-g", "1", "--dry-run"])
+    dry = runner.invoke(
+        main, ["convert", str(src), str(tmp_path / "out"), "-g", "1", "--dry-run", "--write-modeling-code"]
+    )
     assert dry.exit_code == 0, dry.output
     assert "Self-attention: 512 -> 128 B per generated token" in dry.output
     assert "cross-attention: 512 -> 128 B per input token" in dry.output
@@ -232,16 +237,34 @@ def test_g_that_does_not_divide_the_heads_is_refused(tmp_path):
 
 def test_calibrated_is_refused_before_anything_is_written(tmp_path):
     src = save(tiny_t5("t5"), tmp_path / "src")
-    result = CliRunner().invoke(main, ["convert", str(src), str(tmp_path / "out"), "-g", "2", "--method", "calibrated"])
+    args = ["convert", str(src), str(tmp_path / "out"), "-g", "2", "--write-modeling-code", "--method", "calibrated"]
+    result = CliRunner().invoke(main, args)
     assert result.exit_code == 2
-    assert "--method calibrated cannot convert t5: choose one of mean, first, random" in result.output
+    assert "--method calibrated is not available" in result.output and "mean, first, random" in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_shipped_code_is_written_only_when_asked(tmp_path):
+    src = save(tiny_t5("t5"), tmp_path / "src")
+    refused = CliRunner().invoke(main, ["convert", str(src), str(tmp_path / "out"), "-g", "2"])
+    assert refused.exit_code == 2
+    assert "--write-modeling-code" in refused.output and "AutoModelForSeq2SeqLM" in refused.output
+    assert not (tmp_path / "out").exists()
+    args = ["convert", str(src), str(tmp_path / "out"), "-g", "2", "--write-modeling-code", "--quiet"]
+    written = CliRunner().invoke(main, args)
+    assert written.exit_code == 0, written.output
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["model_type"] == "gqa_t5" and config["num_key_value_heads"] == 2
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.py")) == [
+        "configuration_gqa_t5.py",
+        "gqa_attention.py",
+        "modeling_gqa_t5.py",
+    ]
 
 
 @pytest.mark.slow
 def test_output_loads_in_a_fresh_process_only_with_trust_remote_code(tmp_path):
     out = convert(save(tiny_t5("t5.1.1"), tmp_path / "src"), tmp_path / "out", 2)
-    assert (out / MODELING_FILE).is_file()
     code = (
         "import sys; from transformers import AutoModelForSeq2SeqLM as A; "
         "m = A.from_pretrained(sys.argv[1], trust_remote_code=sys.argv[2] == '1'); "
@@ -250,7 +273,7 @@ def test_output_loads_in_a_fresh_process_only_with_trust_remote_code(tmp_path):
     env_cwd = dict(cwd=tmp_path, capture_output=True, text=True, timeout=300)  # away from the project: no import path
     trusted = subprocess.run([sys.executable, "-c", code, str(out), "1"], **env_cwd)
     assert trusted.returncode == 0, trusted.stderr[-2000:]
-    assert trusted.stdout.split()[-2:] == ["T5GQAForConditionalGeneration", str(2 * D_KV)]
+    assert trusted.stdout.split()[-2:] == ["GQAT5ForConditionalGeneration", str(2 * D_KV)]
     refused = subprocess.run([sys.executable, "-c", code, str(out), "0"], **env_cwd)
     assert refused.returncode != 0
-    assert "size mismatch" in refused.stderr or "mismatch" in refused.stderr.lower()
+    assert "trust_remote_code" in refused.stderr

@@ -1,0 +1,223 @@
+"""Modeling code shipped with the checkpoint (gpt2, opt, bloom, mpt below H KV heads): tiny models from configs,
+real safetensors, real `from_pretrained(trust_remote_code=True)`, a fresh process for loading."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from tiny import make_groups_identical
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from convert.checkpoint import convert_checkpoint
+from convert.cli import main
+from convert.families import ConversionError
+from convert.shipped import ship_modeling_code
+
+H = 8
+SMALL = dict(vocab_size=160, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+CONFIGS = {
+    "gpt2": dict(n_embd=64, n_layer=2, n_head=H, n_positions=64),
+    "opt": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=H, ffn_dim=96, max_position_embeddings=64),
+    # opt-350m: post-LN and a narrower embedding projected in and out
+    "opt-post-ln": dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=H,
+        ffn_dim=96,
+        max_position_embeddings=64,
+        do_layer_norm_before=False,
+        word_embed_proj_dim=32,
+    ),
+    "bloom": dict(hidden_size=64, n_layer=2, n_head=H),
+    "mpt": dict(d_model=64, n_heads=H, n_layers=2, max_seq_len=64, expansion_ratio=2),
+}
+SDPA = ("gpt2", "opt", "opt-post-ln", "bloom")  # stock mpt (whose model builds the mask) is eager only
+
+
+def build(kind: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(kind.split("-")[0], **SMALL, **CONFIGS[kind])
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    with torch.no_grad():  # larger biases and norms than the init make every difference visible in the logits
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name or "ln" in name:
+                p.add_(torch.randn_like(p) * 0.3)
+    return model.eval()
+
+
+def ids(batch: int = 2, length: int = 12, seed: int = 1) -> torch.Tensor:
+    return torch.randint(3, 160, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def load(folder: Path, impl: str = "eager") -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, attn_implementation=impl).eval()
+
+
+def convert(src: Path, out: Path, groups: int, method: str = "mean", **kw) -> None:
+    convert_checkpoint(src, out, groups, method, progress=False, write_modeling_code=True, **kw)
+
+
+@pytest.mark.parametrize("kind", list(CONFIGS))
+def test_shipped_code_at_h_heads_is_the_source(kind: str, tmp_path: Path) -> None:
+    """G = H: the shipped classes read the source's own weights and give its logits (fp32)."""
+    model = build(kind)
+    model.save_pretrained(tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    raw = ship_modeling_code(kind.split("-")[0], tmp_path, raw, H)
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    shipped = load(tmp_path)
+    assert type(shipped).__name__.startswith("GQA")
+    x = ids()
+    with torch.no_grad():
+        torch.testing.assert_close(shipped(x).logits, model(x).logits, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", list(CONFIGS))
+def test_identical_heads_convert_exactly(kind: str, tmp_path: Path) -> None:
+    """Identical heads inside each group: the converted model (G = 2, shipped code) gives the source's logits, and
+    its attention, its cache and its config hold G heads."""
+    model = build(kind)
+    make_groups_identical(model, 2)
+    model.save_pretrained(tmp_path / "src")
+    convert(tmp_path / "src", tmp_path / "out", 2)
+    out = load(tmp_path / "out")
+    assert out.config.num_key_value_heads == 2
+    x = ids()
+    with torch.no_grad():
+        torch.testing.assert_close(out(x).logits, model(x).logits, rtol=1e-4, atol=1e-5)
+        cache = out(x, use_cache=True).past_key_values
+    d = 64 // H
+    assert [tuple(layer.keys.shape) for layer in cache.layers] == [(2, 2, 12, d)] * 2
+
+
+@pytest.mark.parametrize("kind", list(CONFIGS))
+@pytest.mark.parametrize("groups", [1, 4])
+def test_generate_with_cache_equals_recomputation(kind: str, groups: int, tmp_path: Path) -> None:
+    """Greedy `generate` with a cache of G heads picks the tokens that full recomputation picks, and sdpa (where
+    transformers allows it for the family) gives eager's logits, with a padded batch too."""
+    build(kind).save_pretrained(tmp_path / "src")
+    convert(tmp_path / "src", tmp_path / "out", groups)
+    model = load(tmp_path / "out")
+    prompt = ids(1, 7)
+    out = model.generate(prompt, max_new_tokens=6, do_sample=False, min_new_tokens=6)
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(6):
+            nxt = model(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], 1)
+    assert torch.equal(out, seq)
+    if kind in SDPA:
+        sdpa = load(tmp_path / "out", "sdpa")
+        x, mask = ids(2, 10), torch.ones(2, 10, dtype=torch.long)
+        mask[1, :3] = 0  # left padding
+        with torch.no_grad():
+            torch.testing.assert_close(
+                sdpa(x, attention_mask=mask).logits[mask.bool()],
+                model(x, attention_mask=mask).logits[mask.bool()],
+                rtol=1e-4,
+                atol=1e-5,
+            )
+
+
+@pytest.mark.parametrize("method", ["mean", "first", "random"])
+def test_every_weight_method(method: str, tmp_path: Path) -> None:
+    build("bloom").save_pretrained(tmp_path / "src")
+    convert(tmp_path / "src", tmp_path / "out", 2, method)
+    w = load(tmp_path / "out").transformer.h[0].self_attention.query_key_value.weight
+    assert w.shape == ((H + 2 * 2) * 8, 64)
+
+
+def test_calibrated_refused_on_shipped_routes(tmp_path: Path) -> None:
+    build("mpt").save_pretrained(tmp_path / "src")
+    with pytest.raises(ConversionError, match="--method calibrated is not available.*mean, first, random"):
+        convert(tmp_path / "src", tmp_path / "out", 2, "calibrated")
+    assert not (tmp_path / "out").exists()
+
+
+def test_refused_without_the_flag(tmp_path: Path) -> None:
+    """Exit 2, a message naming the flag and why, and no OUTPUT."""
+    build("gpt2").save_pretrained(tmp_path / "src")
+    result = CliRunner().invoke(main, ["convert", str(tmp_path / "src"), str(tmp_path / "out"), "-g", "2"])
+    assert result.exit_code == 2
+    assert "--write-modeling-code" in result.output and "trust_remote_code=True" in result.output
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ConversionError, match="--write-modeling-code"):
+        convert_checkpoint(tmp_path / "src", tmp_path / "out", 2, progress=False)
+
+
+def test_source_code_is_never_copied(tmp_path: Path) -> None:
+    """The source's own auto_map and *.py files stay behind; only the template's files are written."""
+    src = tmp_path / "src"
+    build("opt").save_pretrained(src)
+    raw = json.loads((src / "config.json").read_text())
+    raw["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilModel"}
+    (src / "config.json").write_text(json.dumps(raw))
+    (src / "modeling_evil.py").write_text("raise SystemExit('executed')\n")
+    result = CliRunner().invoke(
+        main, ["convert", str(src), str(tmp_path / "out"), "-g", "2", "--write-modeling-code", "--dry-run"]
+    )
+    assert result.exit_code == 0 and "trust_remote_code=True" in result.output
+    assert not (tmp_path / "out").exists()
+    convert(src, tmp_path / "out", 2)
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert written["auto_map"] == {
+        "AutoConfig": "configuration_gqa_opt.GQAOPTConfig",
+        "AutoModelForCausalLM": "modeling_gqa_opt.GQAOPTForCausalLM",
+    }
+    assert written["model_type"] == "gqa_opt" and written["num_key_value_heads"] == 2
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.py")) == [
+        "configuration_gqa_opt.py",
+        "gqa_attention.py",
+        "modeling_gqa_opt.py",
+    ]
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "trust_remote_code=True" in card
+
+
+def test_mpt_variant_refused(tmp_path: Path) -> None:
+    model = build("mpt")
+    model.save_pretrained(tmp_path / "src")
+    raw = json.loads((tmp_path / "src" / "config.json").read_text())
+    raw["attn_config"]["qk_ln"] = True
+    (tmp_path / "src" / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ConversionError, match="qk_ln"):
+        convert(tmp_path / "src", tmp_path / "out", 2)
+    assert not (tmp_path / "out").exists()
+
+
+LOADER = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+folder, trust = sys.argv[1], sys.argv[2] == "1"
+try:
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=trust)
+except Exception as e:
+    print(type(e).__name__, e)
+    sys.exit(3)
+x = torch.arange(3, 12)[None]
+print(type(model).__name__, model.config.num_key_value_heads, tuple(model(x).logits.shape))
+"""
+
+
+@pytest.mark.slow
+def test_loads_in_a_fresh_process(tmp_path: Path) -> None:
+    """A fresh interpreter loads the output with trust_remote_code=True, and refuses clearly without it."""
+    build("gpt2").save_pretrained(tmp_path / "src")
+    convert(tmp_path / "src", tmp_path / "out", 2)
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    run = lambda trust: subprocess.run(
+        [sys.executable, "-c", LOADER, str(tmp_path / "out"), trust], capture_output=True, text=True, env=env
+    )
+    ok = run("1")
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert ok.stdout.split()[-5:] == ["GQAGPT2LMHeadModel", "2", "(1,", "9,", "160)"]
+    refused = run("0")
+    assert refused.returncode == 3
+    assert "trust_remote_code" in refused.stdout
