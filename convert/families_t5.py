@@ -17,15 +17,11 @@ tie_word_embeddings=false).
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .families import ConversionError, Shapes
 from .families_mha import MhaFamily
-
-if TYPE_CHECKING:
-    import torch
 
 
 class _DecoderAttentionPrefix(str):
@@ -121,37 +117,3 @@ def _row(model_types: tuple[str, ...], config_class: str) -> T5Family:
 
 T5_FAMILIES: tuple[T5Family, ...] = (_row(("t5", "gqa_t5"), "T5Config"), _row(("mt5",), "MT5Config"))
 T5_MODEL_TYPES = ("t5", "gqa_t5", "mt5")
-
-
-def convert_t5_model(
-    model: "torch.nn.Module", num_kv_heads: int, method: str = "mean", seed: int = 0
-) -> "torch.nn.Module":
-    """Convert a loaded T5ForConditionalGeneration (or mT5) in memory into the shipped class (GQAT5...).
-
-    The input model is not modified; weights keep their dtype, merging runs in float32.
-    """
-    import torch
-
-    from .core import check_groups, convert_layer
-    from .methods import get_method
-    from .modeling.t5.configuration_gqa_t5 import GQAT5Config
-    from .modeling.t5.modeling_gqa_t5 import GQAT5ForConditionalGeneration
-
-    with torch.no_grad():
-        s_in = t5_shapes(model.config)
-        check_groups(num_kv_heads, s_in)
-        s_out = Shapes(**{**s_in.__dict__, "num_kv_heads": num_kv_heads})
-        merger = get_method(method)
-        state = model.state_dict()
-        new_state = dict(state)
-        family = T5_FAMILIES[0]
-        for layer in range(s_in.num_layers):
-            keys = family.attention_keys(layer, set(state))
-            out, _ = convert_layer(family, merger, layer, state.__getitem__, keys, s_in, s_out, seed)
-            new_state.update({k: v.to(state[k].dtype) for k, v in out.items()})
-        raw = t5_patch(model.config.to_dict(), num_kv_heads)
-        config = GQAT5Config.from_dict({k: v for k, v in raw.items() if k not in ("model_type", "architectures")})
-        new = GQAT5ForConditionalGeneration(config).to(next(model.parameters()).dtype)
-        new.load_state_dict(new_state, strict=True)
-        new.generation_config = copy.deepcopy(model.generation_config)
-        return new.eval()

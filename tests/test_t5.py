@@ -17,7 +17,7 @@ from transformers import AutoConfig, AutoModelForSeq2SeqLM
 
 from convert.checkpoint import convert_checkpoint
 from convert.cli import main
-from convert.families_t5 import convert_t5_model, t5_shapes
+from convert.families_t5 import t5_shapes
 
 H, D_KV, DEC_LAYERS = 4, 8, 2
 KINDS = {
@@ -188,22 +188,23 @@ def test_both_caches_hold_g_heads_and_generate_matches_recomputation(tmp_path):
 
 
 @pytest.mark.parametrize("method", ["mean", "first", "random"])
-def test_methods_shrink_every_decoder_attention(method):
+def test_methods_pool_every_decoder_attention(method, tmp_path):
     model = tiny_t5("t5")
-    converted = convert_t5_model(model, 1, method)
+    converted = load(convert(save(model, tmp_path / "src"), tmp_path / "out", 1, method))
     for block in converted.decoder.block:
         for att in (block.layer[0].SelfAttention, block.layer[1].EncDecAttention):
             assert att.k.weight.shape == att.v.weight.shape == (D_KV, 24)
-    src_k = model.decoder.block[0].layer[1].EncDecAttention.k.weight.view(H, D_KV, -1)
-    got = converted.decoder.block[0].layer[1].EncDecAttention.k.weight
+    source = model.decoder.block[1].layer[1].EncDecAttention.v.weight.view(H, D_KV, -1)
+    got = converted.decoder.block[1].layer[1].EncDecAttention.v.weight
     if method == "mean":
-        torch.testing.assert_close(got, src_k.mean(0))
+        torch.testing.assert_close(got, source.mean(0))
     elif method == "first":
-        assert torch.equal(got, src_k[0])
-    assert torch.equal(
-        converted.encoder.block[0].layer[0].SelfAttention.k.weight,
-        model.encoder.block[0].layer[0].SelfAttention.k.weight,
-    )
+        assert torch.equal(got, source[0])
+    else:  # fresh heads with the group's mean and spread
+        assert not torch.allclose(got, source.mean(0), atol=1e-3)
+        torch.testing.assert_close(got.std(), source.std(), rtol=0.2, atol=0)
+    encoder_k = converted.encoder.block[0].layer[0].SelfAttention.k.weight
+    assert torch.equal(encoder_k, model.encoder.block[0].layer[0].SelfAttention.k.weight)
 
 
 def test_shapes_read_d_kv_and_count_both_attention_modules():
@@ -277,3 +278,16 @@ def test_output_loads_in_a_fresh_process_only_with_trust_remote_code(tmp_path):
     refused = subprocess.run([sys.executable, "-c", code, str(out), "0"], **env_cwd)
     assert refused.returncode != 0
     assert "trust_remote_code" in refused.stderr
+
+
+def test_eager_and_sdpa_agree_with_the_source_on_padded_inputs(tmp_path):
+    model = tiny_t5("t5.1.1")
+    make_groups_identical(model, 2)
+    out = convert(save(model, tmp_path / "src"), tmp_path / "out", 2)
+    expected = logits(model, inputs())
+    for implementation in ("eager", "sdpa"):
+        converted = AutoModelForSeq2SeqLM.from_pretrained(
+            out, trust_remote_code=True, attn_implementation=implementation
+        ).eval()
+        assert converted.config._attn_implementation == implementation
+        torch.testing.assert_close(logits(converted, inputs()), expected)
