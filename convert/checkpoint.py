@@ -259,6 +259,8 @@ def open_source(
     for f in files:
         infos = read_pickle_header(f) if is_pickle else read_header(f)[0]
         tensors.update(infos)
+    if hasattr(family, "for_keys"):  # tensor names with or without the base model's prefix
+        family = family.for_keys(set(tensors))
     src = Source(folder, name, raw, family, shapes_for(family, view), tensors, is_pickle, trust_remote_code, config)
     _check_weights(src)
     return src
@@ -830,5 +832,9 @@ def describe(source: str | Path, revision: str | None = None, allow_pickle: bool
         "dtype": DTYPES[st][0],
         "parameters": sum(math.prod(t.shape) for t in src.tensors.values()),
         "valid_num_kv_heads": {g: kv_cache_bytes_per_token(s, g, st) for g in valid_groups(s)},
+        # G -> how the output of that G loads, where it needs shipped modeling code (--write-modeling-code)
+        "shipped_code": {
+            g: shipped_note(t) for g in valid_groups(s) if (t := modeling_template(src.family, g, s.num_heads))
+        },
         "notes": notes,
     }

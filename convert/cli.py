@@ -208,9 +208,13 @@ def inspect(source: str, revision: str | None, allow_pickle: bool, as_json: bool
         f"rotary dims {info['rotary_dim']}"
     )
     click.echo("  --num-kv-heads   KV cache per token")
+    shipped = info.get("shipped_code", {})
     for g, n in info["valid_num_kv_heads"].items():
         mark = "  (current)" if g == info["num_kv_heads"] else ""
+        mark += "  (shipped code: --write-modeling-code)" if g in shipped else ""
         click.echo(f"  {g:>14}   {n:>10,} B{mark}")
+    for note in dict.fromkeys(shipped.values()):
+        click.echo(f"  {note}")
     for note in info.get("notes", []):
         click.echo(f"  note: {note}")
 
@@ -233,6 +237,11 @@ def inspect(source: str, revision: str | None, allow_pickle: bool, as_json: bool
 )
 @click.option("--new-tokens", type=int, default=32, show_default=True, help="Tokens decoded per measurement.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... or auto.")
+@click.option(
+    "--trust-remote-code",
+    is_flag=True,
+    help="Let transformers run modeling code shipped with a model (outputs written with --write-modeling-code).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def eval_(
     models: tuple[str, ...],
@@ -243,6 +252,7 @@ def eval_(
     contexts: str,
     new_tokens: int,
     device: str,
+    trust_remote_code: bool,
     as_json: bool,
 ) -> None:
     """Perplexity, KV-cache bytes per token and decode speed of MODELS, as one table with ratios to the first."""
@@ -268,6 +278,7 @@ def eval_(
             contexts=ctx,
             new_tokens=new_tokens,
             device=device,
+            trust_remote_code=trust_remote_code,
         )
     except (ValueError, OSError) as e:
         _fail(e)

@@ -357,6 +357,11 @@ def supported_model_types() -> list[str]:
     return sorted(t for f in FAMILIES for t in f.model_types)
 
 
+def stock_kv_model_types() -> list[str]:
+    """The model_types whose own transformers class holds a KV-head count (no re-expression, no shipped code)."""
+    return sorted(t for f in FAMILIES if f not in MHA_FAMILIES + T5_FAMILIES for t in f.model_types)
+
+
 def family_for(model_type: str | None) -> Family:
     for fam in FAMILIES:
         if model_type in fam.model_types:

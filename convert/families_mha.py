@@ -14,7 +14,7 @@ OPT keeps separate q/k/v projections (the `split` layout of convert.families).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
@@ -52,6 +52,14 @@ class MhaFamily(Family):
             if refused:
                 raise ConversionError(f"unsupported {raw.get('model_type')} checkpoint: {reason}")
         return view
+
+    def for_keys(self, keys: set[str]) -> MhaFamily:
+        """The row for a checkpoint saved from the base model (hub gpt2, opt, bloom): names without the
+        `transformer.` / `model.` prefix, which transformers adds back on load."""
+        if any(k.startswith(self.prefix.format(i=0)) for k in keys):
+            return self
+        short = self.prefix.split(".", 1)[1]
+        return replace(self, prefix=short) if any(k.startswith(short.format(i=0)) for k in keys) else self
 
     def planned_shapes(
         self, layer: int, shapes: Mapping[str, tuple[int, ...]], s_in: Shapes, s_out: Shapes

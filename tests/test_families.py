@@ -12,11 +12,9 @@ from torch.testing import assert_close
 from transformers import AutoModelForCausalLM
 
 from convert import convert_checkpoint, convert_model
-from convert.families import supported_model_types
-from convert.families_t5 import T5_MODEL_TYPES
+from convert.families import stock_kv_model_types
 
-# Causal LMs; the encoder-decoder T5 family has tests of its own (tests/test_t5.py).
-FAMILIES = [t for t in supported_model_types() if t not in T5_MODEL_TYPES]
+FAMILIES = stock_kv_model_types()  # the classic MHA families have their own tests (test_mha_code.py)
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)

@@ -126,6 +126,18 @@ def test_generate_with_cache_equals_recomputation(kind: str, groups: int, tmp_pa
             )
 
 
+@pytest.mark.parametrize("kind", ["gpt2", "opt", "bloom"])
+def test_checkpoint_saved_from_the_base_model(kind: str, tmp_path: Path) -> None:
+    """The hub's gpt2, opt and bloom name tensors without the `transformer.` / `model.` prefix (saved from the base
+    model, head tied to the embedding): they convert, and load into the causal LM with the source's logits."""
+    model = build(kind)
+    make_groups_identical(model, 2)
+    model.base_model.save_pretrained(tmp_path / "src")
+    convert(tmp_path / "src", tmp_path / "out", 2)
+    with torch.no_grad():
+        torch.testing.assert_close(load(tmp_path / "out")(ids()).logits, model(ids()).logits, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("method", ["mean", "first", "random"])
 def test_every_weight_method(method: str, tmp_path: Path) -> None:
     build("bloom").save_pretrained(tmp_path / "src")
@@ -181,6 +193,19 @@ def test_source_code_is_never_copied(tmp_path: Path) -> None:
     assert "trust_remote_code=True" in card
 
 
+def test_inspect_says_the_route(tmp_path: Path) -> None:
+    """inspect marks the G values that need shipped code, and reads a shipped output without running its code."""
+    build("mpt").save_pretrained(tmp_path / "src")
+    result = CliRunner().invoke(main, ["inspect", str(tmp_path / "src")])
+    assert result.exit_code == 0, result.output
+    lines = {line.split()[0]: line for line in result.output.splitlines() if line.strip()[:1].isdigit()}
+    assert "shipped code" in lines["2"] and "shipped code" not in lines["8"]
+    assert "GQAMptForCausalLM" in result.output and "trust_remote_code=True" in result.output
+    convert(tmp_path / "src", tmp_path / "out", 4)
+    info = json.loads(CliRunner().invoke(main, ["inspect", str(tmp_path / "out"), "--json"]).output)
+    assert (info["model_type"], info["num_kv_heads"], sorted(info["shipped_code"])) == ("gqa_mpt", 4, ["1", "2", "4"])
+
+
 def test_mpt_variant_refused(tmp_path: Path) -> None:
     model = build("mpt")
     model.save_pretrained(tmp_path / "src")
@@ -190,6 +215,25 @@ def test_mpt_variant_refused(tmp_path: Path) -> None:
     with pytest.raises(ConversionError, match="qk_ln"):
         convert(tmp_path / "src", tmp_path / "out", 2)
     assert not (tmp_path / "out").exists()
+
+
+def test_eval_needs_trust_remote_code(tmp_path: Path) -> None:
+    """`gqa-convert eval` refuses shipped code unless --trust-remote-code, then scores it."""
+    from test_eval import word_tokenizer
+
+    build("gpt2").save_pretrained(tmp_path / "src")
+    convert(tmp_path / "src", tmp_path / "out", 2)
+    word_tokenizer(160).save_pretrained(tmp_path / "out")
+    args = ["eval", str(tmp_path / "out"), "--contexts", "16", "--new-tokens", "2", "--max-windows", "2"]
+    args += ["--window", "16", "--json"]
+    refused = CliRunner().invoke(main, args)
+    assert refused.exit_code == 2
+    assert "--trust-remote-code" in refused.output and "modeling_gqa_gpt2.py" in refused.output
+    result = CliRunner().invoke(main, [*args, "--trust-remote-code"])
+    assert result.exit_code == 0, result.output
+    row = json.loads(result.output)[0]
+    assert (row["model_type"], row["num_kv_heads"]) == ("gqa_gpt2", 2)
+    assert row["perplexity"] > 1
 
 
 LOADER = """
