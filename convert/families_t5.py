@@ -86,8 +86,11 @@ def cache_notes(s: Shapes, before: int, after: int, element_bytes: int) -> list[
         "encoder-decoder: 'KV cache per token' counts one generated token's self-attention cache plus one input "
         "token's cross-attention cache (which scales with the input length)"
     )
-    if before == after:
-        return [line + ": each is half of it"]
+    if before == after:  # inspect: also say what its layer count counts
+        modules = s.num_layers
+        return [
+            f"{line}: each is half of it. 'layers' counts the decoder's {modules} attention modules (self and cross)"
+        ]
     self_b, self_a = b["self_attention_per_output_token"], a["self_attention_per_output_token"]
     cross_b, cross_a = b["cross_attention_per_input_token"], a["cross_attention_per_input_token"]
     return [

@@ -17,7 +17,8 @@ from transformers import AutoConfig, AutoModelForSeq2SeqLM
 
 from convert.checkpoint import convert_checkpoint
 from convert.cli import main
-from convert.families_t5 import t5_shapes
+from convert.families_t5 import T5_FAMILIES, t5_shapes
+from convert.shipped import ship_modeling_code
 
 H, D_KV, DEC_LAYERS = 4, 8, 2
 KINDS = {
@@ -114,6 +115,19 @@ def test_g_equal_to_heads_leaves_logits_unchanged(kind, tmp_path):
     converted = AutoModelForSeq2SeqLM.from_pretrained(out).eval()
     assert type(converted) is type(model)
     torch.testing.assert_close(logits(converted, inputs()), logits(model, inputs()), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_shipped_classes_on_the_source_weights_give_its_logits(kind, tmp_path):
+    """The shipped code at G = H (every decoder attention replaced, nothing pooled) computes what T5 computes."""
+    model = tiny_t5(kind)
+    folder = save(model, tmp_path / "src")
+    raw = json.loads((folder / "config.json").read_text())
+    raw = ship_modeling_code("t5", folder, T5_FAMILIES[0].patch_config(raw, H), H)
+    (folder / "config.json").write_text(json.dumps(raw))
+    shipped = load(folder)
+    assert type(shipped).__name__ == "GQAT5ForConditionalGeneration"
+    torch.testing.assert_close(logits(shipped, inputs()), logits(model, inputs()), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
