@@ -115,6 +115,7 @@ def test_generate_with_cache_equals_recomputation(kind: str, groups: int, tmp_pa
     assert torch.equal(out, seq)
     if kind in SDPA:
         sdpa = load(tmp_path / "out", "sdpa")
+        assert sdpa.config._attn_implementation == "sdpa"
         x, mask = ids(2, 10), torch.ones(2, 10, dtype=torch.long)
         mask[1, :3] = 0  # left padding
         with torch.no_grad():
@@ -124,6 +125,9 @@ def test_generate_with_cache_equals_recomputation(kind: str, groups: int, tmp_pa
                 rtol=1e-4,
                 atol=1e-5,
             )
+        # decoding one token at a time (sdpa packs the query heads of a group) with a padded batch
+        kw = dict(attention_mask=mask, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+        assert torch.equal(sdpa.generate(x, **kw), model.generate(x, **kw))
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "opt", "bloom"])
@@ -206,6 +210,13 @@ def test_inspect_says_the_route(tmp_path: Path) -> None:
     assert (info["model_type"], info["num_kv_heads"], sorted(info["shipped_code"])) == ("gqa_mpt", 4, ["1", "2", "4"])
 
 
+def test_in_memory_conversion_points_to_the_folder_route() -> None:
+    from convert import convert_model
+
+    with pytest.raises(ConversionError, match="--write-modeling-code"):
+        convert_model(build("gpt2"), 2)
+
+
 def test_mpt_variant_refused(tmp_path: Path) -> None:
     model = build("mpt")
     model.save_pretrained(tmp_path / "src")
@@ -234,6 +245,25 @@ def test_eval_needs_trust_remote_code(tmp_path: Path) -> None:
     row = json.loads(result.output)[0]
     assert (row["model_type"], row["num_kv_heads"]) == ("gqa_gpt2", 2)
     assert row["perplexity"] > 1
+
+
+def test_hub_id_from_the_offline_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hub-style gpt2 (base-model names, tied head) from the local hub cache with HF_HUB_OFFLINE=1."""
+    import huggingface_hub.constants as c
+    from test_sources_and_crash import fake_hub_cache
+
+    model = build("gpt2")
+    make_groups_identical(model, 4)
+    model.base_model.save_pretrained(tmp_path / "src")
+    fake_hub_cache(tmp_path / "hub", "tiny-org/tiny-gpt2", tmp_path / "src")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    args = ["convert", "tiny-org/tiny-gpt2", str(tmp_path / "out"), "-g", "4", "-q", "--write-modeling-code"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    with torch.no_grad():
+        torch.testing.assert_close(load(tmp_path / "out")(ids()).logits, model(ids()).logits, rtol=1e-4, atol=1e-5)
 
 
 LOADER = """
