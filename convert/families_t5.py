@@ -50,8 +50,6 @@ def t5_shapes(config: Any) -> Shapes:
 
 def t5_patch(raw: dict, groups: int) -> dict:
     """config.json of the output: G (the shipped code, below H, also sets model_type and auto_map)."""
-    if raw.get("is_encoder_decoder") is False:
-        raise ConversionError("this T5 config is encoder-only (is_encoder_decoder=false): it has no decoder to convert")
     raw = {**raw, "num_key_value_heads": groups}
     if raw.get("model_type") == "mt5":
         raw["tie_word_embeddings"] = False  # read by T5Config as "do not scale the decoder output", as mT5 does
@@ -66,6 +64,13 @@ class T5Family(MhaFamily):
         """transformers' T5Config of a source or of a converted gqa_t5 folder, without running shipped code."""
         import transformers
 
+        architectures = raw.get("architectures") or []
+        if raw.get("is_encoder_decoder") is False or (architectures and all("Encoder" in a for a in architectures)):
+            what = ", ".join(architectures) or "no decoder"
+            raise ConversionError(
+                f"this {raw.get('model_type')} checkpoint is encoder-only ({what}): "
+                "GQA shrinks the decoder's caches and it has no decoder. Convert the full encoder-decoder checkpoint"
+            )
         drop = ("auto_map", "model_type", "architectures", self.kv_key)
         config = getattr(transformers, self.config_class).from_dict({k: v for k, v in raw.items() if k not in drop})
         config.num_key_value_heads = int(raw.get(self.kv_key) or config.num_heads)

@@ -277,6 +277,31 @@ def test_shipped_code_is_written_only_when_asked(tmp_path):
     ]
 
 
+def test_an_encoder_only_checkpoint_is_refused(tmp_path):
+    from transformers import T5EncoderModel
+
+    src = tmp_path / "src"
+    T5EncoderModel(tiny_t5("t5").config).save_pretrained(src)
+    result = CliRunner().invoke(main, ["convert", str(src), str(tmp_path / "out"), "-g", "2", "--write-modeling-code"])
+    assert result.exit_code == 2
+    assert "encoder-only (T5EncoderModel)" in result.output and "Convert the full encoder-decoder" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_sharded_bfloat16_source_pools_in_float32_and_casts_once(tmp_path):
+    model = tiny_t5("t5.1.1").to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "src", max_shard_size="20KB")
+    assert len(list((tmp_path / "src").glob("model-*.safetensors"))) > 1
+    out = convert(tmp_path / "src", tmp_path / "out", 2)
+    converted = load(out)
+    assert converted.dtype == torch.bfloat16
+    for b in range(DEC_LAYERS):
+        for name in ("layer.0.SelfAttention.k", "layer.1.EncDecAttention.v"):
+            source = model.get_submodule(f"decoder.block.{b}.{name}").weight  # [H * d, D]
+            expected = source.float().view(2, H // 2, D_KV, -1).mean(1).reshape(2 * D_KV, -1).to(torch.bfloat16)
+            assert torch.equal(converted.get_submodule(f"decoder.block.{b}.{name}").weight, expected)
+
+
 @pytest.mark.slow
 def test_output_loads_in_a_fresh_process_only_with_trust_remote_code(tmp_path):
     out = convert(save(tiny_t5("t5.1.1"), tmp_path / "src"), tmp_path / "out", 2)
