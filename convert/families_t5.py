@@ -60,6 +60,10 @@ def t5_patch(raw: dict, groups: int) -> dict:
 class T5Family(MhaFamily):
     """T5's row: sizes from T5Config (d_kv, decoder layers), read with the stock config class."""
 
+    def for_keys(self, keys: set[str]) -> T5Family:
+        # T5 checkpoints always name the decoder from the top (`decoder.block...`): no base-model prefix to strip.
+        return self
+
     def config_view(self, raw: dict) -> Any:
         """transformers' T5Config of a source or of a converted gqa_t5 folder, without running shipped code."""
         import transformers
