@@ -199,6 +199,9 @@ def test_both_caches_hold_g_heads_and_generate_matches_recomputation(tmp_path):
     # One full forward over the generated sequence gives every step's logits at once.
     full = logits(converted, {**enc, "decoder_input_ids": cached.sequences[:, :-1]})
     torch.testing.assert_close(torch.stack(cached.logits, dim=1), full, rtol=1e-5, atol=1e-5)
+    # Beam search reorders both caches between steps.
+    beams = dict(max_new_tokens=6, num_beams=3, do_sample=False)
+    assert torch.equal(converted.generate(**enc, **beams), converted.generate(**enc, use_cache=False, **beams))
 
 
 @pytest.mark.parametrize("method", ["mean", "first", "random"])
@@ -224,6 +227,61 @@ def test_methods_pool_every_decoder_attention(method, tmp_path):
 def test_shapes_read_d_kv_and_count_both_attention_modules():
     s = t5_shapes(tiny_t5("t5").config)
     assert (s.num_heads, s.num_kv_heads, s.head_dim, s.hidden, s.num_layers) == (H, H, D_KV, 24, 2 * DEC_LAYERS)
+
+
+# config.json as published for google/flan-t5-small (sizes only): 6 heads of d_kv 64 in d_model 512 (512 / 6 is not
+# even an integer), 8 decoder blocks; and for t5-small, written before num_decoder_layers existed.
+FLAN_T5_SMALL = dict(
+    architectures=["T5ForConditionalGeneration"],
+    d_ff=1024,
+    d_kv=64,
+    d_model=512,
+    decoder_start_token_id=0,
+    dense_act_fn="gelu_new",
+    eos_token_id=1,
+    feed_forward_proj="gated-gelu",
+    is_encoder_decoder=True,
+    is_gated_act=True,
+    model_type="t5",
+    n_positions=512,
+    num_decoder_layers=8,
+    num_heads=6,
+    num_layers=8,
+    pad_token_id=0,
+    relative_attention_max_distance=128,
+    relative_attention_num_buckets=32,
+    tie_word_embeddings=False,
+    torch_dtype="float32",
+    vocab_size=32128,
+)
+T5_SMALL = dict(
+    architectures=["T5WithLMHeadModel"],
+    d_ff=2048,
+    d_kv=64,
+    d_model=512,
+    model_type="t5",
+    n_positions=512,
+    num_heads=8,
+    num_layers=6,
+    output_past=True,
+    vocab_size=32128,
+)
+
+
+@pytest.mark.parametrize(
+    "raw,expected",
+    [(FLAN_T5_SMALL, (6, 64, 512, 16, 24_576, 4_096)), (T5_SMALL, (8, 64, 512, 12, 24_576, 3_072))],
+    ids=["flan-t5-small", "t5-small"],
+)
+def test_published_configs_give_their_sizes_and_cache_bytes(raw, expected):
+    from convert.families import family_for, shapes_for
+    from convert.families_t5 import cache_bytes
+
+    family = family_for(raw["model_type"])
+    s = shapes_for(family, family.config_view(raw))
+    per_token = cache_bytes(s, s.num_kv_heads, 4)["self_attention_per_output_token"]
+    mqa = cache_bytes(s, 1, 4)["cross_attention_per_input_token"]
+    assert (s.num_heads, s.head_dim, s.hidden, s.num_layers, per_token, mqa) == expected
 
 
 def test_inspect_and_dry_run_give_both_caches(tmp_path):
