@@ -173,3 +173,13 @@ def sentinel_ids(tokenizer: Any, needed: int) -> np.ndarray:
     if tokenizer.eos_token_id is None or len(set(ids.tolist())) != needed:
         raise SpanCorruptionError("the tokenizer needs an eos token and distinct sentinel ids for span corruption")
     return ids
+
+
+def examples(
+    ids: np.ndarray, tokenizer: Any, settings: SpanCorruption | None = None, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """`corrupt_stream` with the sentinels and </s> read from the tokenizer (refused clearly where it lacks them):
+    inputs [N, input_length] for `input_ids`, targets [N, target_length] for `labels`."""
+    settings = settings or SpanCorruption()
+    sentinels = sentinel_ids(tokenizer, settings.num_spans)
+    return corrupt_stream(ids, settings, sentinels, int(tokenizer.eos_token_id), seed)

@@ -12,6 +12,7 @@ from convert.span_corruption import (
     SpanCorruption,
     SpanCorruptionError,
     corrupt_stream,
+    examples,
     noise_mask,
     reconstruct,
     sentinel_ids,
@@ -116,8 +117,21 @@ def test_spans_average_the_mean_span_length():
     assert len({m.tobytes() for m in masks}) == 50
 
 
+def test_examples_read_sentinels_and_eos_from_the_tokenizer(tokenizer, docs):
+    settings = SpanCorruption(input_length=64)
+    ids = stream(tokenizer, docs)
+    inputs, targets = examples(ids, tokenizer, settings, seed=5)
+    sentinels = sentinel_ids(tokenizer, settings.num_spans)
+    expected = corrupt_stream(ids, settings, sentinels, tokenizer.eos_token_id, seed=5)
+    assert np.array_equal(inputs, expected[0]) and np.array_equal(targets, expected[1])
+    assert tokenizer.convert_ids_to_tokens(int(targets[0, 0])) == "<extra_id_0>"
+    assert tokenizer.convert_ids_to_tokens(int(inputs[0, -1])) == "</s>"
+
+
 def test_a_tokenizer_without_sentinels_is_refused(docs):
     plain = train_tokenizer(docs)
+    with pytest.raises(SpanCorruptionError, match="use a T5 or mT5 tokenizer"):
+        examples(np.arange(2000), plain)
     with pytest.raises(SpanCorruptionError, match=r"has 0 sentinel tokens .* needs 28 .*use a T5 or mT5 tokenizer"):
         sentinel_ids(plain, SpanCorruption().num_spans)
 
