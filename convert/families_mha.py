@@ -107,8 +107,8 @@ class MhaFamily(Family):
         w = join(att.q, att.k, att.v).reshape(-1, D)  # [(H + 2G) d, D]
         o = att.o.reshape(D, H * d)
         out = {
-            f"{p}{self.fused}.weight": w.T if self.transposed else w,
-            f"{p}{self.o}.weight": o.T if self.transposed else o,
+            f"{p}{self.fused}.weight": w.T.contiguous() if self.transposed else w,  # back to Conv1D's [in, out]
+            f"{p}{self.o}.weight": o.T.contiguous() if self.transposed else o,
         }
         if att.q_bias is not None:
             out[f"{p}{self.fused}.bias"] = join(
@@ -161,6 +161,10 @@ def _refusals(raw: dict) -> list[tuple[bool, str]]:
             "mpt prefix-LM / sequence-id attention is not supported by transformers' MptForCausalLM",
         ),
         (attn.get("alibi") is False, "mpt without alibi is not supported by transformers' MptForCausalLM"),
+        (
+            attn.get("attn_type", "multihead_attention") != "multihead_attention",
+            f"mpt with attn_type={attn.get('attn_type')!r} is not supported by transformers' MptForCausalLM",
+        ),
     ]
 
 
@@ -211,6 +215,24 @@ MHA_FAMILIES: tuple[MhaFamily, ...] = (
         notes="Wqkv [q | k | v], ALiBi; below H KV heads: shipped code (gqa_mpt)",
     ),
 )
+
+
+def takes_shipped_route(raw: dict, groups: int | None) -> bool:
+    """Whether a classic MHA source is read with these rows (as it is, shipped code below H) rather than
+    re-expressed as a stock class (convert.reexpress, where that route exists). bloom, mpt and every gqa_<x>
+    output: always. gpt2 and pre-LN opt: only at 1 < G < H, where no stock class holds G (at G = 1 gpt_bigcode's
+    multi-query does). Post-LN opt (opt-350m): below H. `groups` None (inspect): the stock route where there is one.
+    """
+    family = next((f for f in MHA_FAMILIES if raw.get("model_type") in f.model_types), None)
+    if family is None:
+        return False
+    if family.template not in ("gpt2", "opt") or raw["model_type"].startswith("gqa_"):
+        return True
+    if groups is None:
+        return False
+    heads = family.config_view(raw).num_attention_heads
+    post_ln = raw["model_type"] == "opt" and raw.get("do_layer_norm_before") is False
+    return groups < heads and (groups > 1 or post_ln)
 
 
 def modeling_template(family: Family, groups: int, num_heads: int) -> str | None:

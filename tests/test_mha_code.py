@@ -74,9 +74,12 @@ def test_shipped_code_at_h_heads_is_the_source(kind: str, tmp_path: Path) -> Non
     (tmp_path / "config.json").write_text(json.dumps(raw))
     shipped = load(tmp_path)
     assert type(shipped).__name__.startswith("GQA")
-    x = ids()
+    x, mask = ids(), torch.ones(2, 12, dtype=torch.long)
+    mask[0, :4] = 0  # left padding
     with torch.no_grad():
         torch.testing.assert_close(shipped(x).logits, model(x).logits, rtol=1e-4, atol=1e-5)
+        got, want = shipped(x, attention_mask=mask).logits, model(x, attention_mask=mask).logits
+    torch.testing.assert_close(got[mask.bool()], want[mask.bool()], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", list(CONFIGS))
@@ -195,6 +198,8 @@ def test_source_code_is_never_copied(tmp_path: Path) -> None:
     ]
     card = (tmp_path / "out" / "README.md").read_text()
     assert "trust_remote_code=True" in card
+    notes = json.loads((tmp_path / "out" / "gqa_convert.json").read_text())["notes"]
+    assert any("GQAOPTForCausalLM" in n and "trust_remote_code=True" in n for n in notes)
 
 
 def test_inspect_says_the_route(tmp_path: Path) -> None:
@@ -215,6 +220,19 @@ def test_in_memory_conversion_points_to_the_folder_route() -> None:
 
     with pytest.raises(ConversionError, match="--write-modeling-code"):
         convert_model(build("gpt2"), 2)
+
+
+def test_route_between_stock_and_shipped_code() -> None:
+    """Which classic sources these rows read as they are (the rest is re-expressed as a stock class)."""
+    from convert.families_mha import takes_shipped_route
+
+    gpt2, opt = {"model_type": "gpt2", "n_head": 8}, {"model_type": "opt", "num_attention_heads": 8}
+    post_ln = {**opt, "do_layer_norm_before": False}
+    assert [takes_shipped_route(gpt2, g) for g in (None, 1, 2, 4, 8)] == [False, False, True, True, False]
+    assert [takes_shipped_route(opt, g) for g in (1, 2, 8)] == [False, True, False]
+    assert [takes_shipped_route(post_ln, g) for g in (1, 2, 8)] == [True, True, False]
+    assert all(takes_shipped_route({"model_type": t}, g) for t in ("bloom", "mpt", "gqa_gpt2") for g in (None, 1))
+    assert not takes_shipped_route({"model_type": "llama"}, 1)
 
 
 def test_mpt_variant_refused(tmp_path: Path) -> None:
@@ -269,29 +287,38 @@ def test_hub_id_from_the_offline_cache(tmp_path: Path, monkeypatch: pytest.Monke
 LOADER = """
 import sys, torch
 from transformers import AutoModelForCausalLM
-folder, trust = sys.argv[1], sys.argv[2] == "1"
-try:
-    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=trust)
-except Exception as e:
-    print(type(e).__name__, e)
-    sys.exit(3)
-x = torch.arange(3, 12)[None]
-print(type(model).__name__, model.config.num_key_value_heads, tuple(model(x).logits.shape))
+trust = sys.argv[1] == "1"
+for folder in sys.argv[2:]:
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=trust)
+    except Exception as e:
+        print("refused", type(e).__name__, str(e).replace(chr(10), " "))
+        continue
+    with torch.no_grad():
+        torch.save(model(torch.arange(3, 12)[None]).logits, folder + ".logits.pt")
+    print("loaded", type(model).__name__, model.config.num_key_value_heads)
 """
 
 
 @pytest.mark.slow
 def test_loads_in_a_fresh_process(tmp_path: Path) -> None:
-    """A fresh interpreter loads the output with trust_remote_code=True, and refuses clearly without it."""
-    build("gpt2").save_pretrained(tmp_path / "src")
-    convert(tmp_path / "src", tmp_path / "out", 2)
+    """A fresh interpreter loads every shipped-code output with trust_remote_code=True (same logits as here), and
+    refuses each clearly without it."""
+    kinds = ["gpt2", "opt-post-ln", "bloom", "mpt"]
+    for kind in kinds:
+        build(kind).save_pretrained(tmp_path / kind)
+        convert(tmp_path / kind, tmp_path / f"{kind}-out", 2)
+    folders = [str(tmp_path / f"{kind}-out") for kind in kinds]
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
     run = lambda trust: subprocess.run(
-        [sys.executable, "-c", LOADER, str(tmp_path / "out"), trust], capture_output=True, text=True, env=env
-    )
-    ok = run("1")
-    assert ok.returncode == 0, ok.stderr[-2000:]
-    assert ok.stdout.split()[-5:] == ["GQAGPT2LMHeadModel", "2", "(1,", "9,", "160)"]
-    refused = run("0")
-    assert refused.returncode == 3
-    assert "trust_remote_code" in refused.stdout
+        [sys.executable, "-c", LOADER, trust, *folders], capture_output=True, text=True, env=env, check=True
+    ).stdout.splitlines()
+    loaded = [line for line in run("1") if line.startswith(("loaded", "refused"))]
+    names = ["GQAGPT2LMHeadModel", "GQAOPTForCausalLM", "GQABloomForCausalLM", "GQAMptForCausalLM"]
+    assert loaded == [f"loaded {name} 2" for name in names]
+    for folder in folders:
+        with torch.no_grad():
+            here = load(Path(folder))(torch.arange(3, 12)[None]).logits
+        torch.testing.assert_close(torch.load(folder + ".logits.pt"), here)
+    refused = [line for line in run("0") if line.startswith(("loaded", "refused"))]
+    assert len(refused) == 4 and all(line.startswith("refused") and "trust_remote_code" in line for line in refused)
