@@ -404,6 +404,8 @@ class Conversion:
         )
         if self.template:
             report.notes.append(shipped_note(self.template))
+        if src.family.cache_notes is not None:
+            report.notes += src.family.cache_notes(s_in, s_in.num_kv_heads, self.groups, nbytes(out_st, ()))
         if src.raw_config["model_type"] in QK_NORM_FAMILIES:
             report.notes.append(
                 "this family normalizes keys per head after the projection (q/k norm): merged keys are pooled "
@@ -576,6 +578,7 @@ def describe(source: str | Path, revision: str | None = None, allow_pickle: bool
     src = open_source(source, revision, allow_pickle)
     s = src.shapes
     st = next((t.st for t in src.tensors.values() if t.st in FLOATING), "F32")
+    notes = src.family.cache_notes(s, s.num_kv_heads, s.num_kv_heads, nbytes(st, ())) if src.family.cache_notes else []
     return {
         "source": src.name,
         "model_type": src.raw_config["model_type"],
@@ -592,4 +595,5 @@ def describe(source: str | Path, revision: str | None = None, allow_pickle: bool
         "shipped_code": {
             g: shipped_note(t) for g in valid_groups(s) if (t := modeling_template(src.family, g, s.num_heads))
         },
+        "notes": notes,
     }

@@ -215,6 +215,8 @@ def inspect(source: str, revision: str | None, allow_pickle: bool, as_json: bool
         click.echo(f"  {g:>14}   {n:>10,} B{mark}")
     for note in dict.fromkeys(shipped.values()):
         click.echo(f"  {note}")
+    for note in info.get("notes", []):
+        click.echo(f"  note: {note}")
 
 
 @main.command("eval")
