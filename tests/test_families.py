@@ -110,7 +110,7 @@ def test_shapes_from_config_json_match_transformers(model_type, tmp_path):
     """The converter reads sizes straight from a complete config.json; transformers' config must agree."""
     from transformers import AutoConfig
 
-    from convert.checkpoint import _plain_view, read_config
+    from convert.source import _plain_view, read_config
     from convert.families import family_for, shapes_for
 
     tiny_model(model_type).config.save_pretrained(tmp_path)
