@@ -9,11 +9,10 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 from .core import kv_cache_bytes_per_token, valid_groups
-from .families import ConversionError, Family, Shapes, family_for, shapes_for
+from .families import ConversionError, Family, Shapes, config_dtype, config_view, family_for, shapes_for
 from .tensorio import DTYPES, FLOATING, TensorInfo, read_header, read_pickle_header, read_tensor
 
 if TYPE_CHECKING:
@@ -87,8 +86,9 @@ def resolve_source(source: str | Path, revision: str | None = None, allow_pickle
     return Path(folder), str(source)
 
 
-def _weight_files(folder: Path, allow_pickle: bool) -> tuple[list[Path], bool]:
-    """The weight shards of a folder, in index order; refuses pickle unless allowed."""
+def _weight_files(folder: Path, allow_pickle: bool) -> tuple[list[Path], bool, dict[str, str] | None]:
+    """The weight shards of a folder in index order, whether they are pickles, and the index's weight map (None
+    for a single file); refuses pickle unless allowed."""
     for index_name, single, is_pickle in (
         ("model.safetensors.index.json", "model.safetensors", False),
         ("pytorch_model.bin.index.json", "pytorch_model.bin", True),
@@ -101,21 +101,72 @@ def _weight_files(folder: Path, allow_pickle: bool) -> tuple[list[Path], bool]:
                 f"{folder} has only pickle weights ({single}), which can run code when loaded. Pass "
                 "--allow-pickle to load them with torch.load(weights_only=True), or convert them to safetensors"
             )
-        if index.exists():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ConversionError(f"{index} is not a valid shard index ({e}): re-download it")
-            files = list(dict.fromkeys(weight_map.values()))
-            missing = [f for f in files if not (folder / f).is_file()]
-            if missing:
-                raise ConversionError(
-                    f"{index.name} names shard(s) that do not exist: {', '.join(missing)}. "
-                    "The download is incomplete: fetch the missing files"
-                )
-            return [folder / f for f in files], is_pickle
-        return [one], is_pickle
+        if not index.exists():
+            return [one], is_pickle, None
+        weight_map = _read_index(index)
+        files = list(dict.fromkeys(weight_map.values()))
+        missing = [f for f in files if not (folder / f).is_file()]
+        if missing:
+            raise ConversionError(
+                f"{index.name} names shard(s) that do not exist: {', '.join(missing)}. "
+                "The download is incomplete: fetch the missing files"
+            )
+        return [folder / f for f in files], is_pickle, weight_map
     raise ConversionError(f"no weights in {folder}: expected model.safetensors or model.safetensors.index.json")
+
+
+def _read_index(index: Path) -> dict[str, str]:
+    """The index's weight map, tensor name -> shard file name in the same folder."""
+    try:
+        raw = json.loads(index.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConversionError(f"{index} is not valid JSON ({e}): re-download it")
+    weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ConversionError(f"{index} has no weight_map object naming the shards: re-download it")
+    for name, file in weight_map.items():
+        if not isinstance(file, str) or not file or Path(file).name != file:
+            raise ConversionError(
+                f"{index}: tensor {name} maps to {file!r}, not a file name in the same folder: re-download it"
+            )
+    return weight_map
+
+
+def _read_tensors(files: list[Path], is_pickle: bool, weight_map: dict[str, str] | None) -> dict[str, TensorInfo]:
+    """Every tensor of every shard, each exactly once, and each where the index says it is: a tensor in two
+    shards, or one that the index and the headers disagree about, is refused before anything is written."""
+    tensors: dict[str, TensorInfo] = {}
+    for f in files:
+        infos = read_pickle_header(f) if is_pickle else read_header(f)[0]
+        twice = sorted(set(infos) & set(tensors))
+        if twice:
+            raise ConversionError(
+                f"{f} holds {twice[0]}, which {tensors[twice[0]].file.name} also holds"
+                f"{f' ({len(twice)} tensors in both)' if len(twice) > 1 else ''}: one of the two shards is stale. "
+                "Re-download the checkpoint"
+            )
+        tensors.update(infos)
+    if weight_map is None:
+        return tensors
+    index = files[0].parent / ("pytorch_model.bin.index.json" if is_pickle else "model.safetensors.index.json")
+    for name, info in tensors.items():
+        if name not in weight_map:
+            raise ConversionError(
+                f"{info.file} holds {name}, which {index.name} does not list: the index and the shards are from "
+                "different downloads. Re-download the checkpoint"
+            )
+        if weight_map[name] != info.file.name:
+            raise ConversionError(
+                f"{index} puts {name} in {weight_map[name]}, but it is in {info.file.name}: the index and the "
+                "shards are from different downloads. Re-download the checkpoint"
+            )
+    absent = [n for n in weight_map if n not in tensors]
+    if absent:
+        raise ConversionError(
+            f"{index} lists {absent[0]} in {weight_map[absent[0]]}, but no shard holds it"
+            f"{f' ({len(absent)} such tensors)' if len(absent) > 1 else ''}. Re-download the checkpoint"
+        )
+    return tensors
 
 
 def read_config(folder: Path) -> dict:
@@ -140,45 +191,23 @@ def load_config(folder: Path, trust_remote_code: bool = False) -> Any:
         raise ConversionError(f"{folder}/config.json could not be read by transformers ({type(e).__name__}: {e})")
 
 
-def _plain_view(raw: dict, family: Family) -> SimpleNamespace | None:
-    """config.json itself, when it states every size the shapes need; None sends the caller to transformers.
-
-    A missing key would take the config class's default (gemma's head_dim is 256, phi's rotary factor 0.5), so
-    only a complete config is read directly.
-    """
-    needed = ["num_attention_heads", "hidden_size", "num_hidden_layers", "head_dim", *family.config_keys]
-    rope = raw.get("rope_parameters")
-    if any(raw.get(k) is None for k in needed) or not (isinstance(rope, dict) or "partial_rotary_factor" in raw):
-        return None
-    if not all(
-        isinstance(raw[k], int) and not isinstance(raw[k], bool) and raw[k] > 0
-        for k in needed[:4] + [family.kv_key]
-        if k in raw
-    ):
-        return None  # odd values: let transformers validate them and say what is wrong
-    return SimpleNamespace(**raw)
-
-
 def open_source(
     source: str | Path,
     revision: str | None = None,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
 ) -> Source:
-    """Resolve and open SOURCE; checks config, family, shard files and head counts against weight shapes."""
+    """Resolve and open SOURCE; checks config, family, index, shard headers and head counts against weight shapes.
+
+    Sizes come from config.json itself (`config_view`): transformers loads only when a calibrated method asks for
+    `Source.config`."""
     folder, name = resolve_source(source, revision, allow_pickle)
     raw = read_config(folder)
     family = family_for(raw.get("model_type"))
-    config = None
-    view = _plain_view(raw, family)
-    if view is None:
-        config = view = load_config(folder, trust_remote_code)
-    files, is_pickle = _weight_files(folder, allow_pickle)
-    tensors: dict[str, TensorInfo] = {}
-    for f in files:
-        infos = read_pickle_header(f) if is_pickle else read_header(f)[0]
-        tensors.update(infos)
-    src = Source(folder, name, raw, family, shapes_for(family, view), tensors, is_pickle, trust_remote_code, config)
+    shapes = shapes_for(family, config_view(raw, family, folder / "config.json"))
+    files, is_pickle, weight_map = _weight_files(folder, allow_pickle)
+    tensors = _read_tensors(files, is_pickle, weight_map)
+    src = Source(folder, name, raw, family, shapes, tensors, is_pickle, trust_remote_code)
     _check_weights(src)
     return src
 
@@ -191,6 +220,7 @@ def _check_weights(src: Source) -> None:
         if any(fragment in k for k in present):
             raise ConversionError(f"unsupported checkpoint: {reason}")
     required = [fam.fused] if fam.layout != "split" else [fam.q, fam.k, fam.v]
+    config = src.folder / "config.json"
     for layer in range(s.num_layers):
         keys = fam.attention_keys(layer, present)
         prefix = fam.prefix.format(i=layer)
@@ -200,10 +230,23 @@ def _check_weights(src: Source) -> None:
         if missing or wrong:
             what = f"missing {', '.join(missing)}; " if missing else ""
             raise ConversionError(
-                f"layer {layer}: the attention weights do not match config.json ({s.num_heads} heads, "
+                f"layer {layer}: the attention weights do not match {config} ({s.num_heads} heads, "
                 f"{s.num_kv_heads} KV heads, head_dim {s.head_dim}, hidden {s.hidden}): {what}found "
                 f"{found or 'none'}. The config and the weights disagree: fix config.json"
             )
+        for k in keys:  # an integer dtype here is a flipped or foreign header, never a weight we could pool
+            if src.tensors[k].st not in FLOATING:
+                raise ConversionError(
+                    f"{src.tensors[k].file}: {k} is stored as {src.tensors[k].st}, not a float dtype; attention "
+                    "weights must be floats (quantized checkpoints are not supported). Re-download the checkpoint"
+                )
+    beyond = fam.prefix.format(i=s.num_layers)
+    extra = next((k for k in present if k.startswith(beyond)), None)
+    if extra is not None:
+        raise ConversionError(
+            f"{src.tensors[extra].file} holds {extra}, a layer beyond the {s.num_layers} layers of {config}: "
+            "the config and the weights disagree. Fix num_hidden_layers in config.json"
+        )
 
 
 def _allowed_numel(name: str, s: Shapes, fam: Family) -> set[int]:
@@ -233,6 +276,7 @@ def describe(source: str | Path, revision: str | None = None, allow_pickle: bool
         "head_dim": s.head_dim,
         "rotary_dim": s.rotary_dim,
         "dtype": DTYPES[st][0],
+        "config_dtype": config_dtype(src.raw_config),
         "parameters": sum(math.prod(t.shape) for t in src.tensors.values()),
         "valid_num_kv_heads": {g: kv_cache_bytes_per_token(s, g, st) for g in valid_groups(s)},
     }
