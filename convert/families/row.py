@@ -98,6 +98,7 @@ class Family:
     k_norm: str = "k_norm"
     qk_norm: str = ""  # a key of QK_NORM_KINDS: pooled keys pass through this norm, so the merge is approximate
     rotary: str = "half"  # a key of ROTARY_LAYOUTS
+    rope_by_layer_type: bool = False  # rope_parameters per layer type: the full-attention entry sets the rotary width
     kv_key: str = "num_key_value_heads"
     # What transformers' config class assumes when config.json omits a key (head_dim, the KV-head count,
     # partial_rotary_factor, falcon's flags). Absent here: derived as transformers does (head_dim = hidden / heads,

@@ -25,7 +25,9 @@ def shapes_for(family: Family, config: Any) -> Shapes:
     if isinstance(rope, dict) and "full_attention" in rope:  # per-layer-type rope (gemma3): same factor assumed
         rope = rope["full_attention"]
     factor = rope.get("partial_rotary_factor") if rope else None
-    factor = factor or getattr(config, "partial_rotary_factor", None) or 1.0  # older configs keep it at top level
+    if not family.rope_by_layer_type:  # older configs keep it at the top level; per-layer-type rope never reads it
+        factor = factor or getattr(config, "partial_rotary_factor", None)
+    factor = factor or 1.0
     uses_alibi = bool(getattr(config, "alibi", False))
     rotary_dim = 0 if uses_alibi else int(head_dim * factor)
     base = dict(
@@ -87,10 +89,13 @@ def _rotary_factor(raw: dict, family: Family, path: Path) -> float:
     rope = raw.get("rope_scaling") or raw.get("rope_parameters") or {}
     if not isinstance(rope, dict):
         raise _bad(path, "rope_parameters", rope, "an object")
-    if rope and all(isinstance(v, dict) for v in rope.values()):  # per layer type: the same factor assumed
+    nested = bool(rope) and all(isinstance(v, dict) for v in rope.values())
+    if family.rope_by_layer_type:  # only an entry for the full-attention layers counts; a flat one is not used
+        rope = rope.get("full_attention", {}) if nested else {}
+    elif nested:
         rope = rope.get("full_attention") or next(iter(rope.values()))
     factor = rope.get("partial_rotary_factor")
-    if factor is None:
+    if factor is None and not family.rope_by_layer_type:
         factor = config_value(raw, family, "partial_rotary_factor")
     if factor is None:
         return 1.0

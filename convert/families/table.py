@@ -51,7 +51,7 @@ FAMILIES: tuple[Family, ...] = (
     Family(("qwen3_moe",), qk_norm="shared", defaults={KV: 4}),
     Family(("gemma",), defaults={KV: 16, "head_dim": 256}),
     Family(("gemma2",), defaults={KV: 4, "head_dim": 256}),
-    Family(("gemma3_text",), qk_norm="shared", defaults={KV: 4, "head_dim": 256}),
+    Family(("gemma3_text",), qk_norm="shared", rope_by_layer_type=True, defaults={KV: 4, "head_dim": 256}),
     Family(("olmo2", "olmoe"), qk_norm="flat"),
     Family(("starcoder2",), defaults={KV: 2}),
     Family(("cohere",), qk_norm="per_head", rotary="interleaved"),
