@@ -178,7 +178,7 @@ def read_config(folder: Path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConversionError(f"{path} is not valid JSON ({e}): fix or re-download it")
     if not isinstance(raw, dict):
-        raise ConversionError(f"{path} must hold a JSON object")
+        raise ConversionError(f"{path} must hold a JSON object, not {type(raw).__name__}: fix or re-download it")
     return raw
 
 
@@ -203,7 +203,13 @@ def open_source(
     `Source.config`."""
     folder, name = resolve_source(source, revision, allow_pickle)
     raw = read_config(folder)
-    family = family_for(raw.get("model_type"))
+    model_type = raw.get("model_type")
+    if not isinstance(model_type, str):
+        raise ConversionError(
+            f"{folder / 'config.json'} has no model_type naming the architecture (found {model_type!r}): "
+            "SOURCE must be a transformers model folder. Re-download config.json"
+        )
+    family = family_for(model_type)
     shapes = shapes_for(family, config_view(raw, family, folder / "config.json"))
     files, is_pickle, weight_map = _weight_files(folder, allow_pickle)
     tensors = _read_tensors(files, is_pickle, weight_map)
@@ -226,13 +232,15 @@ def _check_weights(src: Source) -> None:
         prefix = fam.prefix.format(i=layer)
         found = {k[len(prefix) :]: src.tensors[k].shape for k in keys}
         missing = [f"{n}.weight" for n in [*required, fam.o] if f"{n}.weight" not in found]
-        wrong = [k for k, shape in found.items() if math.prod(shape) not in _allowed_numel(k, s, fam)]
+        wrong = [k for k, shape in found.items() if tuple(shape) not in _allowed_shapes(k, s, fam)]
         if missing or wrong:
             what = f"missing {', '.join(missing)}; " if missing else ""
+            files = sorted({src.tensors[prefix + k].file.name for k in wrong})
             raise ConversionError(
-                f"layer {layer}: the attention weights do not match {config} ({s.num_heads} heads, "
-                f"{s.num_kv_heads} KV heads, head_dim {s.head_dim}, hidden {s.hidden}): {what}found "
-                f"{found or 'none'}. The config and the weights disagree: fix config.json"
+                f"layer {layer}: the attention weights{' in ' + ', '.join(files) if files else ''} do not match "
+                f"{config} ({s.num_heads} heads, {s.num_kv_heads} KV heads, head_dim {s.head_dim}, hidden "
+                f"{s.hidden}): {what}found {found or 'none'}. The config and the weights disagree: fix config.json "
+                "or re-download the checkpoint"
             )
         for k in keys:  # an integer dtype here is a flipped or foreign header, never a weight we could pool
             if src.tensors[k].st not in FLOATING:
@@ -249,16 +257,17 @@ def _check_weights(src: Source) -> None:
         )
 
 
-def _allowed_numel(name: str, s: Shapes, fam: Family) -> set[int]:
-    """How many numbers a layer tensor may hold given the config (a reshape alone would accept wrong sizes)."""
+def _allowed_shapes(name: str, s: Shapes, fam: Family) -> set[tuple[int, ...]]:
+    """The shapes a layer tensor may have given the config (its size alone would accept transposed weights)."""
     H, Hkv, d, D = s.num_heads, s.num_kv_heads, s.head_dim, s.hidden
     base, kind = name.rsplit(".", 1)
     if base == fam.o:
-        return {D * H * d}
-    if base in (fam.q_norm, fam.k_norm):  # shared by all heads ([d]) or one weight per head
-        return {d, (H if base == fam.q_norm else Hkv) * d}
+        return {(D, H * d)}
+    if base in (fam.q_norm, fam.k_norm):  # shared by all heads ([d]), flat over the projection, or [heads, d]
+        heads = H if base == fam.q_norm else Hkv
+        return {(d,), (heads * d,), (heads, d)}
     rows = {fam.q: H * d, fam.k: Hkv * d, fam.v: Hkv * d, fam.fused: (H + 2 * Hkv) * d}[base]
-    return {rows * (D if kind == "weight" else 1)}
+    return {(rows, D) if kind == "weight" else (rows,)}
 
 
 def describe(source: str | Path, revision: str | None = None, allow_pickle: bool = False) -> dict:
