@@ -218,6 +218,18 @@ class Family:
                 out[f"{p}{name}.weight"] = w if att.norms_2d else w.reshape(-1)
         return out
 
+    def pool_fused(self, x: Any, s_in: Shapes, s_out: Shapes, pool: Callable[[Any, int], Any]) -> Any:
+        """A fused q/k/v weight [rows, D] (a bias as [rows, 1]), float32 numpy or torch, with K and V pooled by
+        `pool` ([Hkv, n] -> [G, n]) and the rows arranged as the output layout has them. Queries are moved, never
+        changed: this is `split`, pool, `join` for weight-only methods, without the per-head Attention form."""
+        split, join = _LAYOUTS[self.layout]
+        H, Hkv, G, d = s_in.num_heads, s_in.num_kv_heads, s_out.num_kv_heads, s_in.head_dim
+        cols = x.shape[-1]
+        q, k, v = split(x, s_in)
+        k = pool(k.reshape(Hkv, -1), G).reshape(G, d, cols)  # [G, d, cols]
+        v = pool(v.reshape(Hkv, -1), G).reshape(G, d, cols)
+        return join(q.reshape(H, d, cols), k, v, s_out, G).reshape(-1, cols)
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Fused layouts. Each is a (split, join) pair over row blocks; `x` is [rows, cols] with rows = heads * d.
@@ -229,11 +241,20 @@ def _concat_split(x: Tensor, s: Shapes) -> tuple[Tensor, Tensor, Tensor]:
     return x[:nq], x[nq : nq + nk], x[nq + nk :]
 
 
-def _concat_join(q: Tensor, k: Tensor, v: Tensor, s: Shapes, groups: int) -> Tensor:
+def _xp(x: Any) -> Any:
+    """numpy for a numpy array, else torch: the fused layouts run on both (numpy on the torch-free path)."""
+    import numpy as np
+
+    if isinstance(x, np.ndarray):
+        return np
     import torch
 
+    return torch
+
+
+def _concat_join(q: Tensor, k: Tensor, v: Tensor, s: Shapes, groups: int) -> Tensor:
     cols = q.shape[-1]
-    return torch.cat([q.reshape(-1, cols), k.reshape(-1, cols), v.reshape(-1, cols)])
+    return _xp(q).concatenate([q.reshape(-1, cols), k.reshape(-1, cols), v.reshape(-1, cols)])
 
 
 def _falcon_split(x: Tensor, s: Shapes) -> tuple[Tensor, Tensor, Tensor]:
@@ -258,15 +279,14 @@ def s_falcon_classic(x: Tensor, s: Shapes) -> bool:
 
 
 def _falcon_join(q: Tensor, k: Tensor, v: Tensor, s: Shapes, groups: int) -> Tensor:
-    import torch
-
+    xp = _xp(q)
     H, d = q.shape[0], q.shape[1]
     cols = q.shape[-1]
     if groups == H and s_falcon_classic(q, s):
-        return torch.stack([q, k, v], dim=1).reshape(-1, cols)
+        return xp.stack([q, k, v], 1).reshape(-1, cols)
     # Grouped (new architecture); with groups == 1 this is also the multi-query arrangement.
     q = q.reshape(groups, H // groups, d, cols)
-    return torch.cat([q, k[:, None], v[:, None]], dim=1).reshape(-1, cols)
+    return xp.concatenate([q, k[:, None], v[:, None]], 1).reshape(-1, cols)
 
 
 @dataclass(frozen=True)
