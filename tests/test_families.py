@@ -102,7 +102,9 @@ def _kv(model) -> int:
 
 
 def _kv_raw(config: dict, model_type: str) -> int:
-    return config["num_kv_heads"] if model_type == "falcon" else config["num_key_value_heads"]
+    from convert.families import family_for
+
+    return config[family_for(model_type).kv_key]
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)
