@@ -25,7 +25,9 @@ from tqdm.auto import tqdm
 from . import __version__
 from .core import check_groups, convert_layer, kv_cache_bytes_per_token
 from .families import QK_NORM_FAMILIES, ConversionError, Shapes, output_shapes
+from .families_mha import modeling_template
 from .pooling import WEIGHT_ONLY_POOLS, relative_error
+from .shipped import check_method, require_flag, ship_modeling_code, shipped_note
 from .source import SIDE_FILES, Source, describe, open_source  # noqa: F401  (describe: re-exported)
 from .tensorio import (
     FLOATING,
@@ -352,9 +354,16 @@ multi-head / grouped-query attention with {report.kv_heads_before} KV heads beca
 - dtype: `{report.dtype}`
 - details and per-layer statistics: `{PROVENANCE}`
 
-Load it with stock transformers: `AutoModelForCausalLM.from_pretrained(path)`. A converted model has lost some
+{_load_line(report)} A converted model has lost some
 quality; uptraining (`recipes/uptrain.py` in gqa-convert) wins most of it back.
 """
+
+
+def _load_line(report: Report) -> str:
+    for note in report.notes:
+        if note.startswith("route: modeling code"):  # the shipped-code route: the note ends with how to load it
+            return f"It ships its own modeling code: {note.rsplit('; ', 1)[-1]}."
+    return "Load it with stock transformers: `AutoModelForCausalLM.from_pretrained(path)`."
 
 
 def verify_output(folder: Path, src: Source, expected: dict[str, tuple[int, ...]], groups: int) -> None:
@@ -431,6 +440,7 @@ def convert_checkpoint(
     progress: bool = True,
     method_options: dict[str, Any] | None = None,
     durable: bool = False,
+    write_modeling_code: bool = False,
 ) -> Report:
     """Convert the checkpoint at SOURCE (folder or hub id) to `num_kv_heads` KV heads, written at OUTPUT.
 
@@ -448,6 +458,10 @@ def convert_checkpoint(
     src = open_source(source, revision, allow_pickle, trust_remote_code)
     s_in = src.shapes
     check_groups(num_kv_heads, s_in)
+    template = modeling_template(src.family, num_kv_heads, s_in.num_heads)
+    if template:
+        require_flag(template, write_modeling_code, f"{src.raw_config['model_type']} with {num_kv_heads} KV heads")
+        check_method(template, method)
     plan, s_out = plan_tensors(src, num_kv_heads, dtype)
     pool = _numpy_pool(src, plan, method, dtype, method_options)
     if pool is None and methods is None:
@@ -478,6 +492,11 @@ def convert_checkpoint(
             kv_cache_bytes_per_token_after=kv_cache_bytes_per_token(s_in, num_kv_heads, out_st),
             dry_run=dry_run,
         )
+        if template:
+            report.notes.append(shipped_note(template))
+        if src.family.cache_notes is not None:
+            element = nbytes(out_st, ())
+            report.notes += src.family.cache_notes(s_in, s_in.num_kv_heads, num_kv_heads, element)
         if src.raw_config["model_type"] in QK_NORM_FAMILIES:
             report.notes.append(
                 "this family normalizes keys per head after the projection (q/k norm): merged keys are pooled "
@@ -529,6 +548,8 @@ def convert_checkpoint(
         _write_shards(src, shards, tmp, start_merging, progress, durable)
         report = state["report"]
         raw = src.family.patch_config(src.raw_config, num_kv_heads)
+        if template:
+            raw = ship_modeling_code(template, tmp, raw, num_kv_heads)
         if dtype != "keep":
             raw["dtype"] = dtype
             raw.pop("torch_dtype", None)

@@ -13,7 +13,9 @@ from typing import TYPE_CHECKING, Any
 
 from .core import kv_cache_bytes_per_token, valid_groups
 from .families import ConversionError, Family, Shapes, config_dtype, config_view, family_for, shapes_for
-from .tensorio import DTYPES, FLOATING, TensorInfo, read_header, read_pickle_header, read_tensor
+from .families_mha import modeling_template
+from .shipped import shipped_note
+from .tensorio import DTYPES, FLOATING, TensorInfo, nbytes, read_header, read_pickle_header, read_tensor
 
 if TYPE_CHECKING:
     import torch
@@ -210,9 +212,15 @@ def open_source(
             "SOURCE must be a transformers model folder. Re-download config.json"
         )
     family = family_for(model_type)
-    shapes = shapes_for(family, config_view(raw, family, folder / "config.json"))
+    if hasattr(family, "config_view"):  # classic MHA rows read with their stock config class, never shipped code
+        view = family.config_view(raw)
+    else:
+        view = config_view(raw, family, folder / "config.json")
     files, is_pickle, weight_map = _weight_files(folder, allow_pickle)
     tensors = _read_tensors(files, is_pickle, weight_map)
+    if hasattr(family, "for_keys"):  # tensor names with or without the base model's prefix
+        family = family.for_keys(set(tensors))
+    shapes = shapes_for(family, view)
     src = Source(folder, name, raw, family, shapes, tensors, is_pickle, trust_remote_code)
     _check_weights(src)
     return src
@@ -257,7 +265,7 @@ def _check_weights(src: Source) -> None:
         )
 
 
-def _allowed_shapes(name: str, s: Shapes, fam: Family) -> set[tuple[int, ...]]:
+def _shapes(name: str, s: Shapes, fam: Family) -> set[tuple[int, ...]]:
     """The shapes a layer tensor may have given the config (its size alone would accept transposed weights)."""
     H, Hkv, d, D = s.num_heads, s.num_kv_heads, s.head_dim, s.hidden
     base, kind = name.rsplit(".", 1)
@@ -270,11 +278,19 @@ def _allowed_shapes(name: str, s: Shapes, fam: Family) -> set[tuple[int, ...]]:
     return {(rows, D) if kind == "weight" else (rows,)}
 
 
+def _allowed_shapes(name: str, s: Shapes, fam: Family) -> set[tuple[int, ...]]:
+    """`_shapes` as the row stores them: a row with Conv1D weights ([in, out], GPT-2) holds the transposes
+    (its biases are 1-D, unchanged; it has no q/k norms)."""
+    shapes = _shapes(name, s, fam)
+    return {shape[::-1] for shape in shapes} if getattr(fam, "transposed", False) else shapes
+
+
 def describe(source: str | Path, revision: str | None = None, allow_pickle: bool = False) -> dict:
     """What `gqa-convert inspect` prints: family, heads, head_dim, valid G and KV-cache bytes per token for each."""
     src = open_source(source, revision, allow_pickle)
     s = src.shapes
     st = next((t.st for t in src.tensors.values() if t.st in FLOATING), "F32")
+    notes = src.family.cache_notes(s, s.num_kv_heads, s.num_kv_heads, nbytes(st, ())) if src.family.cache_notes else []
     return {
         "source": src.name,
         "model_type": src.raw_config["model_type"],
@@ -288,4 +304,9 @@ def describe(source: str | Path, revision: str | None = None, allow_pickle: bool
         "config_dtype": config_dtype(src.raw_config),
         "parameters": sum(math.prod(t.shape) for t in src.tensors.values()),
         "valid_num_kv_heads": {g: kv_cache_bytes_per_token(s, g, st) for g in valid_groups(s)},
+        # G -> how the output of that G loads, where it needs shipped modeling code (--write-modeling-code)
+        "shipped_code": {
+            g: shipped_note(t) for g in valid_groups(s) if (t := modeling_template(src.family, g, s.num_heads))
+        },
+        "notes": notes,
     }

@@ -12,7 +12,14 @@ move between the checkpoint tensors and the canonical per-head form (`Attention`
 
 from .row import QK_NORM_KINDS, ROTARY_LAYOUTS, Attention, ConversionError, FalconShapes, Family, Getter, Shapes
 from .sizes import config_dtype, config_value, config_view, output_shapes, shapes_for
-from .table import FAMILIES, INTERLEAVED_ROTARY, QK_NORM_FAMILIES, family_for, supported_model_types
+from .table import (
+    FAMILIES,
+    INTERLEAVED_ROTARY,
+    QK_NORM_FAMILIES,
+    family_for,
+    stock_kv_model_types,
+    supported_model_types,
+)
 
 __all__ = [
     "FAMILIES",
@@ -32,5 +39,6 @@ __all__ = [
     "family_for",
     "output_shapes",
     "shapes_for",
+    "stock_kv_model_types",
     "supported_model_types",
 ]

@@ -112,6 +112,14 @@ class Family:
     # Family-specific reading of the current KV-head count and patching of the raw config.json.
     kv_heads: Callable[[Any], int] | None = None
     patch: Callable[[dict, int], dict] | None = None
+    # Families that do not follow the common config keys read their sizes themselves (T5: d_kv, decoder layers).
+    read_shapes: Callable[[Any], Shapes] | None = None
+    # Extra report lines on the KV cache: (shapes, KV heads before, after, bytes per element) -> notes.
+    cache_notes: Callable[[Any, int, int, int], list[str]] | None = None
+    # Families that do not follow the common config keys read their sizes themselves (T5: d_kv, decoder layers).
+    read_shapes: Callable[[Any], "Shapes"] | None = None
+    # Extra report lines on the KV cache: (shapes, KV heads before, after, bytes per element) -> notes.
+    cache_notes: Callable[[Any, int, int, int], list[str]] | None = None
 
     def current_kv_heads(self, config: Any) -> int:
         if self.kv_heads is not None:

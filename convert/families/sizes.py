@@ -18,6 +18,8 @@ from .row import ConversionError, FalconShapes, Family, Shapes
 
 def shapes_for(family: Family, config: Any) -> Shapes:
     """Every size from the config: heads, KV heads, head_dim (explicit where set), rotary width."""
+    if family.read_shapes is not None:
+        return family.read_shapes(config)
     H = int(config.num_attention_heads)
     hidden = int(config.hidden_size)
     head_dim = getattr(config, "head_dim", None) or hidden // H

@@ -86,6 +86,11 @@ FAMILIES: tuple[Family, ...] = (
     ),
 )
 
+from ..families_mha import MHA_FAMILIES  # noqa: E402  (its rows build on the classes of this package)
+from ..families_t5 import T5_FAMILIES  # noqa: E402  (encoder-decoder rows, built on MhaFamily)
+
+FAMILIES = FAMILIES + MHA_FAMILIES + T5_FAMILIES
+
 # Derived views of the table, for callers that ask about a model_type rather than a row.
 QK_NORM_FAMILIES = tuple(t for f in FAMILIES if f.qk_norm for t in f.model_types)
 INTERLEAVED_ROTARY = tuple(t for f in FAMILIES if f.rotary == "interleaved" for t in f.model_types)
@@ -93,6 +98,11 @@ INTERLEAVED_ROTARY = tuple(t for f in FAMILIES if f.rotary == "interleaved" for 
 
 def supported_model_types() -> list[str]:
     return sorted(t for f in FAMILIES for t in f.model_types)
+
+
+def stock_kv_model_types() -> list[str]:
+    """The model_types whose own transformers class holds a KV-head count (no re-expression, no shipped code)."""
+    return sorted(t for f in FAMILIES if f not in MHA_FAMILIES + T5_FAMILIES for t in f.model_types)
 
 
 def family_for(model_type: str | None) -> Family:
