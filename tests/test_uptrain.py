@@ -1,4 +1,5 @@
-"""recipes/uptrain.py on tiny llama models on CPU: real subprocess runs, a real SIGKILL, a real 2-process launch.
+"""Uptraining (convert.uptrain, launched as recipes/uptrain.py) on tiny llama models on CPU: real subprocess runs,
+a real SIGKILL, a real 2-process launch.
 
 Every run trains a 2-layer, 64-wide llama on a toy corpus, so a whole run costs a few seconds, most of it imports.
 """
@@ -6,7 +7,6 @@ Every run trains a 2-layer, 64-wide llama on a toy corpus, so a whole run costs 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import shutil
@@ -21,6 +21,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from uptrain_assets import mean_pool_kv, tiny_llama, toy_documents, train_tokenizer, write_corpus
+
+import convert.uptrain as uptrain_lib
+from convert.uptrain.budget import plan_budget
+from convert.uptrain.checkpointing import fingerprint
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "uptrain.py"
@@ -68,10 +72,15 @@ def recipe_command(args: list[str]) -> list[str]:
     return [sys.executable, str(RECIPE), *args]
 
 
-def run_recipe(args: list[str], timeout: int = 600, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        recipe_command(args), capture_output=True, text=True, timeout=timeout, env=recipe_env(**env), cwd=REPO
-    )
+def hooked_command(args: list[str], hooks: str) -> list[str]:
+    """The library's command line with test hooks (`hooks`: the arguments of `Hooks(...)`), in a fresh process."""
+    code = f"import sys, time\nfrom convert.uptrain import Hooks, main\nsys.exit(main(sys.argv[1:], Hooks({hooks})))"
+    return [sys.executable, "-c", code, *args]
+
+
+def run_recipe(args: list[str], timeout: int = 600, hooks: str | None = None) -> subprocess.CompletedProcess:
+    command = recipe_command(args) if hooks is None else hooked_command(args, hooks)
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=recipe_env(), cwd=REPO)
 
 
 def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -155,12 +164,12 @@ def scenario_kill_and_resume(assets, out):
     out.mkdir(parents=True)
     with open(out.parent / "killed.log", "w") as log:
         proc = subprocess.Popen(
-            recipe_command(args),
+            hooked_command(args, "after_step=lambda step: time.sleep(0.3)"),  # slow steps: the kill lands mid-run
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=REPO,
-            env=recipe_env(GQA_UPTRAIN_STEP_DELAY="0.3"),
-        )  # slow steps: the kill lands mid-run
+            env=recipe_env(),
+        )
         checkpoint = out / "checkpoints" / "step-000006" / "trainer_state.json"
         deadline = time.time() + 400
         while time.time() < deadline and proc.poll() is None:
@@ -272,7 +281,7 @@ def scenario_nan(assets, out):
             "save_every=2",
             "--quiet",
         ],
-        GQA_UPTRAIN_FAULT_NAN_AT="5",
+        hooks="on_loss=lambda step, loss: loss * float('nan') if step == 5 else loss",  # poison step 5
     )
 
 
@@ -431,21 +440,13 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(runs):
 # ----------------------------------------------------------------------------------------------- bad input
 
 
-def load_recipe():
-    spec = importlib.util.spec_from_file_location("uptrain_recipe", RECIPE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def recipe():
-    return load_recipe()
+    return uptrain_lib
 
 
 def fails(recipe, capsys, args: list[str]) -> str:
-    """Run the recipe in-process on bad input: exit code 2, nothing written, the message returned."""
+    """Run the library's command line in-process on bad input: exit code 2, nothing written, the message returned."""
     started = time.time()
     code = recipe.main(args)
     err = capsys.readouterr().err
@@ -531,8 +532,8 @@ def test_lora_modules_that_do_not_exist(recipe, assets, tmp_path, capsys):
 def test_output_folder_with_another_runs_checkpoints(recipe, assets, tmp_path, capsys):
     out = tmp_path / "out"
     common = [f"model={assets['model']}", f"data={assets['corpus']}", f"output_dir={out}", "max_steps=20"]
-    settings, _ = recipe.parse_args(common)
-    other_run = recipe.fingerprint(settings, recipe.plan_budget(settings, 1)) | {"lr": 0.5, "seed": 7}
+    settings, _ = recipe.load_settings(common)
+    other_run = fingerprint(settings, plan_budget(settings, 1)) | {"lr": 0.5, "seed": 7}
     ckpt = out / "checkpoints" / "step-000010"
     ckpt.mkdir(parents=True)
     (ckpt / "trainer_state.json").write_text(json.dumps({"step": 10, "run": other_run}))

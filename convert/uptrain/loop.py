@@ -235,7 +235,9 @@ class Uptraining:
         loss, lm, kl = accel.reduce(sums / s.grad_accum, "mean").tolist()
         norm = float(grad_norm) if grad_norm is not None else 0.0  # the same on every process
         if not math.isfinite(loss) or not math.isfinite(norm):
-            self.stop_on_fault(step, f"the loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {norm}")
+            self.stop_on_fault(
+                step, f"the loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {norm}"
+            )
         row = {"loss": loss, "lm_loss": lm, "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": None}
         if self.teacher is not None:
             row["kl"] = kl
@@ -261,13 +263,20 @@ class Uptraining:
         if self.val_blocks is None:
             return
         s = self.s
-        result = evaluate(self.accelerator, self.model, self.teacher, self.val_blocks, s.micro_batch_size, s.kd_temperature)
+        result = evaluate(
+            self.accelerator, self.model, self.teacher, self.val_blocks, s.micro_batch_size, s.kd_temperature
+        )
         self.metrics.log({"kind": "eval", "step": step, "tokens": step * self.plan["tokens_per_step"], **result})
         self.say(f"  step {step:<6} validation loss {result['val_loss']:.4f}, perplexity {result['val_ppl']:.3f}")
 
     def save(self, step: int) -> None:
         seconds = self.previous_seconds + time.time() - self.session_start
-        state = {"step": step, "tokens": step * self.plan["tokens_per_step"], "train_seconds": seconds, "run": self.run_id}
+        state = {
+            "step": step,
+            "tokens": step * self.plan["tokens_per_step"],
+            "train_seconds": seconds,
+            "run": self.run_id,
+        }
         stream = self.data.get("stream")
         self.last_checkpoint = ckpt.save_checkpoint(self.accelerator, self.s, step, state, stream).name
 
@@ -361,8 +370,13 @@ def uptrain(settings: Settings, options: Options | None = None, hooks: Hooks | N
     Raises SettingsError (bad settings or inputs, before any compute), convert.data.DataError (unreadable data)
     or TrainingError (a non-finite loss; the last checkpoint is kept).
     """
+    import logging
+
     from transformers.utils import logging as hf_logging
 
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers' threads and forked workers deadlock
+    # accelerate warns on every checkpoint of a model with tied embeddings that it stored the shared tensor once
+    logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
     hf_logging.disable_progress_bar()
     run = Uptraining(settings, options, hooks)
     finished = run.check()
