@@ -201,7 +201,8 @@ def scenario_two_processes(assets, out):
         "2",
         "--main_process_port",
         str(free_port()),
-        str(RECIPE),
+        "-m",  # the installed-package route (the other runs use the recipes/uptrain.py launcher)
+        "convert.uptrain",
         *BASE,
         "max_steps=24",
         "micro_batch_size=2",

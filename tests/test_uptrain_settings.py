@@ -177,3 +177,15 @@ def test_remote_code_is_refused_unless_trusted(remote_code_model, tmp_path, caps
     err = capsys.readouterr().err
     assert "model folder" in err and "trust_remote_code=true" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_gqa_convert_uptrain_is_the_same_command_line(tmp_path):
+    from click.testing import CliRunner
+
+    from convert.cli import main as cli
+
+    result = CliRunner().invoke(cli, ["uptrain", *REQUIRED, "max_steps=1", "lrr=1"])
+    assert result.exit_code == 2
+    assert "error: unknown setting 'lrr' (did you mean 'lr'?)" in result.output
+    result = CliRunner().invoke(cli, ["uptrain", "--help"])
+    assert result.exit_code == 0 and "trust_remote_code (False)" in result.output
