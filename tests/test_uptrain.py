@@ -313,6 +313,7 @@ def runs(assets, tmp_path_factory):
     pool.shutdown(wait=True, cancel_futures=True)
 
 
+@pytest.mark.slow  # trains: the runs fixture starts every scenario's subprocesses
 def test_three_step_run_writes_a_loadable_changed_model(assets, runs):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -344,6 +345,7 @@ def test_three_step_run_writes_a_loadable_changed_model(assets, runs):
     assert not list(out.glob(".tmp*")) and not list((out / "checkpoints").glob(".tmp*"))
 
 
+@pytest.mark.slow  # trains: the runs fixture starts every scenario's subprocesses
 def test_sigkill_then_resume_reproduces_every_step(runs):
     reference, _ = runs["reference"]
     out, (killed, result) = runs["kill"]
@@ -363,6 +365,7 @@ def test_sigkill_then_resume_reproduces_every_step(runs):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000018", "step-000024"]  # keep 2
 
 
+@pytest.mark.slow  # trains: the runs fixture starts every scenario's subprocesses
 def test_two_processes_match_one_process(runs):
     reference, _ = runs["reference"]
     out, result = runs["ddp"]
@@ -378,6 +381,7 @@ def test_two_processes_match_one_process(runs):
     assert got_eval[0]["val_loss"] == pytest.approx(ref_eval[0]["val_loss"], abs=1e-6)
 
 
+@pytest.mark.slow  # trains: the runs fixture starts every scenario's subprocesses
 def test_lora_merges_into_a_plain_checkpoint(assets, runs, monkeypatch):
     out, result = runs["lora"]
     ok(result)
@@ -407,6 +411,7 @@ def test_lora_merges_into_a_plain_checkpoint(assets, runs, monkeypatch):
     assert summary["settings"]["mixed_precision"] == "bf16" and loaded.dtype == torch.float32  # saved as the input
 
 
+@pytest.mark.slow  # trains: the runs fixture starts every scenario's subprocesses
 def test_distillation_lowers_kl_to_the_teacher(assets, runs):
     out, result = runs["distill"]
     ok(result)
@@ -419,6 +424,7 @@ def test_distillation_lowers_kl_to_the_teacher(assets, runs):
     assert f"| teacher | {assets['teacher']} (KL weight 1.0, temperature 1.0) |" in card
 
 
+@pytest.mark.slow  # trains: the runs fixture starts every scenario's subprocesses
 def test_streaming_resume_continues_the_stream(runs):
     out, (_, first, result) = runs["stream"]
     ok(result)
@@ -429,6 +435,7 @@ def test_streaming_resume_continues_the_stream(runs):
     assert (out / "checkpoints" / "step-000003" / "stream_state.json").is_file()
 
 
+@pytest.mark.slow  # trains: the runs fixture starts every scenario's subprocesses
 def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(runs):
     out, result = runs["nan"]
     assert result.returncode == 1, result.stderr

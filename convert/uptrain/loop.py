@@ -368,7 +368,8 @@ def uptrain(settings: Settings, options: Options | None = None, hooks: Hooks | N
     """Run (or resume, or find already finished) one uptraining run; its training summary.
 
     Raises SettingsError (bad settings or inputs, before any compute), convert.data.DataError (unreadable data)
-    or TrainingError (a non-finite loss; the last checkpoint is kept).
+    or TrainingError (a non-finite loss; the last checkpoint is kept). Under several processes the summary is
+    complete on the main process (the one that writes metrics.jsonl); the others see this session's rows only.
     """
     import logging
 
