@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from uptrain_assets import mean_pool_kv, tiny_llama, toy_documents, train_tokenizer, write_corpus
+from uptrain_assets import hooked_command, mean_pool_kv, tiny_llama, toy_documents, train_tokenizer, write_corpus
 
 import convert.uptrain as uptrain_lib
 from convert.uptrain.budget import plan_budget
@@ -70,12 +70,6 @@ def recipe_env(**extra: str) -> dict:
 
 def recipe_command(args: list[str]) -> list[str]:
     return [sys.executable, str(RECIPE), *args]
-
-
-def hooked_command(args: list[str], hooks: str) -> list[str]:
-    """The library's command line with test hooks (`hooks`: the arguments of `Hooks(...)`), in a fresh process."""
-    code = f"import sys, time\nfrom convert.uptrain import Hooks, main\nsys.exit(main(sys.argv[1:], Hooks({hooks})))"
-    return [sys.executable, "-c", code, *args]
 
 
 def run_recipe(args: list[str], timeout: int = 600, hooks: str | None = None) -> subprocess.CompletedProcess:

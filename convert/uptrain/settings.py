@@ -17,7 +17,7 @@ import difflib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -295,12 +295,12 @@ def _explain(error: ValidationError) -> list[str]:
 
 
 def _literal_values(key: str) -> list[Any]:
-    import typing
+    """The values a Literal field (possibly inside Optional/Annotated) accepts."""
 
     def walk(hint) -> list[Any]:
-        if typing.get_origin(hint) is Literal:
-            return list(typing.get_args(hint))
-        return [v for arg in typing.get_args(hint) for v in walk(arg)]
+        if get_origin(hint) is Literal:
+            return list(get_args(hint))
+        return [v for arg in get_args(hint) for v in walk(arg)]
 
     return walk(Settings.model_fields[key].annotation)
 
