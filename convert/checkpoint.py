@@ -35,7 +35,9 @@ from .families import (
     output_shapes,
     shapes_for,
 )
+from .families_mha import modeling_template
 from .pooling import WEIGHT_ONLY_POOLS, relative_error
+from .shipped import check_method, require_flag, ship_modeling_code, shipped_note
 from .tensorio import (
     DTYPES,
     FLOATING,
@@ -223,6 +225,8 @@ def _plain_view(raw: dict, family: Family) -> SimpleNamespace | None:
     A missing key would take the config class's default (gemma's head_dim is 256, phi's rotary factor 0.5), so
     only a complete config is read directly.
     """
+    if hasattr(family, "config_view"):  # read with the stock config class, never with shipped code
+        return family.config_view(raw)
     needed = ["num_attention_heads", "hidden_size", "num_hidden_layers", "head_dim", *family.config_keys]
     rope = raw.get("rope_parameters")
     if any(raw.get(k) is None for k in needed) or not (isinstance(rope, dict) or "partial_rotary_factor" in raw):
@@ -255,6 +259,8 @@ def open_source(
     for f in files:
         infos = read_pickle_header(f) if is_pickle else read_header(f)[0]
         tensors.update(infos)
+    if hasattr(family, "for_keys"):  # tensor names with or without the base model's prefix
+        family = family.for_keys(set(tensors))
     src = Source(folder, name, raw, family, shapes_for(family, view), tensors, is_pickle, trust_remote_code, config)
     _check_weights(src)
     return src
@@ -565,9 +571,16 @@ multi-head / grouped-query attention with {report.kv_heads_before} KV heads beca
 - dtype: `{report.dtype}`
 - details and per-layer statistics: `{PROVENANCE}`
 
-Load it with stock transformers: `AutoModelForCausalLM.from_pretrained(path)`. A converted model has lost some
+{_load_line(report)} A converted model has lost some
 quality; uptraining (`recipes/uptrain.py` in gqa-convert) wins most of it back.
 """
+
+
+def _load_line(report: Report) -> str:
+    for note in report.notes:
+        if note.startswith("route: modeling code"):  # the shipped-code route: the note ends with how to load it
+            return f"It ships its own modeling code: {note.rsplit('; ', 1)[-1]}."
+    return "Load it with stock transformers: `AutoModelForCausalLM.from_pretrained(path)`."
 
 
 def verify_output(folder: Path, src: Source, expected: dict[str, tuple[int, ...]], groups: int) -> None:
@@ -644,6 +657,7 @@ def convert_checkpoint(
     progress: bool = True,
     method_options: dict[str, Any] | None = None,
     durable: bool = False,
+    write_modeling_code: bool = False,
 ) -> Report:
     """Convert the checkpoint at SOURCE (folder or hub id) to `num_kv_heads` KV heads, written at OUTPUT.
 
@@ -661,6 +675,10 @@ def convert_checkpoint(
     src = open_source(source, revision, allow_pickle, trust_remote_code)
     s_in = src.shapes
     check_groups(num_kv_heads, s_in)
+    template = modeling_template(src.family, num_kv_heads, s_in.num_heads)
+    if template:
+        require_flag(template, write_modeling_code, f"{src.raw_config['model_type']} with {num_kv_heads} KV heads")
+        check_method(template, method)
     plan, s_out = plan_tensors(src, num_kv_heads, dtype)
     pool = _numpy_pool(src, plan, method, dtype, method_options)
     if pool is None and methods is None:
@@ -691,6 +709,11 @@ def convert_checkpoint(
             kv_cache_bytes_per_token_after=kv_cache_bytes_per_token(s_in, num_kv_heads, out_st),
             dry_run=dry_run,
         )
+        if template:
+            report.notes.append(shipped_note(template))
+        if src.family.cache_notes is not None:
+            element = nbytes(out_st, ())
+            report.notes += src.family.cache_notes(s_in, s_in.num_kv_heads, num_kv_heads, element)
         if src.raw_config["model_type"] in QK_NORM_FAMILIES:
             report.notes.append(
                 "this family normalizes keys per head after the projection (q/k norm): merged keys are pooled "
@@ -742,6 +765,8 @@ def convert_checkpoint(
         _write_shards(src, shards, tmp, start_merging, progress, durable)
         report = state["report"]
         raw = src.family.patch_config(src.raw_config, num_kv_heads)
+        if template:
+            raw = ship_modeling_code(template, tmp, raw, num_kv_heads)
         if dtype != "keep":
             raw["dtype"] = dtype
             raw.pop("torch_dtype", None)
@@ -794,6 +819,7 @@ def describe(source: str | Path, revision: str | None = None, allow_pickle: bool
     src = open_source(source, revision, allow_pickle)
     s = src.shapes
     st = next((t.st for t in src.tensors.values() if t.st in FLOATING), "F32")
+    notes = src.family.cache_notes(s, s.num_kv_heads, s.num_kv_heads, nbytes(st, ())) if src.family.cache_notes else []
     return {
         "source": src.name,
         "model_type": src.raw_config["model_type"],
@@ -806,4 +832,9 @@ def describe(source: str | Path, revision: str | None = None, allow_pickle: bool
         "dtype": DTYPES[st][0],
         "parameters": sum(math.prod(t.shape) for t in src.tensors.values()),
         "valid_num_kv_heads": {g: kv_cache_bytes_per_token(s, g, st) for g in valid_groups(s)},
+        # G -> how the output of that G loads, where it needs shipped modeling code (--write-modeling-code)
+        "shipped_code": {
+            g: shipped_note(t) for g in valid_groups(s) if (t := modeling_template(src.family, g, s.num_heads))
+        },
+        "notes": notes,
     }

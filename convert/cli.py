@@ -62,6 +62,12 @@ def main() -> None:
 @click.option("--dry-run", is_flag=True, help="Print the plan and write nothing.")
 @click.option("--allow-pickle", is_flag=True, help="Accept pickle (*.bin) weights, loaded with weights_only=True.")
 @click.option("--trust-remote-code", is_flag=True, help="Let transformers run code shipped with the config.")
+@click.option(
+    "--write-modeling-code",
+    is_flag=True,
+    help="Where no stock transformers class can hold the KV heads (gpt2, opt, bloom, mpt below H), write "
+    "modeling code beside the weights; loading it then needs trust_remote_code=True.",
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar, only the result line.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option(
@@ -93,6 +99,7 @@ def convert(
     dry_run: bool,
     allow_pickle: bool,
     trust_remote_code: bool,
+    write_modeling_code: bool,
     quiet: bool,
     as_json: bool,
     calibration_data: str | None,
@@ -130,6 +137,7 @@ def convert(
             progress=not (quiet or as_json),
             method_options=options or None,
             durable=durable,
+            write_modeling_code=write_modeling_code,
         )
     except ConversionError as e:
         _fail(e)
@@ -195,9 +203,15 @@ def inspect(source: str, revision: str | None, allow_pickle: bool, as_json: bool
         f"rotary dims {info['rotary_dim']}"
     )
     click.echo("  --num-kv-heads   KV cache per token")
+    shipped = info.get("shipped_code", {})
     for g, n in info["valid_num_kv_heads"].items():
         mark = "  (current)" if g == info["num_kv_heads"] else ""
+        mark += "  (shipped code: --write-modeling-code)" if g in shipped else ""
         click.echo(f"  {g:>14}   {n:>10,} B{mark}")
+    for note in dict.fromkeys(shipped.values()):
+        click.echo(f"  {note}")
+    for note in info.get("notes", []):
+        click.echo(f"  note: {note}")
 
 
 @main.command("eval")
@@ -218,6 +232,11 @@ def inspect(source: str, revision: str | None, allow_pickle: bool, as_json: bool
 )
 @click.option("--new-tokens", type=int, default=32, show_default=True, help="Tokens decoded per measurement.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... or auto.")
+@click.option(
+    "--trust-remote-code",
+    is_flag=True,
+    help="Let transformers run modeling code shipped with a model (outputs written with --write-modeling-code).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def eval_(
     models: tuple[str, ...],
@@ -228,6 +247,7 @@ def eval_(
     contexts: str,
     new_tokens: int,
     device: str,
+    trust_remote_code: bool,
     as_json: bool,
 ) -> None:
     """Perplexity, KV-cache bytes per token and decode speed of MODELS, as one table with ratios to the first."""
@@ -253,6 +273,7 @@ def eval_(
             contexts=ctx,
             new_tokens=new_tokens,
             device=device,
+            trust_remote_code=trust_remote_code,
         )
     except (ValueError, OSError) as e:
         _fail(e)

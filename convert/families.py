@@ -98,6 +98,10 @@ class Family:
     # Family-specific reading of the current KV-head count and patching of the raw config.json.
     kv_heads: Callable[[Any], int] | None = None
     patch: Callable[[dict, int], dict] | None = None
+    # Families that do not follow the common config keys read their sizes themselves (T5: d_kv, decoder layers).
+    read_shapes: Callable[[Any], "Shapes"] | None = None
+    # Extra report lines on the KV cache: (shapes, KV heads before, after, bytes per element) -> notes.
+    cache_notes: Callable[[Any, int, int, int], list[str]] | None = None
 
     def current_kv_heads(self, config: Any) -> int:
         if self.kv_heads is not None:
@@ -340,12 +344,22 @@ FAMILIES: tuple[Family, ...] = (
     ),
 )
 
+from .families_mha import MHA_FAMILIES  # noqa: E402  (its rows build on the classes above)
+from .families_t5 import T5_FAMILIES  # noqa: E402  (encoder-decoder rows, built on MhaFamily)
+
+FAMILIES = FAMILIES + MHA_FAMILIES + T5_FAMILIES
+
 # Families whose q/k norms make a merged key only approximately equal to the pooled source keys.
 QK_NORM_FAMILIES = ("qwen3", "qwen3_moe", "olmo2", "olmoe", "gemma3_text", "cohere", "exaone4", "apertus")
 
 
 def supported_model_types() -> list[str]:
     return sorted(t for f in FAMILIES for t in f.model_types)
+
+
+def stock_kv_model_types() -> list[str]:
+    """The model_types whose own transformers class holds a KV-head count (no re-expression, no shipped code)."""
+    return sorted(t for f in FAMILIES if f not in MHA_FAMILIES + T5_FAMILIES for t in f.model_types)
 
 
 def family_for(model_type: str | None) -> Family:
@@ -360,6 +374,8 @@ def family_for(model_type: str | None) -> Family:
 
 def shapes_for(family: Family, config: Any) -> Shapes:
     """Every size from the config: heads, KV heads, head_dim (explicit where set), rotary width."""
+    if family.read_shapes is not None:
+        return family.read_shapes(config)
     H = int(config.num_attention_heads)
     hidden = int(config.hidden_size)
     head_dim = getattr(config, "head_dim", None) or hidden // H
