@@ -12,6 +12,7 @@ import click
 
 from . import __version__
 from .families import ConversionError
+from .formatting import human_bytes
 
 # The names in convert.methods.METHODS (tests/test_cli.py keeps the two equal). Spelled out here so that the CLI
 # does not import the methods, and with them torch, before the conversion has started copying.
@@ -21,14 +22,6 @@ METHOD_NAMES = ("mean", "first", "random", "calibrated")
 def _fail(error: Exception) -> None:
     click.echo(f"error: {error}", err=True)
     sys.exit(2)
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return str(n)
 
 
 @click.group()
@@ -168,10 +161,12 @@ def _print_report(r: Any, quiet: bool) -> None:
         f"  tensors: {r.tensors_total} total, {len(r.tensors_touched)} rewritten "
         f"(attention of every layer), the rest copied unchanged"
     )
-    click.echo(f"  bytes in: {_human(r.bytes_in)}, bytes out: {_human(r.bytes_out)} in {r.shards_out} shard(s)")
     click.echo(
-        f"  KV cache per token: {_human(r.kv_cache_bytes_per_token_before)} -> "
-        f"{_human(r.kv_cache_bytes_per_token_after)} "
+        f"  bytes in: {human_bytes(r.bytes_in)}, bytes out: {human_bytes(r.bytes_out)} in {r.shards_out} shard(s)"
+    )
+    click.echo(
+        f"  KV cache per token: {human_bytes(r.kv_cache_bytes_per_token_before)} -> "
+        f"{human_bytes(r.kv_cache_bytes_per_token_after)} "
         f"({r.kv_cache_bytes_per_token_before / r.kv_cache_bytes_per_token_after:.1f}x smaller)"
     )
     if r.dry_run:
@@ -344,6 +339,22 @@ def _keep_freed_memory() -> None:
         return
     mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: glibc's largest allowed value on 64-bit
     mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep freed memory for the next layer
+
+
+@main.command(
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []},
+    add_help_option=False,
+)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def uptrain(args: tuple[str, ...]) -> None:
+    """Uptrain a converted checkpoint in this process: CONFIG.yaml [key=value ...] [--quiet] [--json].
+
+    CONFIG is a YAML file or a shipped config name (e.g. smollm2-mqa-cpu); `--help` lists every setting. For
+    several processes: `accelerate launch [options] -m convert.uptrain CONFIG.yaml ...`.
+    """
+    from .uptrain import main as uptrain_main
+
+    sys.exit(uptrain_main(list(args)))
 
 
 def entry() -> None:

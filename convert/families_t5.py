@@ -116,7 +116,6 @@ def _row(model_types: tuple[str, ...], config_class: str) -> T5Family:
         k="k",
         v="v",
         o="o",
-        config_keys=(),
         patch=t5_patch,
         read_shapes=t5_shapes,
         cache_notes=cache_notes,

@@ -13,7 +13,7 @@ from .tensorio import FLOATING, TensorInfo, nbytes, st_dtype, torch_dtype
 if TYPE_CHECKING:
     import torch
 
-    from .checkpoint import Source
+    from .source import Source
 
 DTYPE_CHOICES = ("keep", "float32", "float16", "bfloat16")
 

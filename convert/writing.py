@@ -31,10 +31,10 @@ if TYPE_CHECKING:  # torch loads on a background thread during a conversion (see
     import numpy as np
     import torch
 
-    from .checkpoint import Source
     from .families import Shapes
     from .methods import Method
     from .report import Report
+    from .source import Source
 
 # compute_layer(layer) -> the bytes of every tensor the merge rewrites in that layer, in its output dtype
 ComputeLayer = Callable[[int], dict[str, "np.ndarray"]]
@@ -199,7 +199,7 @@ def copy_side_files(src: Path, dst: Path, patterns: list[str]) -> list[str]:
 def verify_output(folder: Path, src: Source, expected: dict[str, tuple[int, ...]], groups: int) -> None:
     """Re-open what was written as a source: its patched config must say G KV heads, every layer's attention
     shapes must agree with that config, the keys must be the source's exactly, and the shapes as planned."""
-    from .checkpoint import open_source
+    from .source import open_source
 
     out = open_source(folder)
     if out.shapes.num_kv_heads != groups:
