@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
-from . import __version__
+from . import __version__, reexpress
 from .core import check_groups, convert_layer, kv_cache_bytes_per_token, valid_groups
 from .families import (
     QK_NORM_FAMILIES,
@@ -96,6 +96,7 @@ class Source:
     pickle: bool = False
     trust_remote_code: bool = False
     _config: Any = None
+    route: reexpress.RouteInfo | None = None  # set when the checkpoint is read as another class (re-expression)
 
     @property
     def config(self) -> Any:
@@ -135,6 +136,10 @@ class Report:
     dry_run: bool
     per_layer: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # How the output is stored and loaded: "as is" (same class as the source) or a re-expression route.
+    route: str = "as is"
+    output_model_type: str = ""
+    load_with: str = "AutoModelForCausalLM.from_pretrained(path): stock transformers, no remote code"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -245,17 +250,26 @@ def open_source(
     """Resolve and open SOURCE; checks config, family, shard files and head counts against weight shapes."""
     folder, name = resolve_source(source, revision, allow_pickle)
     raw = read_config(folder)
-    family = family_for(raw.get("model_type"))
+    route = source_config = None
+    if reexpress.is_route_source(raw):  # a classic MHA family: read as a stock class that can hold G KV heads
+        source_config = load_config(folder, trust_remote_code)
+        route = reexpress.route_for(raw, source_config)
+    family = family_for(raw.get("model_type")) if route is None else family_for(route.target_type)
     config = None
-    view = _plain_view(raw, family)
-    if view is None:
+    view = _plain_view(raw, family) if route is None else None
+    if view is None and route is None:
         config = view = load_config(folder, trust_remote_code)
     files, is_pickle = _weight_files(folder, allow_pickle)
     tensors: dict[str, TensorInfo] = {}
     for f in files:
         infos = read_pickle_header(f) if is_pickle else read_header(f)[0]
         tensors.update(infos)
+    route_info = None
+    if route is not None:  # read the checkpoint as the route's stock class (a view: no data read here)
+        raw, tensors, route_info = reexpress.build_view(route, source_config, raw, tensors)
+        config = view = reexpress.target_config_object(raw)
     src = Source(folder, name, raw, family, shapes_for(family, view), tensors, is_pickle, trust_remote_code, config)
+    src.route = route_info
     _check_weights(src)
     return src
 
@@ -567,7 +581,18 @@ multi-head / grouped-query attention with {report.kv_heads_before} KV heads beca
 
 Load it with stock transformers: `AutoModelForCausalLM.from_pretrained(path)`. A converted model has lost some
 quality; uptraining (`recipes/uptrain.py` in gqa-convert) wins most of it back.
-"""
+{_route_card(report)}"""
+
+
+def _route_card(report: Report) -> str:
+    """The model card's paragraph on a re-expression route (empty for a family stored as it is)."""
+    if report.route == "as is":
+        return ""
+    return (
+        f"\nThe source is `{report.model_type}`, whose transformers class has no KV-head count: it was re-expressed "
+        f"as `{report.output_model_type}` (route `{report.route}`), a stock class that computes the same function "
+        f"and can hold {report.kv_heads_after} KV heads. Load: {report.load_with}.\n"
+    )
 
 
 def verify_output(folder: Path, src: Source, expected: dict[str, tuple[int, ...]], groups: int) -> None:
@@ -595,7 +620,7 @@ def _numpy_pool(
     """
     if method not in WEIGHT_ONLY_POOLS or options or src.pickle or dtype != "keep" or src.family.layout != "split":
         return None
-    if any(t.source.st not in NUMPY_FLOATS for t in plan if t.computed(False)):
+    if any(t.source.st not in NUMPY_FLOATS or t.source.derive is not None for t in plan if t.computed(False)):
         return None
     return WEIGHT_ONLY_POOLS[method]
 
@@ -691,6 +716,11 @@ def convert_checkpoint(
             kv_cache_bytes_per_token_after=kv_cache_bytes_per_token(s_in, num_kv_heads, out_st),
             dry_run=dry_run,
         )
+        report.output_model_type = src.raw_config["model_type"]
+        if src.route is not None:
+            report.model_type = src.route.source_model_type
+            report.route, report.load_with = src.route.route, src.route.load_with
+            report.notes.extend(src.route.notes)
         if src.raw_config["model_type"] in QK_NORM_FAMILIES:
             report.notes.append(
                 "this family normalizes keys per head after the projection (q/k norm): merged keys are pooled "
@@ -796,7 +826,10 @@ def describe(source: str | Path, revision: str | None = None, allow_pickle: bool
     st = next((t.st for t in src.tensors.values() if t.st in FLOATING), "F32")
     return {
         "source": src.name,
-        "model_type": src.raw_config["model_type"],
+        "model_type": src.route.source_model_type if src.route else src.raw_config["model_type"],
+        "output_model_type": src.raw_config["model_type"],
+        "route": src.route.route if src.route else "as is",
+        "load_with": src.route.load_with if src.route else "AutoModelForCausalLM.from_pretrained(path)",
         "layers": s.num_layers,
         "hidden_size": s.hidden,
         "num_heads": s.num_heads,

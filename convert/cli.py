@@ -171,6 +171,8 @@ def _print_report(r: Any, quiet: bool) -> None:
             click.echo(f"    rewrite {name}")
         if len(r.tensors_touched) > 8:
             click.echo(f"    ... and {len(r.tensors_touched) - 8} more")
+    if r.route != "as is":
+        click.echo(f"  route: {r.route} (output model_type {r.output_model_type}); load with {r.load_with}")
     for note in r.notes:
         click.echo(f"  note: {note}")
 
@@ -199,6 +201,8 @@ def inspect(source: str, revision: str | None, allow_pickle: bool, as_json: bool
         f"  heads {info['num_heads']}, KV heads {info['num_kv_heads']}, head_dim {info['head_dim']}, "
         f"rotary dims {info['rotary_dim']}"
     )
+    if info["route"] != "as is":
+        click.echo(f"  route: {info['route']}: written as {info['output_model_type']}; load with {info['load_with']}")
     click.echo("  --num-kv-heads   KV cache per token")
     for g, n in info["valid_num_kv_heads"].items():
         mark = "  (current)" if g == info["num_kv_heads"] else ""

@@ -286,6 +286,23 @@ def _falcon_patch(raw: dict, groups: int) -> dict:
     return {**raw, "new_decoder_architecture": True, "num_ln_in_parallel_attn": 1, "num_kv_heads": groups}
 
 
+def _bigcode_kv_heads(config: Any) -> int:
+    return 1 if config.multi_query else int(config.num_attention_heads)
+
+
+def _bigcode_patch(raw: dict, groups: int) -> dict:
+    """gpt_bigcode holds every head's K/V or one shared pair (multi_query): no count in between."""
+    heads = raw.get("n_head", raw.get("num_attention_heads"))
+    if raw.get("multi_query", True) or groups == heads:
+        return raw
+    if groups == 1:
+        return {**raw, "multi_query": True, **({"num_key_value_heads": 1} if "num_key_value_heads" in raw else {})}
+    raise ConversionError(
+        f"gpt_bigcode holds {heads} KV heads or one (multi_query), not {groups}: use --num-kv-heads 1, or pass "
+        "--write-modeling-code for the shipped-code route, which writes modeling code that holds any G"
+    )
+
+
 def _stablelm_refuse() -> dict[str, str]:
     return {
         "k_layernorm.norms.": "stablelm with qk_layernorm=true keeps one norm module per KV head; "
@@ -338,6 +355,20 @@ FAMILIES: tuple[Family, ...] = (
         patch=_falcon_patch,
         notes="classic MHA falcon becomes multi-query (G=1) or the new grouped architecture (1<G<H)",
     ),
+    # Per-head [H, 3, d] rows without multi_query, [q heads | k | v] with it: falcon's classic and multi-query
+    # arrangements. Also the target of the gpt2 and opt routes (convert.reexpress).
+    Family(
+        model_types=("gpt_bigcode",),
+        prefix="transformer.h.{i}.attn.",
+        o="c_proj",
+        fused="c_attn",
+        layout="falcon",
+        kv_key="num_key_value_heads",
+        config_keys=("multi_query",),
+        kv_heads=_bigcode_kv_heads,
+        patch=_bigcode_patch,
+        notes="MHA gpt_bigcode becomes multi-query (G=1)",
+    ),
 )
 
 # Families whose q/k norms make a merged key only approximately equal to the pooled source keys.
@@ -379,7 +410,7 @@ def shapes_for(family: Family, config: Any) -> Shapes:
         rotary_dim=rotary_dim,
     )
     if family.layout == "falcon":
-        classic = not config.new_decoder_architecture and not config.multi_query
+        classic = not getattr(config, "new_decoder_architecture", False) and not config.multi_query
         return FalconShapes(**base, classic=classic)
     return Shapes(**base)
 
