@@ -71,7 +71,7 @@ def source_model(route: str, seed: int = 0, **overrides) -> torch.nn.Module:
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():  # random init leaves norms at 1 and biases at 0: move them so every fold is exercised
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 1:
                 p.add_(torch.randn_like(p) * 0.3)
     return model.eval()
@@ -188,8 +188,9 @@ def test_every_source_tensor_is_kept_and_the_head_named_as_the_target_expects(tm
     keys = set()
     for f in folder.glob("*.safetensors"):
         with safe_open(f, "pt") as st:
-            keys |= set(st.keys())
-            if "lm_head.bias" in st.keys():
+            names = set(st.keys())
+            keys |= names
+            if "lm_head.bias" in names:
                 assert not st.get_tensor("lm_head.bias").any()
     assert {"lm_head.weight", "lm_head.bias"} <= keys and not any("embed_out" in k for k in keys)
     model, out, _, folder = convert("gpt2", tmp_path / "gpt2", H)
