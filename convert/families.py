@@ -383,6 +383,13 @@ def family_for(model_type: str | None) -> Family:
     for fam in FAMILIES:
         if model_type in fam.model_types:
             return fam
+    from .reexpress import source_types  # imported here: convert.reexpress imports this module
+
+    if model_type in source_types():
+        raise ConversionError(
+            f"{model_type}'s transformers class has no KV-head count: convert its checkpoint folder "
+            "(convert_checkpoint, gqa-convert convert), which re-expresses it as a stock class that has one"
+        )
     raise ConversionError(
         f"unsupported model_type {model_type!r}: gqa-convert knows {', '.join(supported_model_types())}. "
         "Add a row to convert/families.py:FAMILIES if its attention fits one of the layouts there."
