@@ -378,3 +378,27 @@ def test_in_memory_conversion_points_to_the_checkpoint_route():
 
     with pytest.raises(ConversionError, match="gpt_neox's transformers class has no KV-head count.*checkpoint"):
         convert_model(source_model("neox-parallel"), 1)
+
+
+def test_the_view_reads_nothing_and_renamed_tensors_are_copied_raw(tmp_path, monkeypatch):
+    """Opening and planning a route reads no tensor data; renamed tensors pass through as the source's bytes,
+    derived ones are computed when written (one at a time)."""
+    from safetensors.torch import load_file
+
+    from convert import checkpoint, tensorio
+
+    model = source_model("gptj")
+    model.save_pretrained(tmp_path / "src")
+    reads: list = []
+    real = tensorio._read_into
+    monkeypatch.setattr(tensorio, "_read_into", lambda info, buf: (reads.append(info), real(info, buf)))
+    src = checkpoint.open_source(tmp_path / "src")
+    plan, _ = checkpoint.plan_tensors(src, 2, "keep")
+    assert reads == []
+    by_name = {t.name: t for t in plan}
+    assert by_name["model.layers.0.mlp.fc1.weight"].verbatim  # a rename: copied byte for byte
+    assert src.tensors["model.layers.0.self_attn.q_proj.weight"].derive is not None  # rotary rows permuted
+    convert_checkpoint(tmp_path / "src", tmp_path / "out", 2, progress=False)
+    before, after = load_file(tmp_path / "src" / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    assert torch.equal(after["model.layers.1.mlp.fc1.weight"], before["transformer.h.1.mlp.fc_in.weight"])
+    assert not after["model.layers.1.self_attn.q_proj.bias"].any()  # GPT-J has no q bias: zeros

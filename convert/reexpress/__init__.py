@@ -113,9 +113,8 @@ def route_for(raw: dict, config: Any) -> Route | None:
     if not candidates:
         return None
     for route in candidates:
-        if route.applies(config):
+        if route.applies(config):  # a variant no stock class holds raises its own reason here
             return route
-    # Every candidate refuses only through `applies`; the route modules raise their own reasons in `applies`.
     raise needs_shipped_code(f"this {model_type} checkpoint has no stock route")
 
 
