@@ -838,5 +838,14 @@ def describe(source: str | Path, revision: str | None = None, allow_pickle: bool
         "rotary_dim": s.rotary_dim,
         "dtype": DTYPES[st][0],
         "parameters": sum(math.prod(t.shape) for t in src.tensors.values()),
-        "valid_num_kv_heads": {g: kv_cache_bytes_per_token(s, g, st) for g in valid_groups(s)},
+        "valid_num_kv_heads": {g: kv_cache_bytes_per_token(s, g, st) for g in valid_groups(s) if _holds(src, g)},
     }
+
+
+def _holds(src: Source, groups: int) -> bool:
+    """Whether the output class can hold G KV heads (gpt_bigcode, sequential falcon: H or 1 only)."""
+    try:
+        src.family.patch_config(src.raw_config, groups)
+    except ConversionError:
+        return False
+    return True
