@@ -205,9 +205,18 @@ def test_tied_neox_stays_tied(tmp_path):
     assert rel_err(logits_of(out), logits_of(model)) <= 1e-4
 
 
-def test_neox_without_attention_biases_gets_zero_and_folded_ones(tmp_path):
-    model = source_model("neox-parallel", attention_bias=False)
-    _, out, _, _ = convert("neox-parallel", tmp_path, H, model=model)
+@pytest.mark.parametrize(
+    ("route", "overrides"),
+    [
+        ("neox-parallel", {"attention_bias": False}),  # phi's q/k/v biases are W beta alone, dense's zero
+        ("neox-sequential", {"attention_bias": False}),  # nemotron without attention biases
+        ("gptj", {"rotary_dim": 8}),  # rotary over the whole head (head_dim 8)
+        ("opt", {"enable_bias": False, "layer_norm_elementwise_affine": False}),  # zeros and ones written
+    ],
+)
+def test_config_variants_re_express_exactly(route, overrides, tmp_path):
+    model = source_model(route, **overrides)
+    _, out, _, _ = convert(route, tmp_path, H, model=model)
     assert rel_err(logits_of(out), logits_of(model)) <= 1e-4
 
 
