@@ -98,6 +98,7 @@ class Family:
     # Family-specific reading of the current KV-head count and patching of the raw config.json.
     kv_heads: Callable[[Any], int] | None = None
     patch: Callable[[dict, int], dict] | None = None
+    rotary: bool = True  # False: positions are learned embeddings (gpt_bigcode), no rotary dims in any head
 
     def current_kv_heads(self, config: Any) -> int:
         if self.kv_heads is not None:
@@ -367,6 +368,7 @@ FAMILIES: tuple[Family, ...] = (
         config_keys=("multi_query",),
         kv_heads=_bigcode_kv_heads,
         patch=_bigcode_patch,
+        rotary=False,
         notes="MHA gpt_bigcode becomes multi-query (G=1)",
     ),
 )
@@ -383,15 +385,19 @@ def family_for(model_type: str | None) -> Family:
     for fam in FAMILIES:
         if model_type in fam.model_types:
             return fam
-    from .reexpress import source_types  # imported here: convert.reexpress imports this module
+    from .reexpress import SHIPPED_CODE_ONLY, needs_shipped_code, source_types  # here: reexpress imports us
 
-    if model_type in source_types():
+    if model_type in SHIPPED_CODE_ONLY:
+        raise needs_shipped_code(SHIPPED_CODE_ONLY[model_type])
+    routed = [t for t in source_types() if t not in SHIPPED_CODE_ONLY]
+    if model_type in routed:
         raise ConversionError(
             f"{model_type}'s transformers class has no KV-head count: convert its checkpoint folder "
             "(convert_checkpoint, gqa-convert convert), which re-expresses it as a stock class that has one"
         )
     raise ConversionError(
-        f"unsupported model_type {model_type!r}: gqa-convert knows {', '.join(supported_model_types())}. "
+        f"unsupported model_type {model_type!r}: gqa-convert knows {', '.join(supported_model_types())}, and "
+        f"{', '.join(routed)} through a stock class (convert.reexpress). "
         "Add a row to convert/families.py:FAMILIES if its attention fits one of the layouts there."
     )
 
@@ -407,7 +413,7 @@ def shapes_for(family: Family, config: Any) -> Shapes:
     factor = rope.get("partial_rotary_factor") if rope else None
     factor = factor or getattr(config, "partial_rotary_factor", None) or 1.0  # older configs keep it at top level
     uses_alibi = bool(getattr(config, "alibi", False))
-    rotary_dim = 0 if uses_alibi else int(head_dim * factor)
+    rotary_dim = 0 if uses_alibi or not family.rotary else int(head_dim * factor)
     base = dict(
         num_heads=H,
         num_kv_heads=family.current_kv_heads(config),

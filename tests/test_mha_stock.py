@@ -284,7 +284,9 @@ def test_report_inspect_dry_run_card_and_provenance_say_the_route(tmp_path):
     assert info["num_kv_heads"] == H and info["rotary_dim"] == 4
     assert list(info["valid_num_kv_heads"]) == [1, 2, 4, 8]
     source_model("gpt2").save_pretrained(tmp_path / "gpt2")
-    assert list(describe(tmp_path / "gpt2")["valid_num_kv_heads"]) == [1, 8]  # gpt_bigcode: H or multi-query
+    gpt2 = describe(tmp_path / "gpt2")
+    assert list(gpt2["valid_num_kv_heads"]) == [1, 8]  # gpt_bigcode: H or multi-query
+    assert gpt2["rotary_dim"] == 0  # learned positions
     runner = CliRunner()
     shown = runner.invoke(main, ["inspect", str(tmp_path / "src")])
     assert shown.exit_code == 0 and "route: gpt_neox -> phi: written as phi" in shown.output
