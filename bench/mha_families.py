@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab", type=int, default=2048)
     p.add_argument("--block", type=int, default=128)
     p.add_argument("--eval-windows", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of pretraining")
     args = p.parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
     from transformers.utils import logging as hf_logging
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         pretrain_tokens=args.pretrain_tokens,
         block_size=args.block,
         micro_batch_size=8,
-        lr=1e-3 * 2,
+        lr=args.lr,
         calibration_tokens=4096,
     )
     data = Path(args.data) / "wikitext-2" / "valid.txt"
