@@ -416,3 +416,25 @@ def test_the_view_reads_nothing_and_renamed_tensors_are_copied_raw(tmp_path, mon
     before, after = load_file(tmp_path / "src" / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
     assert torch.equal(after["model.layers.1.mlp.fc1.weight"], before["transformer.h.1.mlp.fc_in.weight"])
     assert not after["model.layers.1.self_attn.q_proj.bias"].any()  # GPT-J has no q bias: zeros
+
+
+def test_bfloat16_source_stays_bfloat16_and_renames_keep_their_bytes(tmp_path):
+    from safetensors.torch import load_file
+
+    model = source_model("neox-parallel").to(torch.bfloat16)
+    _, out, _, folder = convert("neox-parallel", tmp_path, 2, model=model)
+    written = {}
+    for f in folder.glob("*.safetensors"):
+        written.update(load_file(f))
+    assert {t.dtype for t in written.values()} == {torch.bfloat16}
+    source = {}
+    for f in (tmp_path / "src").glob("*.safetensors"):
+        source.update(load_file(f))
+    assert torch.equal(written["lm_head.weight"], source["embed_out.weight"])
+    # Folded projections are computed in float32 from the bfloat16 weights and rounded once.
+    w, gamma = (
+        source["gpt_neox.layers.0.attention.query_key_value.weight"],
+        source["gpt_neox.layers.0.input_layernorm.weight"],
+    )
+    q = (w.float().view(H, 3, 8, 64)[:, 0].reshape(64, 64) * gamma.float()).to(torch.bfloat16)
+    assert torch.equal(written["model.layers.0.self_attn.q_proj.weight"], q)
