@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -438,3 +439,49 @@ def test_bfloat16_source_stays_bfloat16_and_renames_keep_their_bytes(tmp_path):
     )
     q = (w.float().view(H, 3, 8, 64)[:, 0].reshape(64, 64) * gamma.float()).to(torch.bfloat16)
     assert torch.equal(written["model.layers.0.self_attn.q_proj.weight"], q)
+
+
+def _big_neox(folder: Path, layers: int) -> Path:
+    """A gpt_neox checkpoint of `layers` layers of 48 MB each (float32), written shard by shard without a model."""
+    from safetensors.torch import save_file
+
+    config = AutoConfig.for_model(
+        "gpt_neox", hidden_size=1024, intermediate_size=4096, num_hidden_layers=layers, num_attention_heads=16
+    )
+    config.vocab_size = 4096
+    config.save_pretrained(folder)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()}
+    shapes["embed_out.weight"] = shapes.pop("lm_head.weight")  # the name NeoX files use
+    gen = torch.Generator().manual_seed(0)
+    groups: dict[str, list[str]] = {}  # one shard per layer, one for the rest
+    for key in shapes:
+        groups.setdefault(re.sub(r"^.*\.layers\.(\d+)\..*$", r"layer\1", key), []).append(key)
+    weight_map = {}
+    for i, keys in enumerate(groups.values()):
+        name = f"model-{i:05d}.safetensors"
+        save_file({k: torch.randn(shapes[k], generator=gen) * 0.02 for k in keys}, folder / name)
+        weight_map.update(dict.fromkeys(keys, name))
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return folder
+
+
+@pytest.mark.slow
+def test_peak_memory_does_not_grow_with_the_number_of_layers(tmp_path):
+    """Derived tensors are computed one at a time: converting 12 layers through the phi route peaks no higher
+    than 2 layers (plus noise), while the checkpoint is 480 MB larger."""
+    peaks = {}
+    for layers in (2, 12):
+        src = _big_neox(tmp_path / f"src{layers}", layers)
+        code = (
+            "import resource, sys\n"
+            "from convert import convert_checkpoint\n"
+            f"convert_checkpoint({str(src)!r}, {str(tmp_path / f'out{layers}')!r}, 1, progress=False)\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+        )
+        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        peaks[layers] = int(result.stdout.split()[-1]) * 1024  # ru_maxrss is in KiB on Linux
+        shutil.rmtree(src)
+    assert peaks[12] - peaks[2] < 64 << 20, peaks
