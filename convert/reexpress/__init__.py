@@ -77,21 +77,6 @@ class RouteInfo:
     notes: list[str] = field(default_factory=list)
 
 
-# Families whose checkpoints no stock class can hold at G KV heads (or not at every G): they need modeling code
-# written beside the weights. The reason says which, so the refusal can name it.
-SHIPPED_CODE_ONLY = {
-    "bloom": "bloom's ALiBi and embedding LayerNorm have no stock class with a KV-head count",
-    "mpt": "mpt has no stock class with a KV-head count",
-}
-
-
-def needs_shipped_code(reason: str) -> ConversionError:
-    return ConversionError(
-        f"{reason}: converting it needs the shipped-code route, which writes modeling code beside the weights "
-        "(loaded with trust_remote_code=True). Pass --write-modeling-code to take it"
-    )
-
-
 def _routes() -> tuple[Route, ...]:
     from . import gpt2, gptj, neox, opt
 
@@ -99,23 +84,14 @@ def _routes() -> tuple[Route, ...]:
 
 
 def source_types() -> list[str]:
-    """model_types that are read through a route (or refused towards the shipped-code one)."""
-    return sorted({r.source_type for r in _routes()} | set(SHIPPED_CODE_ONLY))
+    """model_types that a stock route may read (whether one fits is `route_for`'s answer)."""
+    return sorted({r.source_type for r in _routes()})
 
 
 def route_for(raw: dict, config: Any) -> Route | None:
-    """The stock route for this source, None when the family is stored as it is (it has a KV-head count), or a
-    ConversionError towards the shipped-code route when no stock class computes the same function."""
-    model_type = raw.get("model_type")
-    if model_type in SHIPPED_CODE_ONLY:
-        raise needs_shipped_code(SHIPPED_CODE_ONLY[model_type])
-    candidates = [r for r in _routes() if r.source_type == model_type]
-    if not candidates:
-        return None
-    for route in candidates:
-        if route.applies(config):  # a variant no stock class holds raises its own reason here
-            return route
-    raise needs_shipped_code(f"this {model_type} checkpoint has no stock route")
+    """The stock route for this source, or None: its family is stored as it is, or no route fits this variant
+    (opt-350m's post-LN layers, ...), and the family's own row reads it (shipped code below H)."""
+    return next((r for r in _routes() if r.source_type == raw.get("model_type") and r.applies(config)), None)
 
 
 def is_route_source(raw: dict) -> bool:
@@ -235,5 +211,4 @@ __all__ = [
     "source_types",
     "is_route_source",
     "target_config_object",
-    "needs_shipped_code",
 ]

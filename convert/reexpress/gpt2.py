@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import Map, Route, common_config, needs_shipped_code
+from . import Map, Route, common_config
 from . import transforms as t
 
 B = "transformer.h.{i}."
@@ -19,11 +19,8 @@ def _sizes(c: Any) -> dict[str, int]:
 
 
 def _applies(c: Any) -> bool:
-    if getattr(c, "scale_attn_by_inverse_layer_idx", False):
-        raise needs_shipped_code("gpt2 with scale_attn_by_inverse_layer_idx scales attention per layer")
-    if getattr(c, "add_cross_attention", False):
-        raise needs_shipped_code("gpt2 with cross-attention")
-    return True
+    # gpt_bigcode has neither per-layer attention scaling nor cross-attention.
+    return not getattr(c, "scale_attn_by_inverse_layer_idx", False) and not getattr(c, "add_cross_attention", False)
 
 
 def bigcode_config(c: Any, raw: dict) -> dict:

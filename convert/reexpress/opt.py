@@ -7,7 +7,7 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
-from . import Map, Route, common_config, needs_shipped_code
+from . import Map, Route, common_config
 from . import transforms as t
 
 O = "model.decoder.layers.{i}."
@@ -21,13 +21,12 @@ def _sizes(c: Any) -> dict[str, int]:
 
 
 def _applies(c: Any) -> bool:
-    if not c.do_layer_norm_before:
-        raise needs_shipped_code("opt with do_layer_norm_before=false (opt-350m) normalizes after each block")
-    if getattr(c, "word_embed_proj_dim", c.hidden_size) != c.hidden_size:
-        raise needs_shipped_code("opt with word_embed_proj_dim != hidden_size projects its embeddings")
-    if getattr(c, "_remove_final_layer_norm", False):
-        raise needs_shipped_code("opt without its final LayerNorm")
-    return True
+    # opt-350m normalizes after each block and projects its embeddings; neither fits gpt_bigcode.
+    return (
+        bool(c.do_layer_norm_before)
+        and getattr(c, "word_embed_proj_dim", c.hidden_size) == c.hidden_size
+        and not getattr(c, "_remove_final_layer_norm", False)
+    )
 
 
 def bigcode_config(c: Any, raw: dict) -> dict:
