@@ -483,3 +483,21 @@ def test_peak_memory_does_not_grow_with_the_number_of_layers(tmp_path):
         peaks[layers] = int(result.stdout.split()[-1]) * 1024  # ru_maxrss is in KiB on Linux
         shutil.rmtree(src)
     assert peaks[12] - peaks[2] < 64 << 20, peaks
+
+
+def test_hub_style_opt_keys_and_an_untied_looking_head(tmp_path):
+    """Some OPT files name keys `decoder.` without `model.` and also store the tied head: both convert, and the
+    head stays tied to the embedding."""
+    from safetensors.torch import load_file, save_file
+
+    model = source_model("opt")
+    src = tmp_path / "src"
+    model.save_pretrained(src)
+    state = load_file(src / "model.safetensors")
+    state = {k.removeprefix("model."): v for k, v in state.items()}
+    state["lm_head.weight"] = state["decoder.embed_tokens.weight"].clone()
+    save_file(state, src / "model.safetensors", metadata={"format": "pt"})
+    _, out, report, _ = convert("opt", tmp_path, H, model=model)  # reads the edited file in src
+    assert report.route == "opt -> gpt_bigcode"
+    assert rel_err(logits_of(out), logits_of(model)) <= 1e-4
+    assert out.lm_head.weight.data_ptr() == out.transformer.wte.weight.data_ptr()
