@@ -511,6 +511,7 @@ def convert_checkpoint(
         if src.route is not None:
             report.model_type = src.route.source_model_type
             report.route, report.load_with = src.route.route, src.route.load_with
+            report.bytes_in = src.route.source_bytes
             report.notes.extend(src.route.notes)
         if template:
             report.notes.append(shipped_note(template))

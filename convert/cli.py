@@ -147,6 +147,11 @@ def convert(
     _print_report(report, quiet)
 
 
+def _rest(r: Any) -> str:
+    """What happens to the tensors attention does not touch: copied, or also re-expressed on a stock route."""
+    return "copied unchanged" if r.route in ("as is", "shipped code") else "re-expressed as the route says or copied"
+
+
 def _print_report(r: Any, quiet: bool) -> None:
     what = "would write" if r.dry_run else "wrote"
     line = (
@@ -159,7 +164,7 @@ def _print_report(r: Any, quiet: bool) -> None:
     click.echo(line)
     click.echo(
         f"  tensors: {r.tensors_total} total, {len(r.tensors_touched)} rewritten "
-        f"(attention of every layer), the rest copied unchanged"
+        f"(attention of every layer), the rest {_rest(r)}"
     )
     click.echo(
         f"  bytes in: {human_bytes(r.bytes_in)}, bytes out: {human_bytes(r.bytes_out)} in {r.shards_out} shard(s)"

@@ -296,6 +296,9 @@ def test_report_inspect_dry_run_card_and_provenance_say_the_route(tmp_path):
     assert done.exit_code == 0, done.output
     report = json.loads(done.output[done.output.index("{") :])
     assert report["route"] == "gpt_neox -> phi" and report["output_model_type"] == "phi"
+    assert report["bytes_in"] == sum(f.stat().st_size for f in (tmp_path / "src").glob("*.safetensors")) - sum(
+        8 + int.from_bytes(f.read_bytes()[:8], "little") for f in (tmp_path / "src").glob("*.safetensors")
+    )  # the source's tensor bytes, not the view's
     prov = json.loads((tmp_path / "out" / "gqa_convert.json").read_text())
     assert prov["route"] == "gpt_neox -> phi" and "from_pretrained" in prov["load_with"]
     card = (tmp_path / "out" / "README.md").read_text()

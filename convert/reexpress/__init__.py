@@ -74,6 +74,7 @@ class RouteInfo:
     source_model_type: str
     output_model_type: str
     load_with: str
+    source_bytes: int = 0  # the source checkpoint's tensor bytes (the view's differ: split, folded, zeros)
     notes: list[str] = field(default_factory=list)
 
 
@@ -163,6 +164,7 @@ def build_view(
             "checkpoint saved by transformers?"
         )
     info = RouteInfo(route.name, route.source_type, route.target_type, route.load_with)
+    info.source_bytes = sum(t.nbytes for t in tensors.values())
     if route.summary:
         info.notes.append(f"route {route.name}: {route.summary}")
     if ignored:
