@@ -31,7 +31,7 @@ from .output import (
 from .planning import DTYPE_CHOICES, OutTensor, assign_shards, output_st, parse_size, plan_tensors
 from .pooling import WEIGHT_ONLY_POOLS
 from .report import PROVENANCE, Report, model_card, provenance
-from .shipped import check_method, require_flag, ship_modeling_code, shipped_note
+from .shipped import check_method, load_hint, require_flag, ship_modeling_code, shipped_note, template_manifest
 from .source import SIDE_FILES, Source, describe, open_source
 from .tensorio import fsync_path, nbytes, sync_folder
 from .writing import copy_side_files, numpy_layers, numpy_pool, torch_layers, verify_output, write_shards, write_text
@@ -141,7 +141,7 @@ class Conversion:
         # its headers and the untouched tensors start copying: the import then costs no wall time of its own.
         if self.method not in WEIGHT_ONLY_POOLS or self.options:
             self.methods = _import_in_background("convert.methods")
-        self.src = open_source(self.source, s.revision, s.allow_pickle, s.trust_remote_code)
+        self.src = open_source(self.source, s.revision, s.allow_pickle, s.trust_remote_code, groups=self.groups)
         check_groups(self.groups, self.src.shapes)
         self.template = modeling_template(self.src.family, self.groups, self.src.shapes.num_heads)
         if self.template:
@@ -183,8 +183,17 @@ class Conversion:
             kv_cache_bytes_per_token_after=kv_cache_bytes_per_token(s_in, self.groups, out_st),
             dry_run=self.settings.dry_run,
         )
+        report.output_model_type = src.raw_config["model_type"]
+        if src.route is not None:  # a stock re-expression route: the source is another class than the output's
+            report.model_type = src.route.source_model_type
+            report.route, report.load_with = src.route.route, src.route.load_with
+            report.bytes_in = src.route.source_bytes
+            report.notes.extend(src.route.notes)
         if self.template:
+            manifest = template_manifest(self.template)
             report.notes.append(shipped_note(self.template))
+            report.route, report.load_with = "shipped code", load_hint(manifest["loads_with"])
+            report.output_model_type = manifest["model_type"]
         if src.family.cache_notes is not None:
             report.notes += src.family.cache_notes(s_in, s_in.num_kv_heads, self.groups, nbytes(out_st, ()))
         if src.raw_config["model_type"] in QK_NORM_FAMILIES:

@@ -37,6 +37,10 @@ class Report:
     dry_run: bool
     per_layer: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # How the output is stored and loaded: "as is" (the source's class), a stock route, or "shipped code".
+    route: str = "as is"
+    output_model_type: str = ""
+    load_with: str = "AutoModelForCausalLM.from_pretrained(path): stock transformers, no remote code"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -70,7 +74,18 @@ multi-head / grouped-query attention with {report.kv_heads_before} KV heads beca
 
 {_load_line(report)} A converted model has lost some
 quality; uptraining (`recipes/uptrain.py` in gqa-convert) wins most of it back.
-"""
+{_route_card(report)}"""
+
+
+def _route_card(report: Report) -> str:
+    """The model card's paragraph on a stock re-expression route (empty otherwise)."""
+    if report.route in ("as is", "shipped code"):
+        return ""
+    return (
+        f"\nThe source is `{report.model_type}`, whose transformers class has no KV-head count: it was re-expressed "
+        f"as `{report.output_model_type}` (route `{report.route}`), a stock class that computes the same function "
+        f"and can hold {report.kv_heads_after} KV heads. Load: {report.load_with}.\n"
+    )
 
 
 def _load_line(report: Report) -> str:

@@ -116,7 +116,7 @@ def numpy_pool(src: Source, plan: list[OutTensor], method: str, dtype: str, opti
     """
     if method not in WEIGHT_ONLY_POOLS or options or src.pickle or dtype != "keep" or src.family.layout != "split":
         return None
-    if any(t.source.st not in NUMPY_FLOATS for t in plan if t.computed(False)):
+    if any(t.source.st not in NUMPY_FLOATS or t.source.derive is not None for t in plan if t.computed(False)):
         return None
     return WEIGHT_ONLY_POOLS[method]
 
