@@ -856,6 +856,22 @@ def save_output(accelerator, model, s: Settings, tokenizer, summary: dict, rows:
     return final
 
 
+def use_fsdp(accelerator) -> None:
+    """FSDP on CPU processes: accelerate turns an FSDP launch into plain gloo data parallelism when no GPU is
+    present, yet FSDP2 shards over gloo as well; switch the state to FSDP so that CPU runs test the GPU path."""
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    wanted = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if wanted and accelerator.distributed_type == DistributedType.MULTI_CPU:
+        plugin = FullyShardedDataParallelPlugin()  # read from the launcher's environment, as accelerate does
+        if plugin.fsdp_version != 2:
+            raise SettingsError("FSDP on CPU processes needs fsdp_version: 2 (see recipes/accelerate_fsdp_cpu.yaml)")
+        # both shared states: accelerate re-reads the partial one into the full one on later calls
+        PartialState().distributed_type = accelerator.state.distributed_type = DistributedType.FSDP
+        accelerator.state.fsdp_plugin = plugin
+
+
 # ============================================================================================== main
 
 
@@ -954,6 +970,7 @@ def run(s: Settings, options: dict) -> int:
         project_dir=str(Path(s.output_dir) / "logs"),
     )
     assert accelerator.num_processes == num_processes, "WORLD_SIZE and accelerate disagree"
+    use_fsdp(accelerator)
     set_seed(s.seed)
     if accelerator.is_main_process:
         Path(s.output_dir).mkdir(parents=True, exist_ok=True)
