@@ -34,8 +34,10 @@ The data order is a pure function of (seed, step), so `resume: auto` restarts ex
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import errno
 import itertools
 import json
 import math
@@ -171,6 +173,10 @@ class SettingsError(ValueError):
 
 class TrainingError(RuntimeError):
     """A fault during training (a non-finite loss)."""
+
+
+class WriteError(RuntimeError):
+    """Writing a checkpoint or the model failed: a full disk, a file-size limit, a lost mount."""
 
 
 def _coerce(name: str, value, hint):
@@ -470,6 +476,37 @@ def find_resume_point(s: Settings, run: dict) -> Path | None:
     return candidates[-1]
 
 
+def discard(folder: Path) -> None:
+    """Delete a folder by renaming it to `.tmp-` first: a kill inside the delete leaves debris that no reader
+    takes for a checkpoint or a model (runs clear `.tmp-` folders), never a half folder under its real name."""
+    if folder.exists():
+        trash = folder.with_name(f".tmp-discard-{folder.name}")
+        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(folder, trash)
+        shutil.rmtree(trash)
+
+
+@contextlib.contextmanager
+def writing(what: str, s: Settings, *temporary: Path):
+    """Turn a failed write into a WriteError that says what to do, after removing the half-written `temporary`."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, RuntimeError, SafetensorError) as e:  # torch.save reports a short write as a RuntimeError
+        for path in temporary:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        keep = complete_checkpoints(s)
+        raise WriteError(
+            f"cannot write {what} in {s.output_dir}: {e}. Nothing half-written was left under a final name; the "
+            f"newest complete checkpoint is {keep[-1].name if keep else 'none'}. Free space (or lift the file-size "
+            f"limit), then rerun with resume: auto"
+        ) from None
+
+
 def save_checkpoint(accelerator, s: Settings, step: int, trainer_state: dict, stream) -> Path:
     """`save_state` into a temporary folder, renamed into place when complete; keep the newest K."""
     root = checkpoint_dir(s)
@@ -478,17 +515,18 @@ def save_checkpoint(accelerator, s: Settings, step: int, trainer_state: dict, st
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    with writing(f"checkpoint {final.name}", s, tmp):
+        accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if stream is not None:  # the position in a streamed corpus (the same on every process)
-            (tmp / "stream_state.json").write_text(json.dumps(stream.state()))
-        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
+        with writing(f"checkpoint {final.name}", s, tmp):
+            if stream is not None:  # the position in a streamed corpus (the same on every process)
+                (tmp / "stream_state.json").write_text(json.dumps(stream.state()))
+            (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+        discard(final)
         os.replace(tmp, final)
         for old in complete_checkpoints(s)[: -s.keep_checkpoints]:
-            shutil.rmtree(old)
+            discard(old)
     accelerator.wait_for_everyone()
     return final
 
@@ -722,6 +760,17 @@ def evaluate(accelerator, model, teacher, blocks: torch.Tensor, batch_size: int,
 # ============================================================================================== outputs
 
 
+def read_rows(path: Path) -> list[dict]:
+    """The rows of metrics.jsonl; a last line torn by a kill in the middle of its write is left out."""
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return rows
+
+
 class Metrics:
     """metrics.jsonl (main process; flushed every row) and accelerate's trackers."""
 
@@ -729,8 +778,10 @@ class Metrics:
         self.accelerator, self.path, self.rows = accelerator, path, []
         if accelerator.is_main_process:
             if resume_step is not None and path.is_file():  # drop what ran after the checkpoint
-                self.rows = [r for r in map(json.loads, path.read_text().splitlines()) if r["step"] <= resume_step]
-            path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+                self.rows = [r for r in read_rows(path) if r["step"] <= resume_step]
+            tmp = path.with_name(f".tmp-{path.name}")  # replaced whole: a kill never leaves a half history
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+            os.replace(tmp, path)
 
     def log(self, row: dict) -> None:
         scalars = {f"{row['kind']}/{k}": v for k, v in row.items() if isinstance(v, float)}
@@ -840,17 +891,18 @@ def save_output(accelerator, model, s: Settings, tokenizer, summary: dict, rows:
         result = result.to(getattr(torch, save_dtype))
         result.config.use_cache = True
         shutil.rmtree(tmp, ignore_errors=True)
-        result.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        for extra in Path(s.model).iterdir():  # what else the input carried (conversion report, licence, ...)
-            weights = extra.name.endswith((".safetensors", ".bin", ".pt", ".pth", ".index.json"))
-            if extra.is_file() and not weights and not (tmp / extra.name).exists() and extra.name != "README.md":
-                shutil.copy2(extra, tmp / extra.name)
-        (tmp / "README.md").write_text(model_card(s.model, summary))
-        (tmp / "training_summary.json").write_text(json.dumps(summary, indent=2))
-        plot_losses(rows, out / "loss.png")
-        if final.exists():
-            shutil.rmtree(final)
+        with writing("the final model", s, tmp, out / ".tmp-loss.png"):
+            result.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            for extra in Path(s.model).iterdir():  # what else the input carried (conversion report, licence, ...)
+                weights = extra.name.endswith((".safetensors", ".bin", ".pt", ".pth", ".index.json"))
+                if extra.is_file() and not weights and not (tmp / extra.name).exists() and extra.name != "README.md":
+                    shutil.copy2(extra, tmp / extra.name)
+            (tmp / "README.md").write_text(model_card(s.model, summary))
+            (tmp / "training_summary.json").write_text(json.dumps(summary, indent=2))
+            plot_losses(rows, out / ".tmp-loss.png")
+        os.replace(out / ".tmp-loss.png", out / "loss.png")
+        discard(final)
         os.replace(tmp, final)
     accelerator.wait_for_everyone()
     return final
@@ -885,9 +937,17 @@ def main(argv: list[str] | None = None) -> int:
         if is_rank0:
             print(f"error: {e}", file=sys.stderr)
         return 2
-    except TrainingError as e:
+    except (TrainingError, WriteError) as e:
         if is_rank0:
             print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            raise
+        if is_rank0:  # a full disk outside the checkpoint and model writes (metrics, logs)
+            print(
+                f"error: {e}: free space (or lift the file-size limit), then rerun with resume: auto", file=sys.stderr
+            )
         return 1
 
 
@@ -974,8 +1034,12 @@ def run(s: Settings, options: dict) -> int:
     set_seed(s.seed)
     if accelerator.is_main_process:
         Path(s.output_dir).mkdir(parents=True, exist_ok=True)
-        for leftover in checkpoint_dir(s).glob(".tmp-*"):  # a checkpoint interrupted while being written
-            shutil.rmtree(leftover, ignore_errors=True)
+        # what a killed run was writing or deleting: checkpoints, the final model, metrics, the plot
+        for leftover in [*checkpoint_dir(s).glob(".tmp-*"), *Path(s.output_dir).glob(".tmp-*")]:
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
     accelerator.wait_for_everyone()
 
     model = AutoModelForCausalLM.from_pretrained(s.model, dtype=getattr(torch, s.model_dtype))
