@@ -12,7 +12,7 @@ SPEC (JSON) holds `root` (only writes under it count, recorded relative to it), 
 receives one JSON line per write event, as it happens) and optional `kill`: {"op", "path", "nth", "how"}, the
 `nth` (0-based) event with that op and path. `how` says where the process dies:
     before   the write never starts
-    partial  the write ran and left a prefix: half the bytes of the file, half the files of a folder
+    partial  the write ran and left a prefix: half the bytes written, half the files of a folder deleted
     after    the write finished, nothing after it ran
     enospc   the write fails with ENOSPC, as on a full disk (the process lives on)
 The files on disk change only at these events, so killing before, inside and after each one reaches every
@@ -99,10 +99,11 @@ def _wrap(op: str, real, path_of, halve=_halve_file):
 
 
 class _KilledOnClose:
-    """A file opened for writing that works as usual until closed: then half of what it holds stays, and we die."""
+    """A file opened for writing that works as usual until closed: then half of what was written stays (after what
+    the file held before, when appending), and we die."""
 
     def __init__(self, f, path):
-        self._f, self._path = f, path
+        self._f, self._path, self._start = f, path, os.path.getsize(path)
 
     def __getattr__(self, name):
         return getattr(self._f, name)
@@ -115,7 +116,7 @@ class _KilledOnClose:
 
     def close(self):
         self._f.close()
-        _halve_file(self._path)
+        os.truncate(self._path, self._start + (os.path.getsize(self._path) - self._start) // 2)
         _die()
 
 
