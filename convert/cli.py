@@ -12,6 +12,7 @@ import click
 
 from . import __version__
 from .families import ConversionError
+from .formatting import human_bytes
 
 # The names in convert.methods.METHODS (tests/test_cli.py keeps the two equal). Spelled out here so that the CLI
 # does not import the methods, and with them torch, before the conversion has started copying.
@@ -21,14 +22,6 @@ METHOD_NAMES = ("mean", "first", "random", "calibrated")
 def _fail(error: Exception) -> None:
     click.echo(f"error: {error}", err=True)
     sys.exit(2)
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return str(n)
 
 
 @click.group()
@@ -69,6 +62,12 @@ def main() -> None:
 @click.option("--dry-run", is_flag=True, help="Print the plan and write nothing.")
 @click.option("--allow-pickle", is_flag=True, help="Accept pickle (*.bin) weights, loaded with weights_only=True.")
 @click.option("--trust-remote-code", is_flag=True, help="Let transformers run code shipped with the config.")
+@click.option(
+    "--write-modeling-code",
+    is_flag=True,
+    help="Where no stock transformers class can hold the KV heads (gpt2, opt, bloom, mpt below H), write "
+    "modeling code beside the weights; loading it then needs trust_remote_code=True.",
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar, only the result line.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option(
@@ -100,6 +99,7 @@ def convert(
     dry_run: bool,
     allow_pickle: bool,
     trust_remote_code: bool,
+    write_modeling_code: bool,
     quiet: bool,
     as_json: bool,
     calibration_data: str | None,
@@ -137,6 +137,7 @@ def convert(
             progress=not (quiet or as_json),
             method_options=options or None,
             durable=durable,
+            write_modeling_code=write_modeling_code,
         )
     except ConversionError as e:
         _fail(e)
@@ -160,10 +161,12 @@ def _print_report(r: Any, quiet: bool) -> None:
         f"  tensors: {r.tensors_total} total, {len(r.tensors_touched)} rewritten "
         f"(attention of every layer), the rest copied unchanged"
     )
-    click.echo(f"  bytes in: {_human(r.bytes_in)}, bytes out: {_human(r.bytes_out)} in {r.shards_out} shard(s)")
     click.echo(
-        f"  KV cache per token: {_human(r.kv_cache_bytes_per_token_before)} -> "
-        f"{_human(r.kv_cache_bytes_per_token_after)} "
+        f"  bytes in: {human_bytes(r.bytes_in)}, bytes out: {human_bytes(r.bytes_out)} in {r.shards_out} shard(s)"
+    )
+    click.echo(
+        f"  KV cache per token: {human_bytes(r.kv_cache_bytes_per_token_before)} -> "
+        f"{human_bytes(r.kv_cache_bytes_per_token_after)} "
         f"({r.kv_cache_bytes_per_token_before / r.kv_cache_bytes_per_token_after:.1f}x smaller)"
     )
     if r.dry_run:
@@ -200,9 +203,15 @@ def inspect(source: str, revision: str | None, allow_pickle: bool, as_json: bool
         f"rotary dims {info['rotary_dim']}"
     )
     click.echo("  --num-kv-heads   KV cache per token")
+    shipped = info.get("shipped_code", {})
     for g, n in info["valid_num_kv_heads"].items():
         mark = "  (current)" if g == info["num_kv_heads"] else ""
+        mark += "  (shipped code: --write-modeling-code)" if g in shipped else ""
         click.echo(f"  {g:>14}   {n:>10,} B{mark}")
+    for note in dict.fromkeys(shipped.values()):
+        click.echo(f"  {note}")
+    for note in info.get("notes", []):
+        click.echo(f"  note: {note}")
 
 
 @main.command("eval")
@@ -227,6 +236,11 @@ def inspect(source: str, revision: str | None, allow_pickle: bool, as_json: bool
 @click.option(
     "--tokenizer", default=None, help="Tokenizer folder or hub id, for model folders without one (e.g. the original)."
 )
+@click.option(
+    "--trust-remote-code",
+    is_flag=True,
+    help="Let transformers run modeling code shipped with a model (outputs written with --write-modeling-code).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def eval_(
     models: tuple[str, ...],
@@ -238,6 +252,7 @@ def eval_(
     new_tokens: int,
     device: str,
     tokenizer: str | None,
+    trust_remote_code: bool,
     as_json: bool,
 ) -> None:
     """Perplexity, KV-cache bytes per token and decode speed of MODELS, as one table with ratios to the first."""
@@ -268,6 +283,7 @@ def eval_(
             new_tokens=new_tokens,
             device=device,
             tokenizer=tokenizer,
+            trust_remote_code=trust_remote_code,
         )
     except (ValueError, OSError) as e:
         _fail(e)
@@ -336,6 +352,22 @@ def _keep_freed_memory() -> None:
         return
     mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: glibc's largest allowed value on 64-bit
     mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep freed memory for the next layer
+
+
+@main.command(
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []},
+    add_help_option=False,
+)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def uptrain(args: tuple[str, ...]) -> None:
+    """Uptrain a converted checkpoint in this process: CONFIG.yaml [key=value ...] [--quiet] [--json].
+
+    CONFIG is a YAML file or a shipped config name (e.g. smollm2-mqa-cpu); `--help` lists every setting. For
+    several processes: `accelerate launch [options] -m convert.uptrain CONFIG.yaml ...`.
+    """
+    from .uptrain import main as uptrain_main
+
+    sys.exit(uptrain_main(list(args)))
 
 
 def entry() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -176,6 +177,18 @@ def measure_decode(model, prompt: torch.Tensor, new_tokens: int, device: torch.d
     return Decode(len(prompt), new_tokens, rate, cache_bytes(out.cache), mem.peak)
 
 
+def refuse_shipped_code(path: str | Path, trust_remote_code: bool) -> None:
+    """A folder whose config.json names its own modeling code (auto_map) loads only when that code is trusted."""
+    config = Path(path) / "config.json"
+    auto_map = json.loads(config.read_text()).get("auto_map") if config.is_file() else None
+    if auto_map and not trust_remote_code:
+        files = sorted({v.split(".")[0] + ".py" for v in auto_map.values() if isinstance(v, str)})
+        raise ValueError(
+            f"MODEL {path} ships its own modeling code ({', '.join(files)}), which loading would run: "
+            "read it, then pass --trust-remote-code to evaluate it"
+        )
+
+
 def evaluate_model(
     path: str,
     data: str | None = None,
@@ -186,6 +199,7 @@ def evaluate_model(
     new_tokens: int = 32,
     device: str = "auto",
     tokenizer: str | None = None,
+    trust_remote_code: bool = False,
 ) -> ModelEval:
     """Perplexity and decode measurements of one model.
 
@@ -195,12 +209,15 @@ def evaluate_model(
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    refuse_shipped_code(path, trust_remote_code)
+
     dev = torch.device(
         "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
     )
-    check_lengths(path, AutoConfig.from_pretrained(path), window, contexts, new_tokens)
-    tok = AutoTokenizer.from_pretrained(find_tokenizer(path, tokenizer))
-    model = AutoModelForCausalLM.from_pretrained(path).to(dev).eval()
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    check_lengths(path, config, window, contexts, new_tokens)
+    tok = AutoTokenizer.from_pretrained(find_tokenizer(path, tokenizer), trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code).to(dev).eval()
     cfg = model.config
     wanted = DEFAULT_CONTEXTS if contexts is None else contexts
     need = None if max_windows is None else max([window * max_windows + 1, *wanted])
@@ -252,10 +269,12 @@ def compare(models: list[str], **options) -> list[ModelEval]:
     """
     from transformers import AutoConfig
 
+    trust = options.get("trust_remote_code", False)
     for m in models:
+        refuse_shipped_code(m, trust)
         check_lengths(
             m,
-            AutoConfig.from_pretrained(m),
+            AutoConfig.from_pretrained(m, trust_remote_code=trust),
             options.get("window", 512),
             options.get("contexts"),
             options.get("new_tokens", 32),
