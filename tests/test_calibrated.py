@@ -13,11 +13,11 @@ from tiny import logits, make_groups_identical, save, tiny_model
 from transformers import AutoModelForCausalLM
 
 from convert import METHODS, convert_checkpoint
+from convert.families import family_for, shapes_for
+from convert.methods.base import permute_kv_heads
+from convert.methods.calibrated import INTERLEAVED_ROTARY
 from convert.methods.grouping import GroupCost, similarity_order
 from convert.methods.linalg import LayerMath, merge_layer, rotary_pairs, second_moment
-from convert.families import family_for, shapes_for
-from convert.methods.calibrated import INTERLEAVED_ROTARY
-from convert.methods.base import permute_kv_heads
 
 RANDOM = dict(calibration_data="random", calibration_tokens=384, calibration_seq_len=48)
 TOL = dict(rtol=1e-4, atol=1e-4)
