@@ -62,9 +62,18 @@ class Shift:
     beta: Tensor  # [F]
 
 
+def _left(C: Tensor, Y: Tensor) -> Tensor:
+    """C [D', D'] (real) times Y [..., D', b] (real or complex), as one matrix product: a broadcast product would
+    read C once per batch entry, and a complex C would double the work of a real one."""
+    *batch, Dp, b = Y.shape
+    cols = Y.movedim(-2, 0).reshape(Dp, -1)  # [D', batch * b]
+    out = torch.complex(C @ cols.real, C @ cols.imag) if cols.is_complex() else C @ cols
+    return out.reshape(Dp, *batch, b).movedim(0, -2)
+
+
 def _cross(X: Tensor, Y: Tensor, C: Tensor, shift: Shift | None) -> Tensor:
     """X^H C_f Y for X [F, ..., D', a], Y [F, ..., D', b]."""
-    out = X.mH @ (C.to(Y.dtype) @ Y)
+    out = X.mH @ _left(C, Y)
     if shift is not None:
         U = shift.U.to(Y.dtype)
         beta = shift.beta.reshape(-1, *([1] * (out.dim() - 1))).to(out.dtype)

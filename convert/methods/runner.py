@@ -76,8 +76,11 @@ class LayerRunner:
         self.layer_prefix = fam.prefix[: fam.prefix.index("{i}")]  # "model.layers."
         inner = fam.prefix[fam.prefix.index("{i}") + 4 :].rstrip(".")  # "self_attn"
         self.attn_path, self.o_path = inner, f"{inner}.{fam.o}"
-        self.skeleton = self._skeleton(source.config, "eager" if eager else None)
+        self.skeleton = self._skeleton(source.config)
         self.skeleton_new = self._skeleton(new_config)
+        # Attention probabilities come only from eager attention, several times slower than the default (sdpa):
+        # a second skeleton of the original model runs eager, for the one pass that needs them.
+        self.skeleton_eager = self._skeleton(source.config, "eager") if eager else None
         self.layer_types = getattr(source.config, "layer_types", None)
         self._kwargs: dict[tuple, tuple] = {}
         self._attn_width = 2
@@ -102,33 +105,40 @@ class LayerRunner:
     def layers(self, model: torch.nn.Module) -> torch.nn.ModuleList:
         return model.get_submodule(self.layer_prefix.rstrip("."))
 
+    def _models(self, new: bool) -> list[torch.nn.Module]:
+        return [self.skeleton_new] if new else [m for m in (self.skeleton, self.skeleton_eager) if m is not None]
+
     def load(self, new: bool, i: int, tensors: dict[str, Tensor]) -> torch.nn.Module:
-        """Materialize layer i of a skeleton with `tensors` (names relative to the layer), in the compute dtype."""
-        layer = self.layers(self.skeleton_new if new else self.skeleton)[i]
+        """Materialize layer i of a skeleton with `tensors` (names relative to the layer), in the compute dtype (the
+        eager twin of the original shares the same tensors)."""
+        layer = self.layers(self._models(new)[0])[i]
         wanted = {n for n, _ in layer.named_parameters()}
         missing = sorted(wanted - set(tensors))
         if missing:
             raise ConversionError(f"layer {i}: the checkpoint lacks {missing} that the model class needs")
         cast = {k: self._cast(v) for k, v in tensors.items() if k in wanted or k in layer.state_dict()}
-        layer.load_state_dict(cast, strict=False, assign=True)
+        for model in self._models(new):
+            self.layers(model)[i].load_state_dict(cast, strict=False, assign=True)
         return layer
 
     def _cast(self, t: Tensor) -> Tensor:
         return t.to(self.device, self.dtype if t.is_floating_point() else t.dtype)
 
     def unload(self, new: bool, i: int) -> None:
-        layer = self.layers(self.skeleton_new if new else self.skeleton)[i]
-        layer.load_state_dict(_on_meta(layer), strict=False, assign=True)
+        for model in self._models(new):
+            layer = self.layers(model)[i]
+            layer.load_state_dict(_on_meta(layer), strict=False, assign=True)
 
-    def _record(self, i: int, inputs_embeds: Tensor) -> dict:
+    def _record(self, i: int, inputs_embeds: Tensor, model: torch.nn.Module | None = None) -> dict:
         """Run the model's forward up to layer i with probes in place of the layers; returns what layer i gets."""
-        layers = self.layers(self.skeleton)
+        model = model or self.skeleton
+        layers = self.layers(model)
         saved = list(layers)
         record: dict = {}
         try:
             for j in range(i + 1):
                 layers[j] = _Probe(saved[j], record if j == i else None)
-            self.skeleton(inputs_embeds=inputs_embeds, use_cache=False)
+            model(inputs_embeds=inputs_embeds, use_cache=False)
         except _Stop:
             pass
         finally:
@@ -138,14 +148,15 @@ class LayerRunner:
             raise ConversionError(f"could not reach layer {i} of the model's forward to calibrate it")
         return record
 
-    def layer_call(self, i: int, batch: int, seq: int) -> tuple[tuple, dict]:
-        """The positional and keyword arguments the model passes to layer i (cached per layer type and shape)."""
+    def layer_call(self, i: int, batch: int, seq: int, eager: bool = False) -> tuple[tuple, dict]:
+        """The positional and keyword arguments the model passes to layer i (cached per layer type, shape and
+        attention implementation: the mask an eager layer gets differs from the one sdpa gets)."""
         kind = self.layer_types[i] if self.layer_types else None
         first = self.layer_types.index(kind) if self.layer_types else 0
-        key = (kind, batch, seq)
+        key = (kind, batch, seq, eager)
         if key not in self._kwargs:
             embeds = torch.zeros(batch, seq, self.source.shapes.hidden, dtype=self.dtype, device=self.device)
-            rec = self._record(first, embeds)
+            rec = self._record(first, embeds, self.skeleton_eager if eager else self.skeleton)
             self._kwargs[key] = (rec["args"], rec["kwargs"])
         return self._kwargs[key]
 
@@ -165,7 +176,7 @@ class LayerRunner:
                     rec = self._record(0, emb(ids_chunk))
                 chunks.append(rec["hidden"].detach())
                 kind = self.layer_types[0] if self.layer_types else None
-                self._kwargs.setdefault((kind, *ids_chunk.shape), (rec["args"], rec["kwargs"]))
+                self._kwargs.setdefault((kind, *ids_chunk.shape, False), (rec["args"], rec["kwargs"]))
         finally:
             emb.load_state_dict(_on_meta(emb), strict=False, assign=True)
         return chunks
@@ -192,6 +203,9 @@ class LayerRunner:
         receives ("W" [H, N], eager attention only); stop="attention" ends each chunk at the attention input,
         stop="o" after the attention module; otherwise the layer outputs come back as "out" (a list of chunks).
         `attention_output` (one tensor per chunk) stands in for the attention module, which is then not run."""
+        eager = received and self.skeleton_eager is not None
+        if eager:  # the same weights, in the skeleton whose attention hands back its probabilities
+            layer = self.layers(self.skeleton_eager)[i]
         attn, o = layer.get_submodule(self.attn_path), layer.get_submodule(self.o_path)
         got: dict[str, list[Tensor]] = {"A": [], "Z": [], "Y": [], "out": [], "W": []}
 
@@ -224,7 +238,7 @@ class LayerRunner:
             layer.set_submodule(self.attn_path, _GivenOutput(attention_output, self._attn_width))
         try:
             for x in xs:
-                args, kwargs = self.layer_call(i, x.shape[0], x.shape[1])
+                args, kwargs = self.layer_call(i, x.shape[0], x.shape[1], eager)
                 try:
                     out = layer(x, *args, **kwargs)
                     got["out"].append((out[0] if isinstance(out, tuple) else out).detach())
