@@ -9,6 +9,7 @@ forward hooks, and `set_submodule` to put a stand-in where the model calls a lay
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -89,8 +90,9 @@ class LayerRunner:
         from transformers import AutoModelForCausalLM
 
         extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        # A copy: the model keeps its config object and sets the attention implementation on it.
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, dtype=self.dtype, **extra)
+            model = AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=self.dtype, **extra)
         model.eval()
         # Buffers (rotary tables, scales) are computed, not stored: make them real and let transformers fill them.
         # Parameters stay on the meta device, where initializing them costs nothing.
