@@ -244,11 +244,10 @@ class Calibrator:
         if self.opts.key_centering == "none":
             return None
         T = A.shape[0] if self.opts.key_centering == "global" else self.seq_len
-        aug = torch.cat([A.double(), torch.ones(A.shape[0], 1, dtype=torch.float64, device=A.device)], dim=1)
-        aug = aug.reshape(-1, T, A.shape[1] + 1)
-        ws = w.double().reshape(-1, T)
-        tot = ws.sum(1).clamp_min(1e-300)  # [r]
-        mean = (aug * ws[..., None]).sum(1) / tot[:, None]  # [r, D+1]
+        ws = w.float().reshape(-1, 1, T)  # [r, 1, T]
+        tot = ws.double().sum((1, 2)).clamp_min(1e-300)  # [r]
+        sums = torch.bmm(ws, A.float().reshape(-1, T, A.shape[1]))[:, 0].double()  # [r, D]
+        mean = torch.cat([sums / tot[:, None], torch.ones_like(tot)[:, None]], dim=1)  # [r, D+1]: mean of [A 1]
         return (mean * tot.sqrt()[:, None]).T.cpu()
 
     def _moment(self, A: Tensor, W: Tensor) -> Callable[[list[int]], tuple[Tensor, Tensor | None]]:
@@ -308,8 +307,8 @@ def _apart(xs: list[Tensor] | None, ys: list[Tensor] | None) -> float:
     """Relative distance of two chunked streams."""
     if xs is None or ys is None:
         return 0.0
-    num = sum(float((x.float() - y.float()).pow(2).sum()) for x, y in zip(xs, ys))
-    den = sum(float(x.float().pow(2).sum()) for x in xs)
+    num = sum(float(torch.linalg.vector_norm(x - y, dtype=torch.float32)) ** 2 for x, y in zip(xs, ys))
+    den = sum(float(torch.linalg.vector_norm(x, dtype=torch.float32)) ** 2 for x in xs)
     return math.sqrt(num / max(den, 1e-300))
 
 

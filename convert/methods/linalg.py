@@ -345,9 +345,11 @@ def input_correction(A_new: Tensor, A_orig: Tensor, C: Tensor, beta: float, ridg
     """M [D+1, D+1] with [A_new 1] M ~ [A_new 1] + beta ([A_orig 1] - [A_new 1]) in least squares."""
     D = A_new.shape[1]
     cross = torch.zeros(D + 1, D + 1, dtype=torch.float64, device=A_new.device)
-    for a, b in zip(torch.split(A_new, 4096), torch.split(A_orig, 4096)):
-        ones = torch.ones(a.shape[0], 1, device=a.device)
-        cross += (torch.cat([a.float(), ones], 1).T @ torch.cat([b.float(), ones], 1)).double()
+    for a, b in zip(torch.split(A_new.float(), 4096), torch.split(A_orig.float(), 4096)):
+        cross[:D, :D] += (a.T @ b).double()  # [A_new 1]^T [A_orig 1], without building either
+        cross[:D, D] += a.sum(0).double()
+        cross[D, :D] += b.sum(0).double()
+        cross[D, D] += float(a.shape[0])
     cross = cross.cpu()
     lam = ridge * float(torch.diagonal(C).mean())
     eye = torch.eye(D + 1, dtype=torch.float64)
@@ -370,13 +372,18 @@ def correct_inputs(att: Attention, M: Tensor) -> Attention:
 
 def second_moment(A: Tensor, w: Tensor | None = None) -> Tensor:
     """[N, D] (any device) -> [D+1, D+1] float64 (CPU) second moment of [A 1], each row weighted by w [N] when
-    given; accumulated in float32 blocks on A's device."""
+    given; accumulated in float32 blocks on A's device, without building [A 1]."""
     D = A.shape[1]
     C = torch.zeros(D + 1, D + 1, dtype=torch.float64, device=A.device)
     rows = torch.split(w, 4096) if w is not None else [None] * math.ceil(A.shape[0] / 4096)
     for block, wb in zip(torch.split(A, 4096), rows):
-        aug = torch.cat([block.float(), torch.ones(block.shape[0], 1, device=A.device)], dim=1)
-        C += ((aug if wb is None else aug * wb[:, None].float()).T @ aug).double()
+        a = block.float()
+        aw = a if wb is None else a * wb[:, None].float()
+        C[:D, :D] += (aw.T @ a).double()
+        sums = aw.sum(0).double()
+        C[:D, D] += sums
+        C[D, :D] += sums
+        C[D, D] += float(a.shape[0]) if wb is None else float(wb.double().sum())
     return C.cpu()
 
 
