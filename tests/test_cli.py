@@ -245,7 +245,7 @@ def _all_tensors(folder: Path) -> dict[str, torch.Tensor]:
     out = {}
     for shard in folder.glob("*.safetensors"):
         with safe_open(shard, "pt") as f:
-            out.update({k: f.get_tensor(k) for k in f})
+            out.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118 (safe_open is not iterable)
     return out
 
 

@@ -26,7 +26,7 @@ def _tensors(folder) -> dict[str, torch.Tensor]:
     out = {}
     for f in sorted(folder.glob("*.safetensors")):
         with safe_open(f, "pt") as st:
-            out.update({k: st.get_tensor(k) for k in st})
+            out.update({k: st.get_tensor(k) for k in st.keys()})  # noqa: SIM118 (safe_open is not iterable)
     return out
 
 
