@@ -177,3 +177,18 @@ def test_cuda_calibration_matches_cpu(tmp_path):
     torch.testing.assert_close(logits(gpu), logits(cpu), rtol=1e-4, atol=1e-4)
     prov = json.loads((tmp_path / "cuda" / "gqa_convert.json").read_text())
     assert prov["calibration"]["device"] == "cuda"
+
+
+def test_calibration_text_is_sampled_as_the_data_module_samples(smollm2_path, tmp_path):
+    """--calibration-data FILE reads the file the way every data option of the tool does (convert.data)."""
+    from transformers import AutoTokenizer
+
+    from convert.data import sample_token_ids
+    from convert.methods.text import calibration_ids
+
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(f"Line {i}: the quick brown fox jumps over the lazy dog." for i in range(400)))
+    ids, where = calibration_ids(smollm2_path, str(text), 1024, 256, 3, 49152)
+    expected = sample_token_ids(str(text), AutoTokenizer.from_pretrained(smollm2_path), 1024, 3)
+    assert ids.shape == (4, 256) and torch.equal(ids, expected.reshape(4, 256))
+    assert where.endswith("(seed 3)")

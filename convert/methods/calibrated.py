@@ -244,9 +244,11 @@ class Calibrator:
         if self.opts.key_centering == "none":
             return None
         T = A.shape[0] if self.opts.key_centering == "global" else self.seq_len
-        ws = w.float().reshape(-1, 1, T)  # [r, 1, T]
-        tot = ws.double().sum((1, 2)).clamp_min(1e-300)  # [r]
-        sums = torch.bmm(ws, A.float().reshape(-1, T, A.shape[1]))[:, 0].double()  # [r, D]
+        # float64: the key metric subtracts these means' moment from C, and on dims whose mean dominates (massive
+        # activations) float32 sums would leave more error than the variance that remains.
+        ws = w.double().reshape(-1, 1, T)  # [r, 1, T]
+        tot = ws.sum((1, 2)).clamp_min(1e-300)  # [r]
+        sums = torch.bmm(ws, A.double().reshape(-1, T, A.shape[1]))[:, 0]  # [r, D]
         mean = torch.cat([sums / tot[:, None], torch.ones_like(tot)[:, None]], dim=1)  # [r, D+1]: mean of [A 1]
         return (mean * tot.sqrt()[:, None]).T.cpu()
 

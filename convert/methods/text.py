@@ -37,10 +37,8 @@ def calibration_ids(
         return _windows(
             ids, B, T, seed, "the builtin calibration text"
         ), f"builtin: pydoc topics, first half (seed {seed})"
-    try:
-        from .data import DataError, describe_source, sample_token_ids
-    except ImportError:  # convert.data not available: plain local text files only
-        return _read_text_file(data, tokenizer, B, T, seed), f"{data} (seed {seed})"
+    from ..data import DataError, describe_source, sample_token_ids
+
     try:
         ids_t = sample_token_ids(data, tokenizer, total, seed)
         where = describe_source(data)
@@ -51,13 +49,8 @@ def calibration_ids(
 
 def builtin_calibration_text() -> str:
     """Python's pydoc topic pages, first half by name: the half `gqa-convert eval` does not score."""
-    try:
-        from .evaluate import builtin_text
-    except ImportError:  # older evaluate.py: the same split, done here
-        from pydoc_data.topics import topics
+    from ..evaluate import builtin_text
 
-        names = sorted(topics)
-        return "\n\n".join(topics[n] for n in names[: len(names) // 2])
     return builtin_text("calibration")
 
 
@@ -68,14 +61,6 @@ def _windows(ids: Tensor, B: int, T: int, seed: int, what: str) -> Tensor:
         raise ConversionError(f"{what} has {len(ids)} tokens, fewer than the {B * T} asked for calibration")
     chosen = sorted(random.Random(seed).sample(range(slots), B))
     return torch.stack([ids[s * T : (s + 1) * T] for s in chosen])
-
-
-def _read_text_file(path: str, tokenizer, B: int, T: int, seed: int) -> Tensor:
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise ConversionError(f"--calibration-data {path}: no such file")
-    ids = tokenizer(p.read_text(encoding="utf-8"), add_special_tokens=False, return_tensors="pt").input_ids[0]
-    return _windows(ids, B, T, seed, path)
 
 
 def _tokenizer(folder: Path | None):
