@@ -131,11 +131,11 @@ def main() -> int:
         ap.error(f"--sizes {args.sizes}: choose from {', '.join(SIZES)}")
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     sys.path.insert(0, str(ROOT))
     sys.path.insert(0, str(ROOT / "bench"))
-    from convert.evaluate import perplexity, tokenize_file
+    from convert.evaluate import score_folder, tokenize_file
 
     have_data = bool(args.data_dir) and (Path(args.data_dir) / "wikitext-2" / "test.txt").is_file()
     if not have_data and not args.no_methods:
@@ -159,10 +159,7 @@ def main() -> int:
     ids = tokenize_file(tokenizer, str(test), args.windows * args.window + 1) if test else None
 
     def ppl(folder: Path) -> float:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-        value = perplexity(model, ids, args.window, max_windows=args.windows).ppl
-        del model
-        return value
+        return score_folder(folder, ids, args.window, max_windows=args.windows).ppl
 
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="gqa-bench-cal-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -437,11 +434,12 @@ def print_scaling(rows: list[dict]) -> None:
 
 
 def uptrain_run(model: Path, out: Path, steps: int, valid: Path, test: Path, args, quiet: bool) -> list[dict]:
-    """One recipes/uptrain.py run with the recipe's SmolLM2 settings; its evaluation rows (tokens, val_ppl)."""
+    """One uptraining run (convert.uptrain) with the shipped SmolLM2 config; its evaluation rows (tokens, val_ppl)."""
     cmd = [
         sys.executable,
-        str(ROOT / "recipes" / "uptrain.py"),
-        str(ROOT / "recipes" / "configs" / "smollm2-mqa-cpu.yaml"),
+        "-m",
+        "convert.uptrain",
+        "smollm2-mqa-cpu",
         f"model={model}",
         f"output_dir={out}",
         f"data={valid}",
@@ -487,7 +485,7 @@ def uptrain_compare(original: Path, starts: dict, valid: Path, test: Path, args,
 
 def print_uptraining(u: dict) -> None:
     print(
-        f"\nuptraining (recipes/uptrain.py, SmolLM2 recipe settings), validation on {u['eval_blocks']} x "
+        f"\nuptraining (convert.uptrain, SmolLM2 recipe settings), validation on {u['eval_blocks']} x "
         f"{u['block_size']} tokens of WikiText-2 test; original {u['original_ppl']:.2f}, "
         f"goal (within 10%) {u['goal_ppl']:.2f}"
     )

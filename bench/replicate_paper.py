@@ -10,11 +10,11 @@ One command does everything, in order:
  1. tokenizer  a byte-level BPE (4,096 tokens; 1,024 with --quick) trained with `tokenizers` on the training text;
                deterministic, so every run gets the same vocabulary. Nothing is downloaded.
  2. pretrain   a randomly initialised multi-head llama (8 heads of 32 dims, 4 layers, hidden 256), saved with
-               save_pretrained, is trained by `recipes/uptrain.py` itself with a token budget on the training text
+               save_pretrained, is trained by `convert.uptrain` itself with a token budget on the training text
                (default: WikiText-2 `valid.txt`). The tokens it saw are the pretraining tokens D.
  3. convert    `convert_checkpoint` to G KV heads (MQA = 1, GQA-2, GQA-4) with each method: `mean` (the paper),
                `first`, `random` (the paper's ablations) and `calibrated` (this project's, when registered).
- 4. uptrain    `recipes/uptrain.py` again, with the pretraining recipe (warmup + cosine schedule, batch, block
+ 4. uptrain    `convert.uptrain` again, with the pretraining recipe (warmup + cosine schedule, batch, block
                size, data, optimizer), for alpha x D tokens (`compute_fraction=alpha`), alpha in {0, 1%, 5%, 10%};
                alpha = 0 is the converted model as it is. The peak learning rate is the one pretraining ended at
                (min_lr_ratio x lr), as when the paper continues T5's decaying schedule; re-warming to the
@@ -29,6 +29,7 @@ Seeds: `--seeds 0,1` runs every cell with the first seed, and the headline cells
 (random heads, calibration sample) and the uptraining data order. The MHA model is pretrained once
 (`--pretrain-seed`), so the spread is that of conversion and uptraining, not of pretraining.
 
+The claims, the table and the figures are computed by bench/replication_analysis.py from results.json alone.
 Writes into --out: results.json (everything, with per-cell timings), results.md (the table and the verdict on each
 of the paper's claims), fig_methods.png (figure 4's shape: perplexity per conversion method and G, at alpha = 0 and
 5%) and fig_alpha.png (figure 5's shape: perplexity against alpha, one panel per G, with the MHA baseline).
@@ -41,263 +42,36 @@ stderr). Exit status 0 when the grid completed, 2 on bad arguments or missing da
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import hashlib
-import importlib.util
 import json
-import math
 import os
-import platform
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import torch
+from replication_analysis import Config, aggregate, check_claims, g_name, markdown, pct, plot_alpha, plot_methods
+from replication_setup import (
+    build_parser,
+    cell_tag,
+    choose_threads,
+    default_data,
+    default_test,
+    hardware,
+    make_config,
+    provenance,
+    work_hash,
+)
 
-import torch  # noqa: E402
+from convert.evaluate import score_folder
+from convert.formatting import duration
 
 EOS = "<|endoftext|>"
 SEEDED_METHODS = ("random", "calibrated")  # conversions that depend on the seed
-GRID_VERSION = 2  # bump when a change in this file changes the numbers of a cell
-
-
-# ============================================================================================== settings
-
-
-@dataclass
-class Config:
-    # model
-    vocab_size: int = 4096
-    hidden_size: int = 256
-    intermediate_size: int = 688
-    num_layers: int = 4
-    num_heads: int = 8
-    # pretraining and uptraining recipe (shared)
-    pretrain_tokens: int = 1_000_000
-    block_size: int = 256
-    micro_batch_size: int = 8
-    lr: float = 1e-3
-    uptrain_lr: float | None = None  # default: where pretraining's schedule ended, min_lr_ratio x lr (see above)
-    warmup_ratio: float = 0.05
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.1
-    pretrain_seed: int = 0
-    # the grid
-    groups: list[int] = field(default_factory=lambda: [1, 2, 4])
-    methods: list[str] = field(default_factory=lambda: ["mean", "first", "random", "calibrated"])
-    alphas: list[float] = field(default_factory=lambda: [0.0, 0.01, 0.05, 0.10])
-    seeds: list[int] = field(default_factory=lambda: [0, 1])
-    headline_alpha: float = 0.05
-    headline_methods: list[str] = field(default_factory=lambda: ["mean"])
-    control: bool = True  # MHA trained on for the same budgets
-    calibration_tokens: int = 8192
-    # evaluation
-    eval_windows: int = 96  # windows of block_size tokens, evenly spaced over the test file (0 = all)
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    @property
-    def uptrain_peak_lr(self) -> float:
-        return self.uptrain_lr if self.uptrain_lr is not None else self.min_lr_ratio * self.lr
-
-
-QUICK = dict(
-    vocab_size=1024,
-    hidden_size=64,
-    intermediate_size=172,
-    num_layers=2,
-    num_heads=4,
-    pretrain_tokens=160_000,
-    block_size=128,
-    micro_batch_size=8,
-    lr=3e-3,
-    groups=[1],
-    methods=["mean", "random"],
-    alphas=[0.0, 0.05],
-    seeds=[0],
-    headline_methods=["mean"],
-    control=False,
-    calibration_tokens=1024,
-    eval_windows=32,
-)
-
-
-def parse_list(text: str, kind, name: str) -> list:
-    try:
-        values = [kind(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise SystemExit(f"error: --{name} must be a comma-separated list, got {text!r}") from None
-    if not values:
-        raise SystemExit(f"error: --{name} is empty")
-    return values
-
-
-def parse_alpha(text: str) -> float:
-    text = text.strip()
-    return float(text[:-1]) / 100 if text.endswith("%") else float(text)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description="Replicate the GQA paper's conversion-method and uptraining-fraction experiments on a small "
-        "llama pretrained from scratch.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Defaults are the full grid; --quick switches to the smoke-test preset, and any option given "
-        "explicitly overrides the preset.",
-    )
-    p.add_argument("--out", required=True, help="folder for results.json, results.md and the two PNG figures")
-    p.add_argument(
-        "--data",
-        help="training text (default: $GQA_DATA_DIR/wikitext-2/valid.txt, else "
-        "../shared/data/wikitext-2/valid.txt beside the repository)",
-    )
-    p.add_argument("--test", help="held-out text scored for perplexity (default: wikitext-2/test.txt beside --data)")
-    p.add_argument(
-        "--quick",
-        action="store_true",
-        help="smoke test: tiny model, MQA only, mean and random, alpha 0 and 5%%, one seed (about a minute on 2 cores)",
-    )
-    p.add_argument(
-        "--work",
-        help="cache of finished cells and the pretrained model "
-        "(default: $GQA_CONVERT_CACHE or ~/.cache/gqa-convert, /replicate-HASH)",
-    )
-    p.add_argument("--fresh", action="store_true", help="ignore finished cells in --work: recompute everything")
-    p.add_argument("--keep-models", action="store_true", help="keep converted and uptrained weights under --work")
-    p.add_argument(
-        "--threads",
-        default="auto",
-        help="torch threads; auto: 1 when the CPU is already busy (load average >= cores - 0.5), else all cores",
-    )
-    p.add_argument("--groups", help="KV-head counts, e.g. 1,2,4 (1 = MQA)")
-    p.add_argument("--methods", help="conversion methods, e.g. mean,first,random,calibrated")
-    p.add_argument("--alphas", help="uptraining fractions of the pretraining tokens, e.g. 0,1%%,5%%,10%%")
-    p.add_argument(
-        "--seeds",
-        help="seeds, e.g. 0,1: all cells run with the first; the others run the headline "
-        "cells and the alpha = 0 cells of seeded methods (random, calibrated)",
-    )
-    p.add_argument("--headline", help="methods run with every seed at the headline alpha (default: mean)")
-    p.add_argument("--headline-alpha", type=parse_alpha, help="alpha of the headline cells (default 5%%)")
-    p.add_argument("--no-control", action="store_true", help="skip the MHA trained on for the same budgets")
-    p.add_argument("--pretrain-tokens", type=int, help="pretraining budget in tokens")
-    p.add_argument("--pretrain-seed", type=int)
-    p.add_argument("--lr", type=float, help="peak learning rate of pretraining")
-    p.add_argument("--uptrain-lr", type=float, help="peak learning rate of uptraining (default: --lr)")
-    p.add_argument("--vocab-size", type=int)
-    p.add_argument("--hidden-size", type=int)
-    p.add_argument("--intermediate-size", type=int)
-    p.add_argument("--layers", type=int, dest="num_layers")
-    p.add_argument("--heads", type=int, dest="num_heads")
-    p.add_argument("--block-size", type=int)
-    p.add_argument("--batch", type=int, dest="micro_batch_size", help="blocks per step")
-    p.add_argument("--eval-windows", type=int, help="test windows scored, evenly spaced (0 = the whole file)")
-    p.add_argument("--calibration-tokens", type=int)
-    p.add_argument("--quiet", action="store_true", help="no progress lines")
-    p.add_argument("--json", action="store_true", help="print results.json on stdout (progress on stderr)")
-    return p
-
-
-def make_config(args: argparse.Namespace) -> Config:
-    values = dict(QUICK) if args.quick else {}
-    simple = (
-        "pretrain_tokens",
-        "pretrain_seed",
-        "lr",
-        "uptrain_lr",
-        "vocab_size",
-        "hidden_size",
-        "intermediate_size",
-        "num_layers",
-        "num_heads",
-        "block_size",
-        "micro_batch_size",
-        "eval_windows",
-        "calibration_tokens",
-        "headline_alpha",
-    )
-    for key in simple:
-        if getattr(args, key) is not None:
-            values[key] = getattr(args, key)
-    if args.groups:
-        values["groups"] = parse_list(args.groups, int, "groups")
-    if args.methods:
-        values["methods"] = parse_list(args.methods, str, "methods")
-    if args.alphas:
-        values["alphas"] = parse_list(args.alphas, parse_alpha, "alphas")
-    if args.seeds:
-        values["seeds"] = parse_list(args.seeds, int, "seeds")
-    if args.headline:
-        values["headline_methods"] = parse_list(args.headline, str, "headline")
-    if args.no_control:
-        values["control"] = False
-    cfg = Config(**values)
-    problems = []
-    if cfg.hidden_size % cfg.num_heads:
-        problems.append(f"--heads {cfg.num_heads} must divide --hidden-size {cfg.hidden_size}")
-    bad = [g for g in cfg.groups if g < 1 or cfg.num_heads % g or g >= cfg.num_heads]
-    if bad:
-        problems.append(f"--groups {bad}: each G must divide the {cfg.num_heads} heads and be smaller than it")
-    bad_alpha = [a for a in cfg.alphas if not 0 <= a <= 1]
-    if bad_alpha:
-        problems.append(f"--alphas {bad_alpha}: fractions in [0, 1] (5% is 0.05 or 5%)")
-    for key in ("pretrain_tokens", "block_size", "micro_batch_size", "vocab_size", "lr"):
-        if getattr(cfg, key) <= 0:
-            problems.append(f"--{key.replace('_', '-')} must be positive")
-    if cfg.eval_windows < 0:
-        problems.append("--eval-windows must be >= 0")
-    if problems:
-        raise SystemExit("error: " + "; ".join(problems))
-    cfg.alphas = sorted(set(cfg.alphas))
-    cfg.groups = sorted(set(cfg.groups))
-    if cfg.headline_alpha not in cfg.alphas:
-        cfg.headline_alpha = max(cfg.alphas)
-    return cfg
-
-
-def default_data(explicit: str | None) -> Path:
-    if explicit:
-        path = Path(explicit).expanduser()
-    else:
-        base = os.environ.get("GQA_DATA_DIR")
-        path = (Path(base) if base else ROOT.parent / "shared" / "data") / "wikitext-2" / "valid.txt"
-    if not path.is_file():
-        raise SystemExit(
-            f"error: training text {path} not found: pass --data FILE.txt, or set GQA_DATA_DIR to the folder "
-            f"holding wikitext-2/valid.txt and test.txt"
-        )
-    return path
-
-
-def default_test(explicit: str | None, data: Path) -> Path:
-    path = Path(explicit).expanduser() if explicit else data.parent / "test.txt"
-    if not path.is_file():
-        raise SystemExit(f"error: held-out text {path} not found: pass --test FILE.txt")
-    if path.resolve() == data.resolve():
-        raise SystemExit("error: --test is the training text: perplexity must be measured on held-out text")
-    return path
-
-
-def choose_threads(value: str) -> int:
-    cores = os.cpu_count() or 1
-    if value != "auto":
-        return max(1, int(value))
-    # Under oversubscription, torch's intra-op threads spin and wait on each other: one thread is faster then.
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    return 1 if load >= cores - 0.5 else cores
-
-
-def file_digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
 # ============================================================================================== output
@@ -309,22 +83,7 @@ class Log:
 
     def __call__(self, message: str) -> None:
         if not self.quiet:
-            print(f"[{fmt_seconds(time.time() - self.start):>7}] {message}", file=self.stream, flush=True)
-
-
-def fmt_seconds(seconds: float) -> str:
-    seconds = int(round(seconds))
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
-
-
-def pct(alpha: float) -> str:
-    return f"{alpha * 100:g}%"
-
-
-def g_name(g: int, heads: int) -> str:
-    return "MQA" if g == 1 else f"GQA-{g}"
+            print(f"[{duration(time.time() - self.start):>7}] {message}", file=self.stream, flush=True)
 
 
 # ============================================================================================== pieces
@@ -400,63 +159,41 @@ def test_ids(tokenizer, path: Path, block: int, windows: int) -> tuple[torch.Ten
 
 
 def score(folder: Path, ids: torch.Tensor, block: int) -> dict:
-    from transformers import AutoModelForCausalLM
-
-    from convert.evaluate import perplexity
-
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    result = perplexity(model, ids, window=block, batch_size=8)
-    del model
+    result = score_folder(folder, ids, window=block, batch_size=8)
     return {"ppl": result.ppl, "nll": result.nll, "scored_tokens": result.tokens}
-
-
-_RECIPE = None
-
-
-def recipe():
-    """recipes/uptrain.py imported once, so every run shares this process (no interpreter start per cell)."""
-    global _RECIPE
-    if _RECIPE is None:
-        spec = importlib.util.spec_from_file_location("gqa_uptrain_recipe", ROOT / "recipes" / "uptrain.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-        spec.loader.exec_module(module)
-        _RECIPE = module
-    return _RECIPE
 
 
 def train(
     cfg: Config, model: Path, output: Path, data: Path, seed: int, lr: float, budget: dict, quiet: bool = True
 ) -> dict:
-    """One run of the uptraining recipe (pretraining too): returns its training_summary.json."""
+    """One uptraining run (pretraining too), in this process: returns its training summary."""
+    from convert.uptrain import Options, make_settings, uptrain
+
     if output.exists():
         shutil.rmtree(output)  # a half-finished run of an interrupted replication
-    argv = [
-        f"model={model}",
-        f"output_dir={output}",
-        f"data={data}",
-        "train=full",
-        f"block_size={cfg.block_size}",
-        f"micro_batch_size={cfg.micro_batch_size}",
-        "grad_accum=1",
-        f"seed={seed}",
-        f"lr={lr}",
-        f"warmup_ratio={cfg.warmup_ratio}",
-        f"min_lr_ratio={cfg.min_lr_ratio}",
-        f"weight_decay={cfg.weight_decay}",
-        "validation_fraction=0",
-        "eval_every=0",
-        "save_every=0",
-        "report_to=none",
-        "model_dtype=float32",
-        *[f"{k}={v}" for k, v in budget.items()],
-    ]
-    if quiet:
-        argv.append("--quiet")
-    rc = recipe().main(argv)
-    if rc != 0:
-        raise RuntimeError(f"recipes/uptrain.py failed (exit {rc}) with: {' '.join(argv)}")
-    return json.loads((output / "model" / "training_summary.json").read_text())
+    settings = make_settings(
+        {
+            "model": str(model),
+            "output_dir": str(output),
+            "data": str(data),
+            "train": "full",
+            "block_size": cfg.block_size,
+            "micro_batch_size": cfg.micro_batch_size,
+            "grad_accum": 1,
+            "seed": seed,
+            "lr": lr,
+            "warmup_ratio": cfg.warmup_ratio,
+            "min_lr_ratio": cfg.min_lr_ratio,
+            "weight_decay": cfg.weight_decay,
+            "validation_fraction": 0,
+            "eval_every": 0,
+            "save_every": 0,
+            "report_to": "none",
+            "model_dtype": "float32",
+            **budget,
+        }
+    )
+    return dict(uptrain(settings, Options(quiet=quiet)))
 
 
 def available_methods(wanted: list[str]) -> tuple[list[str], list[str]]:
@@ -552,7 +289,7 @@ class Runner:
         ):
             self.reused += 1
             self.log(
-                f"pretrain: reused {mha} ({row['tokens']:,} tokens, {fmt_seconds(row['train_seconds'])} when trained)"
+                f"pretrain: reused {mha} ({row['tokens']:,} tokens, {duration(row['train_seconds'])} when trained)"
             )
         else:
             for old in (init, self.work / "mha"):
@@ -562,7 +299,7 @@ class Runner:
             self.log(
                 f"pretrain: llama {cfg.num_layers} layers, hidden {cfg.hidden_size}, {cfg.num_heads} heads x "
                 f"{cfg.head_dim}, {params:,} parameters; training {cfg.pretrain_tokens:,} tokens with "
-                f"recipes/uptrain.py ..."
+                f"convert.uptrain ..."
             )
             t1 = time.time()
             summary = train(
@@ -590,7 +327,7 @@ class Runner:
             done.write_text(json.dumps(row, indent=2))
             self.log(
                 f"pretrain: {row['steps']} steps, {row['tokens']:,} tokens ({row['epochs']:.1f} epochs of the "
-                f"training text) in {fmt_seconds(train_s)} ({row['tokens_per_s']:,.0f} tokens/s)"
+                f"training text) in {duration(train_s)} ({row['tokens_per_s']:,.0f} tokens/s)"
             )
         scores = self.cached("mha")
         if scores is None:
@@ -740,441 +477,7 @@ class Runner:
         return self.store(cell.key, row)
 
 
-# ============================================================================================== analysis
-
-
-def aggregate(rows: list[dict]) -> dict:
-    """{(kind, groups, method, alpha): {"ppl": mean over seeds, "spread": (max - min) / 2, "n": seeds, ...}}."""
-    cells: dict[tuple, list[dict]] = {}
-    for r in rows:
-        cells.setdefault((r["kind"], r["groups"], r["method"], r["alpha"]), []).append(r)
-    out = {}
-    for key, rs in cells.items():
-        ppls = [r["ppl"] for r in rs]
-        # mean of log perplexity (mean NLL) across seeds, shown as a perplexity
-        mean_ppl = math.exp(sum(math.log(p) for p in ppls) / len(ppls))
-        out[key] = {
-            "ppl": mean_ppl,
-            "spread": (max(ppls) - min(ppls)) / 2,
-            "n": len(ppls),
-            "seeds": [r["seed"] for r in rs],
-            "values": ppls,
-        }
-    return out
-
-
-def lookup(agg: dict, kind: str, g: int, method: str, alpha: float) -> dict | None:
-    return agg.get((kind, g, method, alpha))
-
-
-def check_claims(agg: dict, cfg: Config, methods: list[str]) -> list[dict]:
-    """The paper's qualitative claims, each with the numbers it rests on and whether it holds here.
-
-    Thresholds (stated so that the verdicts can be checked by hand):
-      ranking      mean < first < random in perplexity at the headline alpha (and at the largest alpha), every G;
-      usable       "usable right after conversion" = test perplexity at alpha = 0 within 1.5x the MHA model's;
-      diminishing  most of the 0 -> 10% gain in log perplexity is reached at 5% (more than half), and the gain from
-                   5% to 10% is smaller than the gain from 0 to 5%;
-      close        at alpha = 5%, mean-pooled GQA within 5% of the MHA model's perplexity.
-    """
-    mha = lookup(agg, "mha", cfg.num_heads, "-", 0.0)["ppl"]
-    claims = []
-    ha, top = cfg.headline_alpha, max(cfg.alphas)
-    g_all = cfg.groups
-
-    # 1. mean > first > random after uptraining
-    order = [m for m in ("mean", "first", "random") if m in methods]
-    if len(order) >= 2 and ha > 0:
-        details, holds = [], True
-        for alpha in sorted({ha, top}):
-            for g in g_all:
-                vals = [lookup(agg, "gqa", g, m, alpha) for m in order]
-                if any(v is None for v in vals):
-                    continue
-                ok = all(a["ppl"] < b["ppl"] for a, b in zip(vals, vals[1:]))
-                holds &= ok
-                details.append(
-                    f"{g_name(g, cfg.num_heads)} at {pct(alpha)}: "
-                    + ", ".join(f"{m} {v['ppl']:.2f}" for m, v in zip(order, vals))
-                    + (" (in order)" if ok else " (order broken)")
-                )
-        claims.append(
-            {
-                "claim": f"after uptraining, {' > '.join(order)} (lower perplexity is better)",
-                "holds": holds if details else None,
-                "details": details,
-            }
-        )
-
-    # 2. GQA usable right after conversion, MQA needs uptraining
-    if "mean" in methods and 0.0 in cfg.alphas:
-        details, gqa_ok, mqa_needs = [], None, None
-        for g in g_all:
-            v = lookup(agg, "gqa", g, "mean", 0.0)
-            if v is None:
-                continue
-            ratio = v["ppl"] / mha
-            usable = ratio <= 1.5
-            details.append(
-                f"{g_name(g, cfg.num_heads)} mean at 0%: {v['ppl']:.2f} = {ratio:.2f}x MHA "
-                f"({'usable' if usable else 'not usable'})"
-            )
-            if g == 1:
-                mqa_needs = not usable
-            else:
-                gqa_ok = usable if gqa_ok is None else (gqa_ok and usable)
-        holds = None if gqa_ok is None or mqa_needs is None else (gqa_ok and mqa_needs)
-        if gqa_ok is None and mqa_needs is not None:
-            holds = mqa_needs  # only MQA in the grid: its half of the claim
-        claims.append(
-            {
-                "claim": "GQA is usable right after conversion (within 1.5x MHA perplexity, mean pooling), "
-                "MQA needs uptraining",
-                "holds": holds,
-                "details": details,
-            }
-        )
-
-    # 3. gains from 5% with diminishing returns at 10%
-    if {0.0, 0.05, 0.10} <= set(cfg.alphas) and "mean" in methods:
-        details, holds = [], True
-        for g in g_all:
-            p0, p5, p10 = (lookup(agg, "gqa", g, "mean", a) for a in (0.0, 0.05, 0.10))
-            if None in (p0, p5, p10):
-                continue
-            gain_5 = math.log(p0["ppl"]) - math.log(p5["ppl"])
-            gain_10 = math.log(p5["ppl"]) - math.log(p10["ppl"])
-            share = gain_5 / (gain_5 + gain_10) if gain_5 + gain_10 > 0 else float("nan")
-            ok = gain_5 > 0 and gain_10 < gain_5 and share > 0.5
-            holds &= ok
-            details.append(
-                f"{g_name(g, cfg.num_heads)} mean: {p0['ppl']:.2f} -> {p5['ppl']:.2f} (5%) -> "
-                f"{p10['ppl']:.2f} (10%); {share:.0%} of the 0-10% gain (log ppl) reached at 5%"
-            )
-        claims.append(
-            {
-                "claim": "uptraining gains by 5%, with diminishing returns from 5% to 10%",
-                "holds": holds if details else None,
-                "details": details,
-            }
-        )
-
-    # 4. GQA close to MHA at 5%
-    if 0.05 in cfg.alphas and "mean" in methods:
-        details, holds = [], True
-        control = lookup(agg, "control", cfg.num_heads, "-", 0.05)
-        for g in [g for g in g_all if g > 1] or g_all:
-            v = lookup(agg, "gqa", g, "mean", 0.05)
-            if v is None:
-                continue
-            ratio = v["ppl"] / mha
-            ok = ratio <= 1.05
-            holds &= ok
-            more = (
-                f", {v['ppl'] / control['ppl']:.3f}x the MHA trained on for 5% ({control['ppl']:.2f})"
-                if control
-                else ""
-            )
-            details.append(
-                f"{g_name(g, cfg.num_heads)} mean at 5%: {v['ppl']:.2f} = {ratio:.3f}x MHA ({mha:.2f}){more}"
-            )
-        claims.append(
-            {
-                "claim": "GQA uptrained for 5% is close to MHA (within 5% perplexity)",
-                "holds": holds if details else None,
-                "details": details,
-            }
-        )
-    return claims
-
-
-def fmt_cell(v: dict | None) -> str:
-    if v is None:
-        return "–"
-    text = f"{v['ppl']:.2f}"
-    if v["n"] > 1:
-        text += f" ± {v['spread']:.2f} (n={v['n']})"
-    return text
-
-
-def markdown(results: dict) -> str:
-    cfg = Config(**results["config"])
-    agg = {tuple(k): v for k, v in ((tuple(json.loads(k)), v) for k, v in results["aggregate"].items())}
-    methods = results["methods"]
-    alphas = cfg.alphas
-    pre, ev = results["pretrain"], results["eval"]
-    lines = [
-        f"# GQA replication ({'quick' if results['quick'] else 'full'} run)",
-        "",
-        f"Command: `{results['command']}`  ",
-        f"Hardware: {results['hardware']['summary']}  ",
-        f"Wall time: {fmt_seconds(results['wall_seconds'])}"
-        + (f" ({results['cells_reused']} cells reused from an earlier run)" if results["cells_reused"] else ""),
-        "",
-        f"Model: llama, {cfg.num_layers} layers, hidden {cfg.hidden_size}, {cfg.num_heads} heads x {cfg.head_dim}, "
-        f"{pre['parameters']:,} parameters, byte-level BPE of {results['tokenizer']['vocab_size']:,} tokens trained "
-        f"on `{Path(results['data']).name}`. Pretrained from scratch with `recipes/uptrain.py` for "
-        f"{pre['tokens']:,} tokens ({pre['steps']} steps of {cfg.micro_batch_size} x {cfg.block_size}, peak lr "
-        f"{cfg.lr}, warmup {cfg.warmup_ratio:.0%}, cosine to {cfg.min_lr_ratio} x lr). Uptraining: the same recipe "
-        f"(peak lr {cfg.uptrain_peak_lr:g}, where pretraining's schedule ended) for alpha x {pre['tokens']:,} tokens.",
-        "",
-        f"Test perplexity on `{Path(ev['file']).name}`: {ev['windows']} windows of {ev['window']} tokens "
-        f"(stride {ev['stride']}, evenly spaced over the file's {ev['windows_in_file']}), {ev['tokens_scored']:,} "
-        f"tokens scored. Lower is better. ± is half the range (max - min) / 2 over n seeds; cells without n ran once "
-        f"(seed {cfg.seeds[0]}); multi-seed cells show the geometric mean.",
-        "",
-        "| model | KV heads | " + " | ".join(f"α = {pct(a)}" for a in alphas) + " |",
-        "|---|---|" + "---|" * len(alphas),
-        f"| random init (no training) | {cfg.num_heads} | {pre['init_ppl']:.1f} |" + " |" * (len(alphas) - 1),
-    ]
-    mha_row = [fmt_cell(lookup(agg, "mha", cfg.num_heads, "-", 0.0))]
-    for a in alphas[1:]:
-        mha_row.append(fmt_cell(lookup(agg, "control", cfg.num_heads, "-", a)) if cfg.control else "")
-    lines.append(
-        f"| MHA (pretrained{'; α > 0: trained on, control' if cfg.control else ''}) | {cfg.num_heads} | "
-        + " | ".join(mha_row)
-        + " |"
-    )
-    for g in cfg.groups:
-        for m in methods:
-            cells = [fmt_cell(lookup(agg, "gqa", g, m, a)) for a in alphas]
-            lines.append(f"| {g_name(g, cfg.num_heads)} {m} | {g} | " + " | ".join(cells) + " |")
-    lines += ["", "## The paper's claims", ""]
-    for c in results["claims"]:
-        verdict = {True: "**holds**", False: "**does not hold**", None: "not tested"}[c["holds"]]
-        lines.append(f"- {c['claim']}: {verdict}")
-        lines += [f"  - {d}" for d in c["details"]]
-    if results["notes"]:
-        lines += ["", "## Notes", ""] + [f"- {n}" for n in results["notes"]]
-    lines += ["", "![conversion methods](fig_methods.png)", "", "![perplexity against alpha](fig_alpha.png)", ""]
-    return "\n".join(lines)
-
-
-COLORS = {"mean": "tab:blue", "first": "tab:orange", "random": "tab:green", "calibrated": "tab:purple"}
-
-
-def perplexity_axis(ax, values: list[float]) -> None:
-    """Log scale with plain 1-2-5 labels when the values span a factor of 3 or more; linear otherwise."""
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
-
-    values = [v for v in values if v and math.isfinite(v)]
-    if values and max(values) / min(values) >= 3:
-        ax.set_yscale("log")
-        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.yaxis.set_minor_formatter(NullFormatter())
-        ax.set_ylabel("test perplexity (log scale)")
-    else:
-        ax.set_ylabel("test perplexity")
-
-
-def plot_methods(results: dict, path: Path) -> None:
-    """Figure 4's shape: perplexity of each conversion method, per G, at alpha = 0 and at the headline alpha."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cfg = Config(**results["config"])
-    agg = {tuple(json.loads(k)): v for k, v in results["aggregate"].items()}
-    methods, mha = results["methods"], results["pretrain"]["ppl"]
-    panels = [a for a in sorted({0.0, cfg.headline_alpha}) if a in cfg.alphas]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), dpi=110, squeeze=False)
-    width = 0.8 / len(methods)
-    for ax, alpha in zip(axes[0], panels):
-        shown: list[float] = []
-        for mi, m in enumerate(methods):
-            xs, ys, errs = [], [], []
-            for gi, g in enumerate(cfg.groups):
-                v = lookup(agg, "gqa", g, m, alpha)
-                if v is None:
-                    continue
-                xs.append(gi + (mi - (len(methods) - 1) / 2) * width)
-                ys.append(v["ppl"])
-                errs.append(v["spread"] if v["n"] > 1 else 0)
-            bars = ax.bar(xs, ys, width, yerr=errs if any(errs) else None, capsize=3, label=m, color=COLORS.get(m))
-            ax.bar_label(bars, [f"{y:.1f}" for y in ys], fontsize=7, padding=2)
-            shown.extend(ys)
-        ax.axhline(mha, color="black", ls="--", lw=1, label=f"MHA {mha:.1f}")
-        ax.set_xticks(range(len(cfg.groups)), [g_name(g, cfg.num_heads) for g in cfg.groups])
-        perplexity_axis(ax, shown + [mha])
-        if ax.get_yscale() == "linear":
-            ax.set_ylim(0, max(shown + [mha]) * 1.12)
-        ax.set_title("right after conversion (α = 0)" if alpha == 0 else f"uptrained, α = {pct(alpha)}")
-        ax.grid(axis="y", alpha=0.3, which="both")
-    save_figure(fig, axes[0][0], "Conversion methods (cf. GQA paper, figure 4)", 0.06, path)
-
-
-def plot_alpha(results: dict, path: Path) -> None:
-    """Figure 5's shape: perplexity against the uptraining fraction, one panel per G, MHA as a reference line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cfg = Config(**results["config"])
-    agg = {tuple(json.loads(k)): v for k, v in results["aggregate"].items()}
-    methods, mha = results["methods"], results["pretrain"]["ppl"]
-    xs = [a * 100 for a in cfg.alphas]
-    fig, axes = plt.subplots(
-        1, len(cfg.groups), figsize=(4.6 * len(cfg.groups), 4.2), dpi=110, squeeze=False, sharey=True
-    )
-    shown: list[float] = [mha]
-    for ax, g in zip(axes[0], cfg.groups):
-        for m in methods:
-            pts = [(a * 100, lookup(agg, "gqa", g, m, a)) for a in cfg.alphas]
-            pts = [(x, v) for x, v in pts if v is not None]
-            shown.extend(v["ppl"] for _, v in pts)
-            ax.errorbar(
-                [x for x, _ in pts],
-                [v["ppl"] for _, v in pts],
-                yerr=[v["spread"] if v["n"] > 1 else 0 for _, v in pts],
-                marker="o",
-                ms=4,
-                capsize=3,
-                label=m,
-                color=COLORS.get(m),
-            )
-        ax.axhline(mha, color="black", ls="--", lw=1, label="MHA")
-        if cfg.control:
-            ctrl = [(a * 100, lookup(agg, "control", cfg.num_heads, "-", a)) for a in cfg.alphas if a > 0]
-            ctrl = [(0.0, {"ppl": mha})] + [(x, v) for x, v in ctrl if v is not None]
-            ax.plot(
-                [x for x, _ in ctrl],
-                [v["ppl"] for _, v in ctrl],
-                color="gray",
-                ls=":",
-                marker="s",
-                ms=3,
-                label="MHA trained on (control)",
-            )
-        ax.set_xticks(xs, [f"{x:g}%" for x in xs])
-        ax.set_xlabel("uptraining α (% of pretraining tokens)")
-        ax.set_title(g_name(g, cfg.num_heads) + f" ({g} KV head{'s' if g > 1 else ''})")
-        ax.grid(alpha=0.3, which="both")
-    perplexity_axis(axes[0][0], shown)  # the panels share the y axis
-    save_figure(fig, axes[0][0], "Perplexity against uptraining proportion (cf. GQA paper, figure 5)", 0.07, path)
-
-
-def save_figure(fig, legend_from, title: str, legend_height: float, path: Path) -> None:
-    """One legend along the bottom (taken from one panel), the title, then write the PNG and free the figure."""
-    import matplotlib.pyplot as plt
-
-    handles, labels = legend_from.get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, legend_height, 1, 1))
-    fig.savefig(path)
-    plt.close(fig)
-
-
 # ============================================================================================== main
-
-
-def hardware(threads: int) -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = os.cpu_count() or 1
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    mem = None
-    try:
-        import psutil
-
-        mem = psutil.virtual_memory().total
-    except ImportError:
-        pass
-    summary = (
-        f"{cores}-core CPU ({cpu}), torch {threads} thread{'s' if threads > 1 else ''}"
-        + (f", {mem / 2**30:.0f} GiB RAM" if mem else "")
-        + (f", GPU {gpu} (unused)" if gpu else "")
-        + ", no GPU used"
-    )
-    return {
-        "cpu": cpu,
-        "cores": cores,
-        "threads": threads,
-        "memory_bytes": mem,
-        "gpu": gpu,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "summary": summary,
-    }
-
-
-PRETRAIN_KEYS = (
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_layers",
-    "num_heads",
-    "pretrain_tokens",
-    "block_size",
-    "micro_batch_size",
-    "lr",
-    "warmup_ratio",
-    "min_lr_ratio",
-    "weight_decay",
-    "pretrain_seed",
-)
-CELL_KEYS = ("uptrain_lr", "calibration_tokens", "eval_windows")  # and the pretraining (the work folder)
-
-
-def short_hash(value) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:10]
-
-
-def work_hash(cfg: Config, data: Path) -> str:
-    """The work folder holds one pretrained model: keyed by what decides it."""
-    return short_hash(
-        {
-            "pretrain": {k: getattr(cfg, k) for k in PRETRAIN_KEYS},
-            "data": file_digest(data),
-            "grid_version": GRID_VERSION,
-        }
-    )
-
-
-def cell_tag(cfg: Config, test: Path) -> str:
-    """What else changes a cell's number. The grid's extent does not: a larger grid reuses a smaller one's cells."""
-    return short_hash(
-        {"cell": {k: getattr(cfg, k) for k in CELL_KEYS}, "test": file_digest(test), "grid_version": GRID_VERSION}
-    )
-
-
-def provenance() -> dict:
-    """The code that produced the numbers: git HEAD and a digest of each file involved (some may be uncommitted)."""
-    import subprocess
-
-    files = [
-        "bench/replicate_paper.py",
-        "recipes/uptrain.py",
-        "convert/checkpoint.py",
-        "convert/methods.py",
-        "convert/calibrate.py",
-        "convert/evaluate.py",
-        "convert/data.py",
-    ]
-    out = {"files": {f: file_digest(ROOT / f) for f in files if (ROOT / f).is_file()}}
-    try:
-        out["git_head"] = (
-            subprocess.run(
-                ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
-            ).stdout.strip()
-            or None
-        )
-        status = subprocess.run(
-            ["git", "status", "--porcelain", "--", *files], cwd=ROOT, capture_output=True, text=True, timeout=10
-        ).stdout
-        out["uncommitted"] = sorted(line[3:] for line in status.splitlines())
-    except (OSError, subprocess.SubprocessError):
-        out["git_head"] = None
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1257,7 +560,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "results.md").write_text(markdown(results))
     plot_methods(results, out / "fig_methods.png")
     plot_alpha(results, out / "fig_alpha.png")
-    log(f"done in {fmt_seconds(wall)}: {out}/results.md, results.json, fig_methods.png, fig_alpha.png")
+    log(f"done in {duration(wall)}: {out}/results.md, results.json, fig_methods.png, fig_alpha.png")
     for c in claims:
         log(f"  {'holds' if c['holds'] else 'not tested' if c['holds'] is None else 'does NOT hold'}: {c['claim']}")
     if args.json:

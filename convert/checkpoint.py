@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime
 import importlib
 import json
-import math
 import os
 import re
 import shutil
@@ -19,26 +18,19 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from fnmatch import fnmatch
 from pathlib import Path
-from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
 from . import __version__
-from .core import check_groups, convert_layer, kv_cache_bytes_per_token, valid_groups
-from .families import (
-    QK_NORM_FAMILIES,
-    ConversionError,
-    Family,
-    Shapes,
-    family_for,
-    output_shapes,
-    shapes_for,
-)
+from .core import check_groups, convert_layer, kv_cache_bytes_per_token
+from .families import QK_NORM_FAMILIES, ConversionError, Shapes, output_shapes
+from .families_mha import modeling_template
 from .methods import array_pool, method_module
 from .pooling import relative_error
+from .shipped import check_method, load_hint, require_flag, ship_modeling_code, shipped_note, template_manifest
+from .source import SIDE_FILES, Source, describe, open_source  # noqa: F401  (describe: re-exported)
 from .tensorio import (
-    DTYPES,
     FLOATING,
     NUMPY_FLOATS,
     Copier,
@@ -48,8 +40,6 @@ from .tensorio import (
     fsync_path,
     nbytes,
     read_float32,
-    read_header,
-    read_pickle_header,
     read_tensor,
     st_dtype,
     sync_folder,
@@ -63,54 +53,8 @@ if TYPE_CHECKING:  # torch loads on a background thread during a conversion (see
 
     from .methods import Method
 
-# Files worth taking from a hub repo or copying beside the converted weights (tokenizer, generation settings).
-SIDE_FILES = [
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "tokenizer.model",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-    "*.tiktoken",
-    "chat_template.jinja",
-    "chat_template.json",
-    "generation_config.json",
-]
-SAFETENSORS_FILES = ["config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors"]
-PICKLE_FILES = ["pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*.bin"]
 PROVENANCE = "gqa_convert.json"
 DTYPE_CHOICES = ("keep", "float32", "float16", "bfloat16")
-
-
-@dataclass
-class Source:
-    """A checkpoint opened for reading: config, family, sizes, and where every tensor lives (no data read)."""
-
-    folder: Path
-    name: str  # hub id or folder, for the model card
-    raw_config: dict
-    family: Family
-    shapes: Shapes
-    tensors: dict[str, TensorInfo]
-    pickle: bool = False
-    trust_remote_code: bool = False
-    _config: Any = None
-
-    @property
-    def config(self) -> Any:
-        """transformers' config object, loaded on first use (importing it costs seconds the plain copy never pays)."""
-        if self._config is None:
-            self._config = load_config(self.folder, self.trust_remote_code)
-        return self._config
-
-    def get(self, key: str) -> "torch.Tensor":
-        return read_tensor(self.tensors[key])
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors.values())
 
 
 @dataclass
@@ -136,164 +80,13 @@ class Report:
     dry_run: bool
     per_layer: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # How the output is stored and loaded: "as is" (the source's class), a stock route, or "shipped code".
+    route: str = "as is"
+    output_model_type: str = ""
+    load_with: str = "AutoModelForCausalLM.from_pretrained(path): stock transformers, no remote code"
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Reading
-
-
-def resolve_source(source: str | Path, revision: str | None = None, allow_pickle: bool = False) -> tuple[Path, str]:
-    """A local folder as it is, or a hub id downloaded (config, tokenizer and weights only) into the hub cache."""
-    path = Path(source).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise ConversionError(f"SOURCE {source} is a file: pass the folder that holds config.json")
-        return path, str(source)
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)):
-        raise ConversionError(f"SOURCE {source} is neither an existing folder nor a hub id like 'org/model'")
-    from huggingface_hub import snapshot_download
-
-    patterns = SAFETENSORS_FILES + SIDE_FILES + (PICKLE_FILES if allow_pickle else [])
-    try:
-        folder = snapshot_download(str(source), revision=revision, allow_patterns=patterns)
-    except Exception as e:  # huggingface_hub has many error types: offline, missing repo, gated, network
-        hint = "it is not in the local hub cache" if os.environ.get("HF_HUB_OFFLINE") == "1" else "check the id"
-        raise ConversionError(f"could not fetch {source} from the hub ({type(e).__name__}: {e}); {hint}")
-    return Path(folder), str(source)
-
-
-def _weight_files(folder: Path, allow_pickle: bool) -> tuple[list[Path], bool]:
-    """The weight shards of a folder, in index order; refuses pickle unless allowed."""
-    for index_name, single, is_pickle in (
-        ("model.safetensors.index.json", "model.safetensors", False),
-        ("pytorch_model.bin.index.json", "pytorch_model.bin", True),
-    ):
-        index, one = folder / index_name, folder / single
-        if not index.exists() and not one.exists():
-            continue
-        if is_pickle and not allow_pickle:
-            raise ConversionError(
-                f"{folder} has only pickle weights ({single}), which can run code when loaded. Pass "
-                "--allow-pickle to load them with torch.load(weights_only=True), or convert them to safetensors"
-            )
-        if index.exists():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ConversionError(f"{index} is not a valid shard index ({e}): re-download it")
-            files = list(dict.fromkeys(weight_map.values()))
-            missing = [f for f in files if not (folder / f).is_file()]
-            if missing:
-                raise ConversionError(
-                    f"{index.name} names shard(s) that do not exist: {', '.join(missing)}. "
-                    "The download is incomplete: fetch the missing files"
-                )
-            return [folder / f for f in files], is_pickle
-        return [one], is_pickle
-    raise ConversionError(f"no weights in {folder}: expected model.safetensors or model.safetensors.index.json")
-
-
-def read_config(folder: Path) -> dict:
-    path = folder / "config.json"
-    if not path.is_file():
-        raise ConversionError(f"no config.json in {folder}: SOURCE must be a transformers model folder")
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConversionError(f"{path} is not valid JSON ({e}): fix or re-download it")
-    if not isinstance(raw, dict):
-        raise ConversionError(f"{path} must hold a JSON object")
-    return raw
-
-
-def load_config(folder: Path, trust_remote_code: bool = False) -> Any:
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    except Exception as e:  # transformers raises ValueError/TypeError/KeyError for bad fields
-        raise ConversionError(f"{folder}/config.json could not be read by transformers ({type(e).__name__}: {e})")
-
-
-def _plain_view(raw: dict, family: Family) -> SimpleNamespace | None:
-    """config.json itself, when it states every size the shapes need; None sends the caller to transformers.
-
-    A missing key would take the config class's default (gemma's head_dim is 256, phi's rotary factor 0.5), so
-    only a complete config is read directly.
-    """
-    needed = ["num_attention_heads", "hidden_size", "num_hidden_layers", "head_dim", *family.config_keys]
-    rope = raw.get("rope_parameters")
-    if any(raw.get(k) is None for k in needed) or not (isinstance(rope, dict) or "partial_rotary_factor" in raw):
-        return None
-    if not all(
-        isinstance(raw[k], int) and not isinstance(raw[k], bool) and raw[k] > 0
-        for k in needed[:4] + [family.kv_key]
-        if k in raw
-    ):
-        return None  # odd values: let transformers validate them and say what is wrong
-    return SimpleNamespace(**raw)
-
-
-def open_source(
-    source: str | Path,
-    revision: str | None = None,
-    allow_pickle: bool = False,
-    trust_remote_code: bool = False,
-) -> Source:
-    """Resolve and open SOURCE; checks config, family, shard files and head counts against weight shapes."""
-    folder, name = resolve_source(source, revision, allow_pickle)
-    raw = read_config(folder)
-    family = family_for(raw.get("model_type"))
-    config = None
-    view = _plain_view(raw, family)
-    if view is None:
-        config = view = load_config(folder, trust_remote_code)
-    files, is_pickle = _weight_files(folder, allow_pickle)
-    tensors: dict[str, TensorInfo] = {}
-    for f in files:
-        infos = read_pickle_header(f) if is_pickle else read_header(f)[0]
-        tensors.update(infos)
-    src = Source(folder, name, raw, family, shapes_for(family, view), tensors, is_pickle, trust_remote_code, config)
-    _check_weights(src)
-    return src
-
-
-def _check_weights(src: Source) -> None:
-    """Every layer has its attention tensors, each with as many numbers as the config implies (sizes only: the
-    checkpoint is checked before torch has loaded)."""
-    fam, s, present = src.family, src.shapes, set(src.tensors)
-    for fragment, reason in fam.refuse.items():
-        if any(fragment in k for k in present):
-            raise ConversionError(f"unsupported checkpoint: {reason}")
-    required = [fam.fused] if fam.layout != "split" else [fam.q, fam.k, fam.v]
-    for layer in range(s.num_layers):
-        keys = fam.attention_keys(layer, present)
-        prefix = fam.prefix.format(i=layer)
-        found = {k[len(prefix) :]: src.tensors[k].shape for k in keys}
-        missing = [f"{n}.weight" for n in [*required, fam.o] if f"{n}.weight" not in found]
-        wrong = [k for k, shape in found.items() if math.prod(shape) not in _allowed_numel(k, s, fam)]
-        if missing or wrong:
-            what = f"missing {', '.join(missing)}; " if missing else ""
-            raise ConversionError(
-                f"layer {layer}: the attention weights do not match config.json ({s.num_heads} heads, "
-                f"{s.num_kv_heads} KV heads, head_dim {s.head_dim}, hidden {s.hidden}): {what}found "
-                f"{found or 'none'}. The config and the weights disagree: fix config.json"
-            )
-
-
-def _allowed_numel(name: str, s: Shapes, fam: Family) -> set[int]:
-    """How many numbers a layer tensor may hold given the config (a reshape alone would accept wrong sizes)."""
-    H, Hkv, d, D = s.num_heads, s.num_kv_heads, s.head_dim, s.hidden
-    base, kind = name.rsplit(".", 1)
-    if base == fam.o:
-        return {D * H * d}
-    if base in (fam.q_norm, fam.k_norm):  # shared by all heads ([d]) or one weight per head
-        return {d, (H if base == fam.q_norm else Hkv) * d}
-    rows = {fam.q: H * d, fam.k: Hkv * d, fam.v: Hkv * d, fam.fused: (H + 2 * Hkv) * d}[base]
-    return {rows * (D if kind == "weight" else 1)}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -569,9 +362,27 @@ multi-head / grouped-query attention with {report.kv_heads_before} KV heads beca
 - dtype: `{report.dtype}`
 - details and per-layer statistics: `{PROVENANCE}`
 
-Load it with stock transformers: `AutoModelForCausalLM.from_pretrained(path)`. A converted model has lost some
+{_load_line(report)} A converted model has lost some
 quality; uptraining (`recipes/uptrain.py` in gqa-convert) wins most of it back.
-"""
+{_route_card(report)}"""
+
+
+def _route_card(report: Report) -> str:
+    """The model card's paragraph on a stock re-expression route (empty otherwise)."""
+    if report.route in ("as is", "shipped code"):
+        return ""
+    return (
+        f"\nThe source is `{report.model_type}`, whose transformers class has no KV-head count: it was re-expressed "
+        f"as `{report.output_model_type}` (route `{report.route}`), a stock class that computes the same function "
+        f"and can hold {report.kv_heads_after} KV heads. Load: {report.load_with}.\n"
+    )
+
+
+def _load_line(report: Report) -> str:
+    for note in report.notes:
+        if note.startswith("route: modeling code"):  # the shipped-code route: the note ends with how to load it
+            return f"It ships its own modeling code: {note.rsplit('; ', 1)[-1]}."
+    return "Load it with stock transformers: `AutoModelForCausalLM.from_pretrained(path)`."
 
 
 def verify_output(folder: Path, src: Source, expected: dict[str, tuple[int, ...]], groups: int) -> None:
@@ -599,7 +410,7 @@ def _numpy_pool(
     """
     if array_pool(method) is None or options or src.pickle or dtype != "keep" or src.family.layout != "split":
         return None
-    if any(t.source.st not in NUMPY_FLOATS for t in plan if t.computed(False)):
+    if any(t.source.st not in NUMPY_FLOATS or t.source.derive is not None for t in plan if t.computed(False)):
         return None
     return array_pool(method)
 
@@ -648,6 +459,7 @@ def convert_checkpoint(
     progress: bool = True,
     method_options: dict[str, Any] | None = None,
     durable: bool = False,
+    write_modeling_code: bool = False,
 ) -> Report:
     """Convert the checkpoint at SOURCE (folder or hub id) to `num_kv_heads` KV heads, written at OUTPUT.
 
@@ -662,9 +474,13 @@ def convert_checkpoint(
     # headers and the untouched tensors start copying: the import then costs no wall time of its own.
     maybe_numpy = array_pool(method) is not None and not method_options
     methods = None if maybe_numpy else _import_in_background(method_module(method))
-    src = open_source(source, revision, allow_pickle, trust_remote_code)
+    src = open_source(source, revision, allow_pickle, trust_remote_code, groups=num_kv_heads)
     s_in = src.shapes
     check_groups(num_kv_heads, s_in)
+    template = modeling_template(src.family, num_kv_heads, s_in.num_heads)
+    if template:
+        require_flag(template, write_modeling_code, f"{src.raw_config['model_type']} with {num_kv_heads} KV heads")
+        check_method(template, method)
     plan, s_out = plan_tensors(src, num_kv_heads, dtype)
     pool = _numpy_pool(src, plan, method, dtype, method_options)
     if pool is None and methods is None:
@@ -695,6 +511,19 @@ def convert_checkpoint(
             kv_cache_bytes_per_token_after=kv_cache_bytes_per_token(s_in, num_kv_heads, out_st),
             dry_run=dry_run,
         )
+        report.output_model_type = src.raw_config["model_type"]
+        if src.route is not None:
+            report.model_type = src.route.source_model_type
+            report.route, report.load_with = src.route.route, src.route.load_with
+            report.bytes_in = src.route.source_bytes
+            report.notes.extend(src.route.notes)
+        if template:
+            report.notes.append(shipped_note(template))
+            report.route, report.load_with = "shipped code", load_hint(template_manifest(template)["loads_with"])
+            report.output_model_type = template_manifest(template)["model_type"]
+        if src.family.cache_notes is not None:
+            element = nbytes(out_st, ())
+            report.notes += src.family.cache_notes(s_in, s_in.num_kv_heads, num_kv_heads, element)
         if src.raw_config["model_type"] in QK_NORM_FAMILIES:
             report.notes.append(
                 "this family normalizes keys per head after the projection (q/k norm): merged keys are pooled "
@@ -746,6 +575,8 @@ def convert_checkpoint(
         _write_shards(src, shards, tmp, start_merging, progress, durable)
         report = state["report"]
         raw = src.family.patch_config(src.raw_config, num_kv_heads)
+        if template:
+            raw = ship_modeling_code(template, tmp, raw, num_kv_heads)
         if dtype != "keep":
             raw["dtype"] = dtype
             raw.pop("torch_dtype", None)
@@ -791,23 +622,3 @@ def _move_into_place(tmp: Path, output: Path) -> None:
     os.replace(tmp, output)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def describe(source: str | Path, revision: str | None = None, allow_pickle: bool = False) -> dict:
-    """What `gqa-convert inspect` prints: family, heads, head_dim, valid G and KV-cache bytes per token for each."""
-    src = open_source(source, revision, allow_pickle)
-    s = src.shapes
-    st = next((t.st for t in src.tensors.values() if t.st in FLOATING), "F32")
-    return {
-        "source": src.name,
-        "model_type": src.raw_config["model_type"],
-        "layers": s.num_layers,
-        "hidden_size": s.hidden,
-        "num_heads": s.num_heads,
-        "num_kv_heads": s.num_kv_heads,
-        "head_dim": s.head_dim,
-        "rotary_dim": s.rotary_dim,
-        "dtype": DTYPES[st][0],
-        "parameters": sum(math.prod(t.shape) for t in src.tensors.values()),
-        "valid_num_kv_heads": {g: kv_cache_bytes_per_token(s, g, st) for g in valid_groups(s)},
-    }

@@ -12,20 +12,13 @@ import click
 
 from . import __version__
 from .families import ConversionError
+from .formatting import human_bytes
 from .methods import method_names  # the registry alone: no method, no torch is imported before copying starts
 
 
 def _fail(error: Exception) -> None:
     click.echo(f"error: {error}", err=True)
     sys.exit(2)
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return str(n)
 
 
 @click.group()
@@ -66,6 +59,12 @@ def main() -> None:
 @click.option("--dry-run", is_flag=True, help="Print the plan and write nothing.")
 @click.option("--allow-pickle", is_flag=True, help="Accept pickle (*.bin) weights, loaded with weights_only=True.")
 @click.option("--trust-remote-code", is_flag=True, help="Let transformers run code shipped with the config.")
+@click.option(
+    "--write-modeling-code",
+    is_flag=True,
+    help="Where no stock transformers class can hold the KV heads (gpt2, opt, bloom, mpt below H), write "
+    "modeling code beside the weights; loading it then needs trust_remote_code=True.",
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar, only the result line.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option(
@@ -110,6 +109,7 @@ def convert(
     dry_run: bool,
     allow_pickle: bool,
     trust_remote_code: bool,
+    write_modeling_code: bool,
     quiet: bool,
     as_json: bool,
     calibration_data: str | None,
@@ -151,6 +151,7 @@ def convert(
             progress=not (quiet or as_json),
             method_options=options or None,
             durable=durable,
+            write_modeling_code=write_modeling_code,
         )
     except ConversionError as e:
         _fail(e)
@@ -158,6 +159,11 @@ def convert(
         click.echo(json.dumps(report.as_dict(), indent=2))
         return
     _print_report(report, quiet)
+
+
+def _rest(r: Any) -> str:
+    """What happens to the tensors attention does not touch: copied, or also re-expressed on a stock route."""
+    return "copied unchanged" if r.route in ("as is", "shipped code") else "re-expressed as the route says or copied"
 
 
 def _print_report(r: Any, quiet: bool) -> None:
@@ -172,12 +178,14 @@ def _print_report(r: Any, quiet: bool) -> None:
     click.echo(line)
     click.echo(
         f"  tensors: {r.tensors_total} total, {len(r.tensors_touched)} rewritten "
-        f"(attention of every layer), the rest copied unchanged"
+        f"(attention of every layer), the rest {_rest(r)}"
     )
-    click.echo(f"  bytes in: {_human(r.bytes_in)}, bytes out: {_human(r.bytes_out)} in {r.shards_out} shard(s)")
     click.echo(
-        f"  KV cache per token: {_human(r.kv_cache_bytes_per_token_before)} -> "
-        f"{_human(r.kv_cache_bytes_per_token_after)} "
+        f"  bytes in: {human_bytes(r.bytes_in)}, bytes out: {human_bytes(r.bytes_out)} in {r.shards_out} shard(s)"
+    )
+    click.echo(
+        f"  KV cache per token: {human_bytes(r.kv_cache_bytes_per_token_before)} -> "
+        f"{human_bytes(r.kv_cache_bytes_per_token_after)} "
         f"({r.kv_cache_bytes_per_token_before / r.kv_cache_bytes_per_token_after:.1f}x smaller)"
     )
     if r.dry_run:
@@ -185,6 +193,8 @@ def _print_report(r: Any, quiet: bool) -> None:
             click.echo(f"    rewrite {name}")
         if len(r.tensors_touched) > 8:
             click.echo(f"    ... and {len(r.tensors_touched) - 8} more")
+    if r.route != "as is":
+        click.echo(f"  route: {r.route} (output model_type {r.output_model_type}); load with {r.load_with}")
     for note in r.notes:
         click.echo(f"  note: {note}")
 
@@ -213,10 +223,18 @@ def inspect(source: str, revision: str | None, allow_pickle: bool, as_json: bool
         f"  heads {info['num_heads']}, KV heads {info['num_kv_heads']}, head_dim {info['head_dim']}, "
         f"rotary dims {info['rotary_dim']}"
     )
+    if info["route"] != "as is":
+        click.echo(f"  route: {info['route']}: written as {info['output_model_type']}; load with {info['load_with']}")
     click.echo("  --num-kv-heads   KV cache per token")
+    shipped = info.get("shipped_code", {})
     for g, n in info["valid_num_kv_heads"].items():
         mark = "  (current)" if g == info["num_kv_heads"] else ""
+        mark += "  (shipped code: --write-modeling-code)" if g in shipped else ""
         click.echo(f"  {g:>14}   {n:>10,} B{mark}")
+    for note in dict.fromkeys(shipped.values()):
+        click.echo(f"  {note}")
+    for note in info.get("notes", []):
+        click.echo(f"  note: {note}")
 
 
 @main.command("eval")
@@ -237,6 +255,11 @@ def inspect(source: str, revision: str | None, allow_pickle: bool, as_json: bool
 )
 @click.option("--new-tokens", type=int, default=32, show_default=True, help="Tokens decoded per measurement.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... or auto.")
+@click.option(
+    "--trust-remote-code",
+    is_flag=True,
+    help="Let transformers run modeling code shipped with a model (outputs written with --write-modeling-code).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def eval_(
     models: tuple[str, ...],
@@ -247,6 +270,7 @@ def eval_(
     contexts: str,
     new_tokens: int,
     device: str,
+    trust_remote_code: bool,
     as_json: bool,
 ) -> None:
     """Perplexity, KV-cache bytes per token and decode speed of MODELS, as one table with ratios to the first."""
@@ -272,6 +296,7 @@ def eval_(
             contexts=ctx,
             new_tokens=new_tokens,
             device=device,
+            trust_remote_code=trust_remote_code,
         )
     except (ValueError, OSError) as e:
         _fail(e)
@@ -360,6 +385,22 @@ def _keep_freed_memory() -> None:
         return
     mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: glibc's largest allowed value on 64-bit
     mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep freed memory for the next layer
+
+
+@main.command(
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []},
+    add_help_option=False,
+)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def uptrain(args: tuple[str, ...]) -> None:
+    """Uptrain a converted checkpoint in this process: CONFIG.yaml [key=value ...] [--quiet] [--json].
+
+    CONFIG is a YAML file or a shipped config name (e.g. smollm2-mqa-cpu); `--help` lists every setting. For
+    several processes: `accelerate launch [options] -m convert.uptrain CONFIG.yaml ...`.
+    """
+    from .uptrain import main as uptrain_main
+
+    sys.exit(uptrain_main(list(args)))
 
 
 def entry() -> None:

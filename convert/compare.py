@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -128,6 +129,18 @@ def measure_decode(model, prompt: torch.Tensor, new_tokens: int, device: torch.d
     return Decode(len(prompt), new_tokens, rate, cache_bytes(out.past_key_values), mem.peak)
 
 
+def refuse_shipped_code(path: str | Path, trust_remote_code: bool) -> None:
+    """A folder whose config.json names its own modeling code (auto_map) loads only when that code is trusted."""
+    config = Path(path) / "config.json"
+    auto_map = json.loads(config.read_text()).get("auto_map") if config.is_file() else None
+    if auto_map and not trust_remote_code:
+        files = sorted({v.split(".")[0] + ".py" for v in auto_map.values() if isinstance(v, str)})
+        raise ValueError(
+            f"MODEL {path} ships its own modeling code ({', '.join(files)}), which loading would run: "
+            "read it, then pass --trust-remote-code to evaluate it"
+        )
+
+
 def evaluate_model(
     path: str,
     data: str | None = None,
@@ -137,14 +150,17 @@ def evaluate_model(
     contexts: tuple[int, ...] = DEFAULT_CONTEXTS,
     new_tokens: int = 32,
     device: str = "auto",
+    trust_remote_code: bool = False,
 ) -> ModelEval:
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    refuse_shipped_code(path, trust_remote_code)
 
     dev = torch.device(
         "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
     )
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path).to(dev).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code).to(dev).eval()
     cfg = model.config
     need = max([window * (max_windows or 64) + 1] + [c for c in contexts])
     ids, _ = text_ids(tokenizer, data, need)

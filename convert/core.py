@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .families import ConversionError, Family, Shapes, family_for, output_shapes, shapes_for
+from .families_mha import modeling_template
 from .tensorio import nbytes
 
 if TYPE_CHECKING:  # imported where used, so that planning a conversion does not wait for torch
@@ -88,6 +89,11 @@ def convert_model(
         family = family_for(getattr(config, "model_type", None))
         s_in = shapes_for(family, config)
         check_groups(num_kv_heads, s_in)
+        if modeling_template(family, num_kv_heads, s_in.num_heads):  # type(model) cannot hold these KV heads
+            raise ConversionError(
+                f"{config.model_type} with {num_kv_heads} KV heads needs modeling code shipped with the checkpoint: "
+                "save the model and convert the folder with `gqa-convert convert --write-modeling-code`"
+            )
         raw_config = config.to_dict()
         s_out = output_shapes(s_in, num_kv_heads, raw_config, family)
         merger = get_method(method)

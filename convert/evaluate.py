@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -61,6 +62,31 @@ def perplexity(
     model.train(was_training)
     mean = total_nll / total_tokens
     return Perplexity(math.exp(mean), mean, total_tokens, len(starts), window, stride)
+
+
+def score_folder(
+    folder: str | Path,
+    ids: torch.Tensor,
+    window: int = 512,
+    max_windows: int | None = None,
+    batch_size: int = 4,
+    trust_remote_code: bool = False,
+) -> Perplexity:
+    """Load the checkpoint in `folder` (float32) and score its perplexity on `ids`; the model is freed after."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    return perplexity(model, ids, window, max_windows=max_windows, batch_size=batch_size)
+
+
+def score_text_file(
+    folder: str | Path, text_file: str | Path, window: int = 512, windows: int = 12, batch_size: int = 4
+) -> Perplexity:
+    """Perplexity of `folder` on the first `windows` x `window` + 1 tokens of `text_file`, with its own tokenizer."""
+    from transformers import AutoTokenizer
+
+    ids = tokenize_file(AutoTokenizer.from_pretrained(folder), str(text_file), window * windows + 1)
+    return score_folder(folder, ids, window, max_windows=windows, batch_size=batch_size)
 
 
 def tokenize_file(tokenizer, path: str, max_tokens: int | None = None) -> torch.Tensor:

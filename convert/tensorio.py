@@ -12,7 +12,7 @@ import math
 import os
 import struct
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -73,6 +73,9 @@ class TensorInfo:
     shape: tuple[int, ...]
     offset: int = -1  # -1: pickle file, read through torch.load
     key: str = ""  # the tensor's name inside a pickle file
+    # A re-expressed tensor (convert.reexpress): computed from source tensors when read, returned in float32 and
+    # written as `st`. None for every tensor stored in a file.
+    derive: Any = field(default=None, compare=False, repr=False)
 
     @property
     def dtype(self) -> "torch.dtype":
@@ -84,37 +87,80 @@ class TensorInfo:
 
 
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict]:
-    """Parse a safetensors header and check that the file holds every byte it promises."""
+    """Parse a safetensors header and check it as the format requires: every entry well formed, each tensor's
+    byte range as long as its dtype and shape say, and the ranges tiling the data exactly (no overlap, no gap,
+    nothing missing at the end)."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise ConversionError(f"{path} is not a safetensors file (too short): re-download or re-save it")
+            raise _corrupt(path, "too short to be a safetensors file")
         (hlen,) = struct.unpack("<Q", head)
-        if hlen > size - 8 or hlen > 100 << 20:
-            raise ConversionError(f"{path} has a corrupt safetensors header: re-download or re-save it")
+        if hlen < 2 or hlen > size - 8 or hlen > 100 << 20:
+            raise _corrupt(path, f"its header length field says {hlen} bytes, the file has {size}")
         try:
-            header = json.loads(f.read(hlen))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ConversionError(f"{path} has a corrupt safetensors header ({e}): re-download or re-save it")
-    meta = header.pop("__metadata__", {}) or {}
+            header = json.loads(f.read(hlen), object_pairs_hook=_unique_keys)
+        except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as e:
+            raise _corrupt(path, f"its header is not valid JSON ({e})")
+    if not isinstance(header, dict):
+        raise _corrupt(path, "its header is not a JSON object")
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict):
+        raise _corrupt(path, "its __metadata__ is not an object")
     base = 8 + hlen
-    infos, end = {}, 0
+    infos, ranges = {}, []
     for name, h in header.items():
-        if h["dtype"] not in DTYPES:
-            raise ConversionError(f"{path}: tensor {name} has unsupported dtype {h['dtype']}")
-        start, stop = h["data_offsets"]
-        info = TensorInfo(path, h["dtype"], tuple(h["shape"]), base + start)
-        if stop - start != info.nbytes:
-            raise ConversionError(f"{path}: tensor {name} has {stop - start} bytes for shape {info.shape}")
+        info, start, stop = _entry(path, name, h, base)
         infos[name] = info
-        end = max(end, stop)
+        ranges.append((start, stop, name))
+    end = 0
+    for start, stop, name in sorted(ranges):
+        if start != end:
+            what = "overlaps the tensor before it" if start < end else f"leaves a gap of {start - end} bytes before it"
+            raise _corrupt(path, f"tensor {name} {what}")
+        end = stop
     if base + end > size:
         raise ConversionError(
             f"{path} is truncated: the header promises {base + end} bytes, the file has {size}. "
             "Re-download or re-save the checkpoint."
         )
+    if base + end < size:
+        raise _corrupt(path, f"it has {size - base - end} bytes after its last tensor that no tensor claims")
     return infos, meta
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    """A JSON object whose keys are unique (json.loads would keep the last of two tensors with one name)."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise ValueError("a name appears twice")
+    return out
+
+
+def _corrupt(path: Path, what: str) -> ConversionError:
+    return ConversionError(f"{path} is not a valid safetensors file: {what}. Re-download or re-save it")
+
+
+def _is_count(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _entry(path: Path, name: str, h: Any, base: int) -> tuple[TensorInfo, int, int]:
+    """One header entry as a TensorInfo, with its byte range in the data; refuses malformed ones."""
+    if not isinstance(h, dict):
+        raise _corrupt(path, f"the entry of tensor {name} is not an object")
+    dtype, shape, offsets = h.get("dtype"), h.get("shape"), h.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise _corrupt(path, f"tensor {name} has unsupported dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(_is_count(n) for n in shape):
+        raise _corrupt(path, f"tensor {name} has shape {shape!r}, not a list of sizes")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(n) for n in offsets)):
+        raise _corrupt(path, f"tensor {name} has data_offsets {offsets!r}, not [start, end]")
+    start, stop = offsets
+    info = TensorInfo(path, dtype, tuple(shape), base + start)
+    if stop - start != info.nbytes:
+        raise _corrupt(path, f"tensor {name} has {stop - start} bytes for {dtype} shape {info.shape}")
+    return info, start, stop
 
 
 def _read_into(info: TensorInfo, buf) -> None:
@@ -128,6 +174,8 @@ def _read_into(info: TensorInfo, buf) -> None:
 def read_tensor(info: TensorInfo) -> "Tensor":
     import torch
 
+    if info.derive is not None:
+        return info.derive()
     if info.offset < 0:
         return _pickle_tensor(info)
     buf = torch.empty(info.nbytes, dtype=torch.uint8)

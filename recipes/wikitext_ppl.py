@@ -3,16 +3,14 @@
 
     python recipes/wikitext_ppl.py ../shared/data/wikitext-2/test.txt MODEL_DIR [MODEL_DIR ...]
 
-The first 12 x 512 + 1 tokens of the file, tokenized without special tokens, scored by `convert.evaluate.perplexity`.
+The first 12 x 512 + 1 tokens of the file, tokenized without special tokens, scored by
+`convert.evaluate.score_text_file`.
 """
 
 import sys
 import time
 
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-from convert.evaluate import perplexity, tokenize_file
+from convert.evaluate import score_text_file
 
 WINDOW, WINDOWS = 512, 12
 
@@ -22,10 +20,7 @@ if __name__ == "__main__":
     test_file = sys.argv[1]
     for folder in sys.argv[2:]:
         started = time.time()
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-        ids = tokenize_file(tokenizer, test_file, WINDOW * WINDOWS + 1)
-        result = perplexity(model, ids, WINDOW, max_windows=WINDOWS)
+        result = score_text_file(folder, test_file, WINDOW, WINDOWS)
         print(
             f"{folder}\tppl {result.ppl:.3f}\ttokens {result.tokens}\twindows {result.windows}"
             f"\t{time.time() - started:.0f}s",

@@ -13,9 +13,8 @@ from tiny import logits, make_groups_identical, save, tiny_model
 from transformers import AutoModelForCausalLM
 
 from convert import METHODS, convert_checkpoint
-from convert.families import family_for, shapes_for
+from convert.families import INTERLEAVED_ROTARY, family_for, shapes_for
 from convert.methods.base import permute_kv_heads
-from convert.methods.calibrated import INTERLEAVED_ROTARY
 from convert.methods.grouping import GroupCost, similarity_order
 from convert.methods.linalg import LayerMath, merge_layer, rotary_pairs, second_moment
 

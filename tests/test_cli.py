@@ -172,7 +172,7 @@ BAD_INPUTS = {
     "g_not_dividing": ([], "-g", "3", "does not divide the 4 KV heads"),
     "g_larger": ([], "-g", "8", "larger than the current 4 KV heads"),
     "g_zero": ([], "-g", "0", "at least 1"),
-    "unsupported_family": ([_corrupt_config("model_type", "gpt2")], "-g", "2", "unsupported model_type 'gpt2'"),
+    "unsupported_family": ([_corrupt_config("model_type", "bert")], "-g", "2", "unsupported model_type 'bert'"),
     "missing_config": ([lambda s: (s / "config.json").unlink()], "-g", "2", "no config.json"),
     "malformed_config": ([lambda s: (s / "config.json").write_text("{not json")], "-g", "2", "not valid JSON"),
     "missing_shard": ([_drop_a_shard], "-g", "2", "names shard(s) that do not exist"),
@@ -198,7 +198,7 @@ def test_bad_input_fails_cleanly(case, src, tmp_path):
 
 
 def test_unsupported_family_lists_the_supported_ones(src, tmp_path):
-    _corrupt_config("model_type", "gpt2")(src)
+    _corrupt_config("model_type", "bert")(src)
     result = run("convert", src, tmp_path / "out", "-g", "2")
     assert "llama" in result.output and "qwen2" in result.output and "falcon" in result.output
 

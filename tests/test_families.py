@@ -12,9 +12,11 @@ from torch.testing import assert_close
 from transformers import AutoModelForCausalLM
 
 from convert import convert_checkpoint, convert_model
-from convert.families import supported_model_types
+from convert.families import stock_kv_model_types
 
-FAMILIES = supported_model_types()
+FAMILIES = stock_kv_model_types()  # the classic MHA families have their own tests (test_mha_code.py)
+# gpt_bigcode holds H KV heads or one (multi_query): no G in between, so it is grouped to G = 1 only.
+ANY_G = [f for f in FAMILIES if f != "gpt_bigcode"]
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)
@@ -26,16 +28,16 @@ def test_same_kv_count_changes_nothing(model_type, tmp_path):
     assert_close(logits(out), logits(model), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("model_type", FAMILIES)
-def test_identical_heads_in_groups_pool_exactly(model_type, tmp_path):
+@pytest.mark.parametrize(("model_type", "groups"), [(f, 2) for f in ANY_G] + [("gpt_bigcode", 1)])
+def test_identical_heads_in_groups_pool_exactly(model_type, groups, tmp_path):
     model = tiny_model(model_type)
-    make_groups_identical(model, 2)
+    make_groups_identical(model, groups)
     src = save(model, tmp_path / "src")
     assert len(list(src.glob("model-*.safetensors"))) > 1, "the source should be sharded"
-    convert_checkpoint(src, tmp_path / "out", 2, progress=False)
+    convert_checkpoint(src, tmp_path / "out", groups, progress=False)
     out = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     config = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert _kv_raw(config, model_type) == 2
+    assert _kv_raw(config, model_type) == groups
     assert_close(logits(out), logits(model), rtol=1e-4, atol=1e-4)
     # And the model is really smaller where it should be: K/V rows shrank by half.
     assert sum(p.numel() for p in out.parameters()) < sum(p.numel() for p in model.parameters())
@@ -102,26 +104,14 @@ def _kv(model) -> int:
 
 
 def _kv_raw(config: dict, model_type: str) -> int:
-    return config["num_kv_heads"] if model_type == "falcon" else config["num_key_value_heads"]
+    if model_type == "gpt_bigcode":
+        return 1 if config["multi_query"] else config["n_head"]
+    from convert.families import family_for
+
+    return config[family_for(model_type).kv_key]
 
 
-@pytest.mark.parametrize("model_type", FAMILIES)
-def test_shapes_from_config_json_match_transformers(model_type, tmp_path):
-    """The converter reads sizes straight from a complete config.json; transformers' config must agree."""
-    from transformers import AutoConfig
-
-    from convert.checkpoint import _plain_view, read_config
-    from convert.families import family_for, shapes_for
-
-    tiny_model(model_type).config.save_pretrained(tmp_path)
-    family = family_for(model_type)
-    view = _plain_view(read_config(tmp_path), family)
-    expected = shapes_for(family, AutoConfig.from_pretrained(tmp_path))
-    assert view is None or shapes_for(family, view) == expected
-
-
-@pytest.mark.parametrize("model_type", FAMILIES)
-@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize(("model_type", "groups"), [(f, g) for f in FAMILIES for g in (1, 2) if f in ANY_G or g == 1])
 def test_planned_shapes_are_what_join_produces(model_type, groups):
     """Output shards are planned from sizes alone (before torch loads); the plan must be exactly what the merge
     then writes. The oracle: split meta tensors, keep the first G KV heads, join."""
@@ -163,3 +153,68 @@ def test_cli_and_planning_do_not_import_torch(tmp_path):
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_row_facts_match_the_transformers_model(model_type):
+    """A row's q/k norm kind and rotary layout, checked against the model transformers builds for that family."""
+    import sys
+
+    from convert.families import family_for, shapes_for
+
+    family = family_for(model_type)
+    model = tiny_model(model_type)
+    s = shapes_for(family, model.config)
+    k_norm = model.state_dict().get(f"{family.prefix.format(i=0)}{family.k_norm}.weight")
+    expected = {
+        "": None,
+        "shared": (s.head_dim,),
+        "flat": (s.num_kv_heads * s.head_dim,),
+        "per_head": (s.num_kv_heads, s.head_dim),
+    }[family.qk_norm]
+    assert (None if k_norm is None else tuple(k_norm.shape)) == expected
+    if not family.rotary:  # learned positions: the modeling code rotates nothing
+        assert not hasattr(sys.modules[type(model).__module__], "rotate_half") and s.rotary_dim == 0
+        return
+    # rotate_half puts minus the partner of dim 0 at position 0: dim r/2 (half) or dim 1 (interleaved).
+    rotate_half = sys.modules[type(model).__module__].rotate_half
+    partner = int(rotate_half(torch.arange(1.0, 9.0))[0].abs()) - 1
+    assert partner == {"half": 4, "interleaved": 1}[family.rotary]
+
+
+FUSED = {
+    "phi3": dict(),
+    "falcon": dict(),
+    "falcon_classic": dict(new_decoder_architecture=False, multi_query=False, parallel_attn=True, num_kv_heads=None),
+}
+
+
+@pytest.mark.parametrize("case", FUSED)
+@pytest.mark.parametrize("method", ["mean", "first"])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_fused_pooling_on_numpy_writes_the_bytes_of_the_torch_method(case, method, groups, tmp_path):
+    """`Family.pool_fused` on float32 numpy arrays, rounded once to bf16, gives the very bytes the torch method
+    writes for every fused weight and bias: the torch-free path can take the fused layouts too."""
+    import numpy as np
+
+    from convert.families import family_for, output_shapes
+    from convert.pooling import WEIGHT_ONLY_POOLS
+    from convert.source import open_source
+    from convert.tensorio import float32_to, read_float32
+
+    model_type = case.split("_")[0]
+    src = save(tiny_model(model_type, **FUSED[case]).to(torch.bfloat16), tmp_path / "src")
+    convert_checkpoint(src, tmp_path / "out", groups, method=method, progress=False)
+    source, out = open_source(src), open_source(tmp_path / "out")
+    family = family_for(model_type)
+    s_out = output_shapes(source.shapes, groups, source.raw_config, family)
+    fused = [k for k in source.tensors if f".{family.fused}." in k]
+    biases = model_type == "falcon"  # the tiny falcon has biases, phi3 has none
+    assert len(fused) == (2 if biases else 1) * source.shapes.num_layers
+    for key in fused:
+        x = read_float32(source.tensors[key])
+        pooled = family.pool_fused(x.reshape(x.shape[0], -1), source.shapes, s_out, WEIGHT_ONLY_POOLS[method])
+        got = float32_to(pooled.reshape(out.tensors[key].shape), "BF16")
+        info = out.tensors[key]
+        want = np.fromfile(info.file, dtype=np.uint16, count=info.nbytes // 2, offset=info.offset)
+        assert np.array_equal(got.reshape(-1), want), key

@@ -1,4 +1,5 @@
-"""bench/replicate_paper.py: the quick replication end to end (CI smoke test), and its analysis on known numbers."""
+"""bench/replicate_paper.py: the quick replication end to end (CI smoke test), its command line on bad input, and
+its analysis (bench/replication_analysis.py) on known numbers."""
 
 from __future__ import annotations
 
@@ -16,11 +17,19 @@ SCRIPT = ROOT / "bench" / "replicate_paper.py"
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("replicate_paper", SCRIPT)
+    """The analysis module: pure functions of results.json, importable without the bench folder on sys.path."""
+    spec = importlib.util.spec_from_file_location("replication_analysis", ROOT / "bench" / "replication_analysis.py")
     module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
     spec.loader.exec_module(module)
     return module
+
+
+def refused(args: list[str]) -> str:
+    """The script on bad input, as a user runs it: exit status 2 and the message on stderr."""
+    proc = subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    return proc.stderr
 
 
 @pytest.mark.slow
@@ -96,28 +105,14 @@ def test_quick_replication_end_to_end(tmp_path, wikitext_valid, wikitext_test):
     assert [r["ppl"] for r in second["rows"]] == [r["ppl"] for r in rows]
 
 
-def test_missing_data_is_a_clear_error(tmp_path, capsys):
-    script = load_script()
-    rc = script.main(["--quick", "--out", str(tmp_path / "out"), "--data", str(tmp_path / "nope.txt")])
-    assert rc == 2
-    assert "nope.txt not found" in capsys.readouterr().err
+def test_bad_input_is_a_clear_error(tmp_path):
+    text = tmp_path / "a.txt"
+    text.write_text("hello world\n")
+    err = refused(["--quick", "--out", str(tmp_path / "out"), "--data", str(tmp_path / "nope.txt")])
+    assert "nope.txt not found" in err
+    assert "held-out" in refused(["--quick", "--out", str(tmp_path / "out"), "--data", str(text), "--test", str(text)])
+    assert "--groups [3]" in refused(["--out", str(tmp_path / "out"), "--data", str(text), "--groups", "3"])
     assert not (tmp_path / "out").exists()
-
-
-def test_test_file_must_differ_from_training_text(tmp_path, capsys):
-    text = tmp_path / "a.txt"
-    text.write_text("hello world\n")
-    rc = load_script().main(["--quick", "--out", str(tmp_path / "out"), "--data", str(text), "--test", str(text)])
-    assert rc == 2
-    assert "held-out" in capsys.readouterr().err
-
-
-def test_bad_groups_are_refused(tmp_path, capsys):
-    text = tmp_path / "a.txt"
-    text.write_text("hello world\n")
-    rc = load_script().main(["--out", str(tmp_path / "o"), "--data", str(text), "--groups", "3"])
-    assert rc == 2
-    assert "--groups [3]" in capsys.readouterr().err
 
 
 def test_alpha_parsing():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -130,3 +131,25 @@ def test_a_failing_background_copy_fails_the_conversion_cleanly(tmp_path, monkey
     monkeypatch.setattr(tio, "copy_raw", real_copy)
     ok = CliRunner().invoke(main, ["convert", str(src), str(tmp_path / "out"), "-g", "1", "-q"])
     assert ok.exit_code == 0, ok.output
+
+
+def test_hub_snapshot_of_links_with_a_published_config(tmp_path):
+    """SOURCE as people have it after a download: a hub snapshot folder whose files are links into blobs/, with
+    config.json as the hub has it (Llama-2 style). The output holds real files; the blobs are untouched."""
+    from test_configs import save_hub_style
+
+    save_hub_style("Llama-2-7b", tmp_path / "files", groups=2)
+    cache = tmp_path / "hub"
+    fake_hub_cache(cache, "org/llama-2-style", tmp_path / "files")
+    snapshot = cache / "models--org--llama-2-style" / "snapshots" / ("a" * 40)
+    assert all(p.is_symlink() for p in snapshot.iterdir())
+    blobs = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (snapshot.parent.parent / "blobs").iterdir()}
+    result = CliRunner().invoke(main, ["convert", str(snapshot), str(tmp_path / "out"), "-g", "2", "-q"])
+    assert result.exit_code == 0, result.output
+    files = list((tmp_path / "out").iterdir())
+    assert files and not any(p.is_symlink() for p in files)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["torch_dtype"] == "float16"
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").config.num_key_value_heads == 2
+    assert {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (snapshot.parent.parent / "blobs").iterdir()
+    } == blobs

@@ -15,10 +15,10 @@ from tiny import save, tiny_model
 
 from convert import convert_checkpoint
 from convert.checkpoint import _numpy_pool, open_source, plan_tensors
-from convert.families import family_for, supported_model_types
+from convert.families import family_for, stock_kv_model_types
 from convert.tensorio import TensorInfo, float32_to, read_float32
 
-SPLIT = [t for t in supported_model_types() if family_for(t).layout == "split"]
+SPLIT = [t for t in stock_kv_model_types() if family_for(t).layout == "split"]
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 

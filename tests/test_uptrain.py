@@ -1,4 +1,5 @@
-"""recipes/uptrain.py on tiny llama models on CPU: real subprocess runs, a real SIGKILL, a real 2-process launch.
+"""Uptraining (convert.uptrain, launched as recipes/uptrain.py) on tiny llama models on CPU: real subprocess runs,
+a real SIGKILL, a real 2-process launch.
 
 Every run trains a 2-layer, 64-wide llama on a toy corpus, so a whole run costs a few seconds, most of it imports.
 """
@@ -6,7 +7,6 @@ Every run trains a 2-layer, 64-wide llama on a toy corpus, so a whole run costs 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import shutil
@@ -20,7 +20,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from uptrain_assets import mean_pool_kv, tiny_llama, toy_documents, train_tokenizer, write_corpus
+from uptrain_assets import hooked_command, mean_pool_kv, tiny_llama, toy_documents, train_tokenizer, write_corpus
+
+import convert.uptrain as uptrain_lib
+from convert.uptrain.budget import plan_budget
+from convert.uptrain.checkpointing import fingerprint
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "uptrain.py"
@@ -68,10 +72,9 @@ def recipe_command(args: list[str]) -> list[str]:
     return [sys.executable, str(RECIPE), *args]
 
 
-def run_recipe(args: list[str], timeout: int = 600, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        recipe_command(args), capture_output=True, text=True, timeout=timeout, env=recipe_env(**env), cwd=REPO
-    )
+def run_recipe(args: list[str], timeout: int = 600, hooks: str | None = None) -> subprocess.CompletedProcess:
+    command = recipe_command(args) if hooks is None else hooked_command(args, hooks)
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=recipe_env(), cwd=REPO)
 
 
 def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -155,12 +158,12 @@ def scenario_kill_and_resume(assets, out):
     out.mkdir(parents=True)
     with open(out.parent / "killed.log", "w") as log:
         proc = subprocess.Popen(
-            recipe_command(args),
+            hooked_command(args, "after_step=lambda step: time.sleep(0.3)"),  # slow steps: the kill lands mid-run
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=REPO,
-            env=recipe_env(GQA_UPTRAIN_STEP_DELAY="0.3"),
-        )  # slow steps: the kill lands mid-run
+            env=recipe_env(),
+        )
         checkpoint = out / "checkpoints" / "step-000006" / "trainer_state.json"
         deadline = time.time() + 400
         while time.time() < deadline and proc.poll() is None:
@@ -192,7 +195,8 @@ def scenario_two_processes(assets, out):
         "2",
         "--main_process_port",
         str(free_port()),
-        str(RECIPE),
+        "-m",  # the installed-package route (the other runs use the recipes/uptrain.py launcher)
+        "convert.uptrain",
         *BASE,
         "max_steps=24",
         "micro_batch_size=2",
@@ -272,7 +276,7 @@ def scenario_nan(assets, out):
             "save_every=2",
             "--quiet",
         ],
-        GQA_UPTRAIN_FAULT_NAN_AT="5",
+        hooks="on_loss=lambda step, loss: loss * float('nan') if step == 5 else loss",  # poison step 5
     )
 
 
@@ -303,6 +307,7 @@ def runs(assets, tmp_path_factory):
     pool.shutdown(wait=True, cancel_futures=True)
 
 
+@pytest.mark.slow  # trains: the runs fixture starts every scenario's subprocesses
 def test_three_step_run_writes_a_loadable_changed_model(assets, runs):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -334,6 +339,7 @@ def test_three_step_run_writes_a_loadable_changed_model(assets, runs):
     assert not list(out.glob(".tmp*")) and not list((out / "checkpoints").glob(".tmp*"))
 
 
+@pytest.mark.slow  # trains: the runs fixture starts every scenario's subprocesses
 def test_sigkill_then_resume_reproduces_every_step(runs):
     reference, _ = runs["reference"]
     out, (killed, result) = runs["kill"]
@@ -353,6 +359,7 @@ def test_sigkill_then_resume_reproduces_every_step(runs):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000018", "step-000024"]  # keep 2
 
 
+@pytest.mark.slow  # trains: the runs fixture starts every scenario's subprocesses
 def test_two_processes_match_one_process(runs):
     reference, _ = runs["reference"]
     out, result = runs["ddp"]
@@ -368,6 +375,7 @@ def test_two_processes_match_one_process(runs):
     assert got_eval[0]["val_loss"] == pytest.approx(ref_eval[0]["val_loss"], abs=1e-6)
 
 
+@pytest.mark.slow  # trains: the runs fixture starts every scenario's subprocesses
 def test_lora_merges_into_a_plain_checkpoint(assets, runs, monkeypatch):
     out, result = runs["lora"]
     ok(result)
@@ -397,6 +405,7 @@ def test_lora_merges_into_a_plain_checkpoint(assets, runs, monkeypatch):
     assert summary["settings"]["mixed_precision"] == "bf16" and loaded.dtype == torch.float32  # saved as the input
 
 
+@pytest.mark.slow  # trains: the runs fixture starts every scenario's subprocesses
 def test_distillation_lowers_kl_to_the_teacher(assets, runs):
     out, result = runs["distill"]
     ok(result)
@@ -409,6 +418,7 @@ def test_distillation_lowers_kl_to_the_teacher(assets, runs):
     assert f"| teacher | {assets['teacher']} (KL weight 1.0, temperature 1.0) |" in card
 
 
+@pytest.mark.slow  # trains: the runs fixture starts every scenario's subprocesses
 def test_streaming_resume_continues_the_stream(runs):
     out, (_, first, result) = runs["stream"]
     ok(result)
@@ -419,6 +429,7 @@ def test_streaming_resume_continues_the_stream(runs):
     assert (out / "checkpoints" / "step-000003" / "stream_state.json").is_file()
 
 
+@pytest.mark.slow  # trains: the runs fixture starts every scenario's subprocesses
 def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(runs):
     out, result = runs["nan"]
     assert result.returncode == 1, result.stderr
@@ -431,21 +442,13 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(runs):
 # ----------------------------------------------------------------------------------------------- bad input
 
 
-def load_recipe():
-    spec = importlib.util.spec_from_file_location("uptrain_recipe", RECIPE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def recipe():
-    return load_recipe()
+    return uptrain_lib
 
 
 def fails(recipe, capsys, args: list[str]) -> str:
-    """Run the recipe in-process on bad input: exit code 2, nothing written, the message returned."""
+    """Run the library's command line in-process on bad input: exit code 2, nothing written, the message returned."""
     started = time.time()
     code = recipe.main(args)
     err = capsys.readouterr().err
@@ -531,8 +534,8 @@ def test_lora_modules_that_do_not_exist(recipe, assets, tmp_path, capsys):
 def test_output_folder_with_another_runs_checkpoints(recipe, assets, tmp_path, capsys):
     out = tmp_path / "out"
     common = [f"model={assets['model']}", f"data={assets['corpus']}", f"output_dir={out}", "max_steps=20"]
-    settings, _ = recipe.parse_args(common)
-    other_run = recipe.fingerprint(settings, recipe.plan_budget(settings, 1)) | {"lr": 0.5, "seed": 7}
+    settings, _ = recipe.load_settings(common)
+    other_run = fingerprint(settings, plan_budget(settings, 1)) | {"lr": 0.5, "seed": 7}
     ckpt = out / "checkpoints" / "step-000010"
     ckpt.mkdir(parents=True)
     (ckpt / "trainer_state.json").write_text(json.dumps({"step": 10, "run": other_run}))

@@ -7,6 +7,7 @@ it), a byte-level BPE tokenizer trained on it with `tokenizers`, and llama model
 from __future__ import annotations
 
 import random
+import sys
 from pathlib import Path
 
 import torch
@@ -98,3 +99,14 @@ def mean_pool_kv(source: Path, folder: Path, tokenizer) -> Path:
     mqa.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def hooked_command(args: list[str], hooks: str) -> list[str]:
+    """The uptraining command line with test hooks, as a fresh process (for kills and faults).
+
+    `hooks` is the source of `Hooks(...)`'s arguments, e.g. `"after_step=lambda step: time.sleep(0.3)"` (slow
+    steps, so that a kill lands mid-run) or `"on_loss=lambda step, loss: loss * float('nan') if step == 5 else loss"`.
+    The library reads no environment variable for these: only tests can switch them on.
+    """
+    code = f"import sys, time\nfrom convert.uptrain import Hooks, main\nsys.exit(main(sys.argv[1:], Hooks({hooks})))"
+    return [sys.executable, "-c", code, *args]

@@ -46,16 +46,12 @@ PLOT = "calibration_errors.png"
 # Relative error of an attention output that only rounding explains, by calibration dtype: below it the o refit is
 # not made (the merge was exact; bf16 runs of two different but equivalent layers differ by about 1%).
 NOISE_FLOOR = {torch.float32: 1e-4, torch.bfloat16: 0.03, torch.float16: 0.005}
-# Families whose rotary pairs are interleaved (dims 2j, 2j+1) rather than split halves (j, j + rotary_dim/2).
-INTERLEAVED_ROTARY = ("cohere", "cohere2", "ernie4_5")
 
 
-def family_traits(model_type: str | None) -> tuple[bool, bool]:
-    """(rotary pairs interleaved, queries and keys normalized per head after the projection) for a family.
-    These are facts of the family's table row; this is the one place calibration reads them."""
-    from ..families import QK_NORM_FAMILIES
-
-    return model_type in INTERLEAVED_ROTARY, model_type in QK_NORM_FAMILIES
+def family_traits(family: Any) -> tuple[bool, bool]:
+    """(rotary pairs interleaved, queries and keys normalized per head after the projection) for a family: facts of
+    its table row, read in this one place."""
+    return family.rotary == "interleaved", bool(family.qk_norm)
 
 
 class CalibratedOptions(BaseModel):
@@ -138,7 +134,7 @@ class Calibrator:
         self.dtype = getattr(torch, opts.calibration_dtype)
         self.device = opts.torch_device()
         self.model_type = source.raw_config.get("model_type")
-        interleaved, self.qk_norm_family = family_traits(self.model_type)
+        interleaved, self.qk_norm_family = family_traits(source.family)
         self.pairs = rotary_pairs(source.shapes.rotary_dim, interleaved)
         vocab = int(getattr(source.config, "vocab_size", 0) or 0)
         ids, where = calibration_ids(
@@ -327,6 +323,11 @@ class Calibrated(Method):
 
     def layer_contexts(self, source: Any, groups: int, seed: int, **options: Any) -> Callable[[int], dict] | None:
         opts = CalibratedOptions.parse(options)
+        if source.raw_config.get("model_type") == "gpt_bigcode":  # also the output of the gpt2 and opt routes
+            raise ConversionError(
+                "--method calibrated does not support gpt_bigcode (its learned positions are added outside the "
+                "decoder layers that calibration runs): use --method mean, first or random"
+            )
         self.calibrator, self.info = None, {"started": time.perf_counter()}
         if groups == source.shapes.num_kv_heads:
             self.info["summary"] = {"note": "G equals the current KV-head count: nothing to merge, weights unchanged"}

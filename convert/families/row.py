@@ -1,9 +1,4 @@
-"""Where each transformers family keeps its attention weights, as data.
-
-Every family is one `Family` row: the prefix of a layer's attention tensors, the projection names, which of the
-three weight layouts it uses, and the config key that holds the KV-head count. The converter never branches on
-`model_type`; it reads the row and uses the layout's `split`/`join` pair to move between the checkpoint tensors and
-the canonical per-head form (`Attention`) that the merge methods work on.
+"""The `Family` row class, the canonical per-head form of one layer's attention, and the fused weight layouts.
 
 Layouts (rows of a projection weight, `d` = head_dim):
     split     q_proj [H*d, D], k_proj [Hkv*d, D], v_proj [Hkv*d, D]            (llama, qwen2, gemma, ...)
@@ -75,9 +70,25 @@ class Shapes:
     rotary_dim: int  # leading dims of each head that rotary touches (0: no rotary, e.g. alibi)
 
 
+# What a family's q/k norm does, by the shape of its weight (d = head_dim):
+QK_NORM_KINDS = {
+    "": "no q/k norm",
+    "shared": "one [d] weight, applied to every head after the projection",
+    "flat": "one [H*d] weight over the whole projection",
+    "per_head": "one [d] weight per head, stored [H, d]",
+}
+# Which dims of a head rotary turns together.
+ROTARY_LAYOUTS = {
+    "half": "dims j and j + r/2 (transformers' rotate_half)",
+    "interleaved": "dims 2j and 2j + 1",
+    "": "none: positions are learned embeddings (gpt_bigcode), no head dims rotate",
+}
+
+
 @dataclass(frozen=True)
 class Family:
-    """How one group of `model_type`s stores attention."""
+    """Everything the converter knows about one group of `model_type`s: where the attention weights are, how they
+    are laid out, and how its config.json states (or omits) the sizes."""
 
     model_types: tuple[str, ...]
     prefix: str = "model.layers.{i}.self_attn."
@@ -89,15 +100,30 @@ class Family:
     layout: str = "split"
     q_norm: str = "q_norm"
     k_norm: str = "k_norm"
+    qk_norm: str = ""  # a key of QK_NORM_KINDS: pooled keys pass through this norm, so the merge is approximate
+    rotary: str = "half"  # a key of ROTARY_LAYOUTS
+    rope_by_layer_type: bool = False  # rope_parameters per layer type: the full-attention entry sets the rotary width
     kv_key: str = "num_key_value_heads"
-    # config.json keys the shapes read besides the common sizes (absent ones fall back to transformers' defaults)
-    config_keys: tuple[str, ...] = ("num_key_value_heads",)
+    # What transformers' config class assumes when config.json omits a key (head_dim, the KV-head count,
+    # partial_rotary_factor, falcon's flags). Absent here: derived as transformers does (head_dim = hidden / heads,
+    # KV heads = heads, rotary factor 1). tests/test_configs.py checks every row against the config classes.
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    # Older spellings config.json may use for a key, tried after the key itself: key -> (alias, ...).
+    names: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     notes: str = ""
     # Tensor-name fragments that mean "this checkpoint uses a variant we cannot express": fragment -> reason.
     refuse: Mapping[str, str] = field(default_factory=dict)
     # Family-specific reading of the current KV-head count and patching of the raw config.json.
     kv_heads: Callable[[Any], int] | None = None
     patch: Callable[[dict, int], dict] | None = None
+    # Families that do not follow the common config keys read their sizes themselves (T5: d_kv, decoder layers).
+    read_shapes: Callable[[Any], Shapes] | None = None
+    # Extra report lines on the KV cache: (shapes, KV heads before, after, bytes per element) -> notes.
+    cache_notes: Callable[[Any, int, int, int], list[str]] | None = None
+    # Families that do not follow the common config keys read their sizes themselves (T5: d_kv, decoder layers).
+    read_shapes: Callable[[Any], "Shapes"] | None = None
+    # Extra report lines on the KV cache: (shapes, KV heads before, after, bytes per element) -> notes.
+    cache_notes: Callable[[Any, int, int, int], list[str]] | None = None
 
     def current_kv_heads(self, config: Any) -> int:
         if self.kv_heads is not None:
@@ -204,6 +230,18 @@ class Family:
                 out[f"{p}{name}.weight"] = w if att.norms_2d else w.reshape(-1)
         return out
 
+    def pool_fused(self, x: Any, s_in: Shapes, s_out: Shapes, pool: Callable[[Any, int], Any]) -> Any:
+        """A fused q/k/v weight [rows, D] (a bias as [rows, 1]), float32 numpy or torch, with K and V pooled by
+        `pool` ([Hkv, n] -> [G, n]) and the rows arranged as the output layout has them. Queries are moved, never
+        changed: this is `split`, pool, `join` for weight-only methods, without the per-head Attention form."""
+        split, join = _LAYOUTS[self.layout]
+        H, Hkv, G, d = s_in.num_heads, s_in.num_kv_heads, s_out.num_kv_heads, s_in.head_dim
+        cols = x.shape[-1]
+        q, k, v = split(x, s_in)
+        k = pool(k.reshape(Hkv, -1), G).reshape(G, d, cols)  # [G, d, cols]
+        v = pool(v.reshape(Hkv, -1), G).reshape(G, d, cols)
+        return join(q.reshape(H, d, cols), k, v, s_out, G).reshape(-1, cols)
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Fused layouts. Each is a (split, join) pair over row blocks; `x` is [rows, cols] with rows = heads * d.
@@ -215,11 +253,20 @@ def _concat_split(x: Tensor, s: Shapes) -> tuple[Tensor, Tensor, Tensor]:
     return x[:nq], x[nq : nq + nk], x[nq + nk :]
 
 
-def _concat_join(q: Tensor, k: Tensor, v: Tensor, s: Shapes, groups: int) -> Tensor:
+def _xp(x: Any) -> Any:
+    """numpy for a numpy array, else torch: the fused layouts run on both (numpy on the torch-free path)."""
+    import numpy as np
+
+    if isinstance(x, np.ndarray):
+        return np
     import torch
 
+    return torch
+
+
+def _concat_join(q: Tensor, k: Tensor, v: Tensor, s: Shapes, groups: int) -> Tensor:
     cols = q.shape[-1]
-    return torch.cat([q.reshape(-1, cols), k.reshape(-1, cols), v.reshape(-1, cols)])
+    return _xp(q).concatenate([q.reshape(-1, cols), k.reshape(-1, cols), v.reshape(-1, cols)])
 
 
 def _falcon_split(x: Tensor, s: Shapes) -> tuple[Tensor, Tensor, Tensor]:
@@ -244,15 +291,14 @@ def s_falcon_classic(x: Tensor, s: Shapes) -> bool:
 
 
 def _falcon_join(q: Tensor, k: Tensor, v: Tensor, s: Shapes, groups: int) -> Tensor:
-    import torch
-
+    xp = _xp(q)
     H, d = q.shape[0], q.shape[1]
     cols = q.shape[-1]
     if groups == H and s_falcon_classic(q, s):
-        return torch.stack([q, k, v], dim=1).reshape(-1, cols)
+        return xp.stack([q, k, v], 1).reshape(-1, cols)
     # Grouped (new architecture); with groups == 1 this is also the multi-query arrangement.
     q = q.reshape(groups, H // groups, d, cols)
-    return torch.cat([q, k[:, None], v[:, None]], dim=1).reshape(-1, cols)
+    return xp.concatenate([q, k[:, None], v[:, None]], 1).reshape(-1, cols)
 
 
 @dataclass(frozen=True)
@@ -261,133 +307,3 @@ class FalconShapes(Shapes):
 
 
 _LAYOUTS = {"concat": (_concat_split, _concat_join), "falcon": (_falcon_split, _falcon_join)}
-
-
-def _falcon_kv_heads(config: Any) -> int:
-    if config.new_decoder_architecture:
-        return int(config.num_kv_heads)
-    return 1 if config.multi_query else int(config.num_attention_heads)
-
-
-def _falcon_patch(raw: dict, groups: int) -> dict:
-    """Falcon expresses G through its architecture flags, not only a head count."""
-    heads = raw.get("num_attention_heads", 71)
-    if raw.get("new_decoder_architecture"):
-        return {**raw, "num_kv_heads": groups}
-    if groups == heads:
-        return raw
-    if groups == 1:
-        return {**raw, "multi_query": True}
-    if not raw.get("parallel_attn", True):
-        raise ConversionError(
-            "falcon with sequential attention (parallel_attn=false) can only become multi-query: use --num-kv-heads 1"
-        )
-    # The new architecture with one shared layer norm computes exactly what classic parallel attention does.
-    return {**raw, "new_decoder_architecture": True, "num_ln_in_parallel_attn": 1, "num_kv_heads": groups}
-
-
-def _stablelm_refuse() -> dict[str, str]:
-    return {
-        "k_layernorm.norms.": "stablelm with qk_layernorm=true keeps one norm module per KV head; "
-        "the merged checkpoint could not keep the same tensor names"
-    }
-
-
-FAMILIES: tuple[Family, ...] = (
-    Family(
-        model_types=(
-            "llama",
-            "mistral",
-            "mixtral",
-            "qwen2",
-            "qwen2_moe",
-            "qwen3",
-            "qwen3_moe",
-            "gemma",
-            "gemma2",
-            "gemma3_text",
-            "olmo",
-            "olmo2",
-            "olmoe",
-            "starcoder2",
-            "granite",
-            "granitemoe",
-            "cohere",
-            "cohere2",
-            "nemotron",
-            "exaone4",
-            "apertus",
-            "seed_oss",
-            "ernie4_5",
-            "arcee",
-            "smollm3",
-        ),
-    ),
-    Family(model_types=("stablelm",), refuse=_stablelm_refuse()),
-    Family(model_types=("phi",), o="dense", q_norm="q_layernorm", k_norm="k_layernorm"),
-    Family(model_types=("phi3",), fused="qkv_proj", layout="concat"),
-    Family(
-        model_types=("falcon",),
-        prefix="transformer.h.{i}.self_attention.",
-        o="dense",
-        fused="query_key_value",
-        layout="falcon",
-        kv_key="num_kv_heads",
-        config_keys=("new_decoder_architecture", "multi_query", "num_kv_heads"),
-        kv_heads=_falcon_kv_heads,
-        patch=_falcon_patch,
-        notes="classic MHA falcon becomes multi-query (G=1) or the new grouped architecture (1<G<H)",
-    ),
-)
-
-# Families whose q/k norms make a merged key only approximately equal to the pooled source keys.
-QK_NORM_FAMILIES = ("qwen3", "qwen3_moe", "olmo2", "olmoe", "gemma3_text", "cohere", "exaone4", "apertus")
-
-
-def supported_model_types() -> list[str]:
-    return sorted(t for f in FAMILIES for t in f.model_types)
-
-
-def family_for(model_type: str | None) -> Family:
-    for fam in FAMILIES:
-        if model_type in fam.model_types:
-            return fam
-    raise ConversionError(
-        f"unsupported model_type {model_type!r}: gqa-convert knows {', '.join(supported_model_types())}. "
-        "Add a row to convert/families.py:FAMILIES if its attention fits one of the layouts there."
-    )
-
-
-def shapes_for(family: Family, config: Any) -> Shapes:
-    """Every size from the config: heads, KV heads, head_dim (explicit where set), rotary width."""
-    H = int(config.num_attention_heads)
-    hidden = int(config.hidden_size)
-    head_dim = getattr(config, "head_dim", None) or hidden // H
-    rope = getattr(config, "rope_parameters", None) or {}
-    if isinstance(rope, dict) and "full_attention" in rope:  # per-layer-type rope (gemma3): same factor assumed
-        rope = rope["full_attention"]
-    factor = rope.get("partial_rotary_factor") if rope else None
-    factor = factor or getattr(config, "partial_rotary_factor", None) or 1.0  # older configs keep it at top level
-    uses_alibi = bool(getattr(config, "alibi", False))
-    rotary_dim = 0 if uses_alibi else int(head_dim * factor)
-    base = dict(
-        num_heads=H,
-        num_kv_heads=family.current_kv_heads(config),
-        head_dim=int(head_dim),
-        hidden=hidden,
-        num_layers=int(config.num_hidden_layers),
-        rotary_dim=rotary_dim,
-    )
-    if family.layout == "falcon":
-        classic = not config.new_decoder_architecture and not config.multi_query
-        return FalconShapes(**base, classic=classic)
-    return Shapes(**base)
-
-
-def output_shapes(s: Shapes, groups: int, raw_config: dict, family: Family) -> Shapes:
-    """Shapes after conversion (falcon may change arrangement)."""
-    if isinstance(s, FalconShapes):
-        patched = family.patch_config(raw_config, groups)
-        classic = not patched.get("new_decoder_architecture") and not patched.get("multi_query")
-        return FalconShapes(**{**s.__dict__, "num_kv_heads": groups, "classic": classic})
-    return replace(s, num_kv_heads=groups)

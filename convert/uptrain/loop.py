@@ -1,0 +1,408 @@
+"""The training loop, in the order it runs: check, setup, train step, evaluate, save, finish.
+
+`uptrain(settings)` runs one budgeted continued-pretraining run on however many processes `accelerate launch`
+started (one CPU, one GPU, DDP or FSDP over nodes) and returns its training summary. Everything is checked before
+any compute; a checkpoint restores model, optimizer, scheduler, RNG and the data position, so a resumed run
+reproduces the uninterrupted one step for step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from convert.formatting import duration
+from convert.uptrain import checkpointing as ckpt
+from convert.uptrain.budget import lr_factor, plan_budget
+from convert.uptrain.data import global_batches, open_stream, prepare_data
+from convert.uptrain.model import (
+    check_model_folder,
+    check_modules,
+    choose_trainable,
+    count_params,
+    evaluate,
+    kd_loss,
+    lm_loss,
+    load_causal_lm,
+)
+from convert.uptrain.report import Metrics, Summary, describe_plan
+from convert.uptrain.settings import Options, Settings, SettingsError
+
+
+class TrainingError(RuntimeError):
+    """A fault during training (a non-finite loss)."""
+
+
+@dataclass
+class Hooks:
+    """Test-only switches into the loop; the defaults change nothing."""
+
+    on_loss: Callable[[int, torch.Tensor], torch.Tensor] | None = None  # (step, loss) -> the loss to backpropagate
+    after_step: Callable[[int], None] | None = None  # called after each optimizer step, before it is logged
+
+
+def world_size() -> int:
+    """The number of processes `accelerate launch` (or torchrun, MPI) started, read before any setup."""
+    from accelerate.utils import get_int_from_env
+
+    return get_int_from_env(["WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"], 1)
+
+
+def is_main_rank() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+class Uptraining:
+    """One run: `check()` (no compute), `setup()`, then `train()`, which calls `train_step`, `evaluate`, `save`."""
+
+    def __init__(self, s: Settings, options: Options | None = None, hooks: Hooks | None = None):
+        self.s, self.options, self.hooks = s, options or Options(), hooks or Hooks()
+        self.chatter = sys.stderr if self.options.json else sys.stdout
+
+    def say(self, text: str) -> None:
+        """Main process only; tqdm.write keeps the progress bar intact."""
+        from tqdm.auto import tqdm
+
+        if is_main_rank() and not self.options.quiet:
+            tqdm.write(text, file=self.chatter)
+            self.chatter.flush()
+
+    # ------------------------------------------------------------------ 1. check everything before compute
+    def check(self) -> Summary | None:
+        """Inputs, budget, resume point and data; the finished summary when this very run is already complete."""
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        s, trust = self.s, self.s.trust_remote_code
+        check_model_folder(s.model, "model", trust)
+        if s.teacher is not None:
+            check_model_folder(s.teacher, "teacher", trust)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(s.model, trust_remote_code=trust)
+            config = AutoConfig.from_pretrained(s.model, trust_remote_code=trust)
+        except Exception as e:
+            raise SettingsError(f"cannot read the tokenizer or config in {s.model!r}: {e}") from None
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust)
+        check_modules(s, skeleton)
+        self.total_params, self.teacher_params = count_params(skeleton), 0
+        del skeleton
+        if s.teacher is not None:
+            teacher_config = AutoConfig.from_pretrained(s.teacher, trust_remote_code=trust)
+            if teacher_config.vocab_size != config.vocab_size:
+                raise SettingsError(
+                    f"teacher vocabulary ({teacher_config.vocab_size}) differs from the model's "
+                    f"({config.vocab_size}): the teacher must be the original of the converted model"
+                )
+            with torch.device("meta"):
+                teacher = AutoModelForCausalLM.from_config(teacher_config, trust_remote_code=trust)
+                self.teacher_params = count_params(teacher)
+        self.plan = plan_budget(s, world_size())
+        tokens = self.plan["tokens"]
+        self.plan["alpha"] = tokens / s.pretraining_tokens if s.pretraining_tokens else None
+        self.plan["flops"] = 6 * self.total_params * tokens + 2 * self.teacher_params * tokens
+        self.run_id = ckpt.fingerprint(s, self.plan)
+        self.resume_from = ckpt.find_resume_point(s, self.run_id)
+        done = Path(s.output_dir) / "model" / "training_summary.json"
+        if s.resume == "auto" and done.is_file() and json.loads(done.read_text()).get("run") == self.run_id:
+            self.say(f"{s.output_dir}: this run is already complete (model/ written); nothing to do")
+            return json.loads(done.read_text())
+        self.data = prepare_data(s, self.tokenizer)
+        val = self.data["val_blocks"]
+        if val is not None and len(val) < self.plan["num_processes"]:
+            raise SettingsError(
+                f"{len(val)} validation blocks cannot be shared by {self.plan['num_processes']} processes: "
+                f"raise max_eval_blocks or the validation data"
+            )
+        return None
+
+    # ------------------------------------------------------------------ 2. accelerate, model, optimizer, state
+    def setup(self) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedType, is_tensorboard_available, set_seed
+
+        s, plan = self.s, self.plan
+        if s.report_to == "none":
+            trackers = []
+        elif s.report_to == "auto":
+            trackers = ["tensorboard"] if is_tensorboard_available() else []
+        else:
+            trackers = s.report_to.split(",")
+        self.accelerator = accel = Accelerator(
+            cpu=not torch.accelerator.is_available(),
+            mixed_precision=s.mixed_precision,
+            gradient_accumulation_steps=s.grad_accum,
+            step_scheduler_with_optimizer=False,  # the schedule is per optimizer step, whatever the process count
+            log_with=trackers or None,
+            project_dir=str(Path(s.output_dir) / "logs"),
+        )
+        assert accel.num_processes == plan["num_processes"], "WORLD_SIZE and accelerate disagree"
+        set_seed(s.seed)
+        if accel.is_main_process:
+            Path(s.output_dir).mkdir(parents=True, exist_ok=True)
+            ckpt.clear_partial_checkpoints(s)
+        accel.wait_for_everyone()
+
+        model = load_causal_lm(s.model, s)
+        model.config.use_cache = False
+        if s.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = choose_trainable(model, s)
+        model.train()
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        self.trainable_params = sum(p.numel() for p in trainable)
+        optimizer = torch.optim.AdamW(
+            [  # no weight decay on norms and biases
+                {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": s.weight_decay},
+                {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
+            ],
+            lr=s.lr,
+            betas=(s.adam_beta1, s.adam_beta2),
+            eps=s.adam_eps,
+        )
+        total, warmup = plan["total_steps"], plan["warmup_steps"]
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_factor(step, warmup, total, s.min_lr_ratio)
+        )
+        self.model, self.optimizer, self.scheduler = accel.prepare(model, optimizer, scheduler)
+
+        self.teacher = None
+        if s.teacher is not None:
+            teacher = load_causal_lm(s.teacher, s)
+            teacher.requires_grad_(False)
+            teacher.eval()
+            if accel.distributed_type == DistributedType.FSDP:
+                teacher = accel.prepare_model(teacher, evaluation_mode=True)  # sharded like the student
+            else:
+                teacher = teacher.to(accel.device)
+            self.teacher = teacher
+
+        self.start_step, self.previous_seconds, stream_state = 0, 0.0, None
+        if self.resume_from is not None:
+            saved, stream_state = ckpt.load_checkpoint(accel, self.resume_from)
+            self.start_step, self.previous_seconds = saved["step"], saved["train_seconds"]
+        if s.streaming:
+            self.data["stream"] = open_stream(s, self.data, stream_state)
+        resumed = self.start_step if self.resume_from is not None else None
+        self.metrics = Metrics(accel, Path(s.output_dir) / "metrics.jsonl", resumed)
+        hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in s.model_dump().items()}
+        accel.init_trackers("uptrain", config=hparams)
+        val = self.data["val_blocks"]  # an equal share for every process
+        self.val_blocks = None if val is None else val[: len(val) - len(val) % plan["num_processes"]]
+        self.last_checkpoint = self.resume_from.name if self.resume_from else None
+
+        sizes = {"trainable": self.trainable_params, "total": self.total_params}
+        resume = (str(self.resume_from), self.start_step) if self.resume_from is not None else None
+        for line in describe_plan(s, plan, self.data, sizes, resume):
+            self.say(line)
+
+    # ------------------------------------------------------------------ 3. one optimizer step
+    def train_step(self, step: int, batch: torch.Tensor) -> dict:
+        """Forward, backward and update on this process's share of one global batch; the losses, reduced."""
+        s, accel, model = self.s, self.accelerator, self.model
+        rank, procs, mb = accel.process_index, accel.num_processes, s.micro_batch_size
+        sums = torch.zeros(3, device=accel.device)  # loss, lm loss, kl
+        grad_norm = None
+        for micro in range(s.grad_accum):
+            first = (micro * procs + rank) * mb
+            ids = batch[first : first + mb].to(accel.device)
+            with accel.accumulate(model):
+                logits = model(input_ids=ids).logits
+                lm = lm_loss(logits, ids)
+                loss, kl = lm, torch.zeros((), device=lm.device)
+                if self.teacher is not None:
+                    with torch.no_grad(), accel.autocast():
+                        t_logits = self.teacher(input_ids=ids).logits
+                    kl = kd_loss(logits[:, :-1], t_logits[:, :-1], s.kd_temperature)
+                    loss = (1 - s.kd_weight) * lm + s.kd_weight * kl
+                if self.hooks.on_loss is not None:
+                    loss = self.hooks.on_loss(step, loss)
+                accel.backward(loss)
+                grad_norm = None
+                if accel.sync_gradients and s.max_grad_norm > 0:
+                    grad_norm = accel.clip_grad_norm_(model.parameters(), s.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            sums += torch.stack([loss.detach(), lm.detach(), kl.detach()]).float()
+        self.scheduler.step()
+        loss, lm, kl = accel.reduce(sums / s.grad_accum, "mean").tolist()
+        norm = float(grad_norm) if grad_norm is not None else 0.0  # the same on every process
+        if not math.isfinite(loss) or not math.isfinite(norm):
+            self.stop_on_fault(
+                step, f"the loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {norm}"
+            )
+        row = {"loss": loss, "lm_loss": lm, "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": None}
+        if self.teacher is not None:
+            row["kl"] = kl
+        if grad_norm is not None:
+            row["grad_norm"] = norm
+        return row
+
+    def stop_on_fault(self, step: int, what: str) -> None:
+        self.accelerator.end_training()
+        keep = ckpt.complete_checkpoints(self.s)
+        raise TrainingError(
+            f"{what} at step {step}; stopped without saving. The last good checkpoint is "
+            + (
+                f"{keep[-1]} (step {ckpt.checkpoint_step(keep[-1])}); "
+                f"rerun with resume: auto, after lowering lr or enabling clipping"
+                if keep
+                else "none"
+            )
+        )
+
+    # ------------------------------------------------------------------ 4. evaluate, save
+    def evaluate(self, step: int) -> None:
+        if self.val_blocks is None:
+            return
+        s = self.s
+        result = evaluate(
+            self.accelerator, self.model, self.teacher, self.val_blocks, s.micro_batch_size, s.kd_temperature
+        )
+        self.metrics.log({"kind": "eval", "step": step, "tokens": step * self.plan["tokens_per_step"], **result})
+        self.say(f"  step {step:<6} validation loss {result['val_loss']:.4f}, perplexity {result['val_ppl']:.3f}")
+
+    def save(self, step: int) -> None:
+        seconds = self.previous_seconds + time.time() - self.session_start
+        state = {
+            "step": step,
+            "tokens": step * self.plan["tokens_per_step"],
+            "train_seconds": seconds,
+            "run": self.run_id,
+        }
+        stream = self.data.get("stream")
+        self.last_checkpoint = ckpt.save_checkpoint(self.accelerator, self.s, step, state, stream).name
+
+    # ------------------------------------------------------------------ 5. the loop
+    def train(self) -> Summary:
+        from tqdm.auto import tqdm
+
+        s, plan, total = self.s, self.plan, self.plan["total_steps"]
+        if self.resume_from is None:
+            self.evaluate(0)
+        bar = tqdm(
+            total=total,
+            initial=self.start_step,
+            disable=self.options.quiet or not self.accelerator.is_main_process,
+            unit="step",
+            dynamic_ncols=True,
+        )
+        batches = global_batches(s, self.data, plan["global_batch"], self.start_step)
+        self.session_start, measured_from = time.time(), None
+        try:
+            for step in range(self.start_step + 1, total + 1):
+                row = self.train_step(step, next(batches))
+                if self.hooks.after_step is not None:
+                    self.hooks.after_step(step)
+                now = time.time()
+                if measured_from is None:
+                    measured_from = (now, step)  # the first step pays one-off costs; measure from its end
+                steps_measured = step - measured_from[1]
+                speed = steps_measured * plan["tokens_per_step"] / (now - measured_from[0]) if steps_measured else None
+                row = {"kind": "train", "step": step, "tokens": step * plan["tokens_per_step"], **row}
+                row["tokens_per_s"] = speed  # keeps its place among the keys
+                self.metrics.log(row)
+                bar.update(1)
+                bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{speed or 0:.0f}", refresh=False)
+                if steps_measured == 3:
+                    left = (total - step) * plan["tokens_per_step"] / speed
+                    self.say(
+                        f"  measured    {speed:,.0f} tokens/s over steps {step - 2}-{step}: {total - step} steps "
+                        f"left, about {duration(left)} of training (evaluations and checkpoints not counted)"
+                    )
+                if (s.eval_every and step % s.eval_every == 0) or step == total:
+                    self.evaluate(step)
+                if s.save_every and step % s.save_every == 0:
+                    self.save(step)
+        finally:
+            bar.close()
+        return self.finish()
+
+    # ------------------------------------------------------------------ 6. the result
+    def finish(self) -> Summary:
+        s, plan = self.s, self.plan
+        train_seconds = self.previous_seconds + time.time() - self.session_start
+        evals, train_rows = self.metrics.of_kind("eval"), self.metrics.of_kind("train")
+        tokens = plan["tokens"]
+        summary: Summary = {
+            "model_dir": str(Path(s.output_dir) / "model"),
+            "settings": s.model_dump(),
+            "run": self.run_id,
+            "data": self.data["train_name"],
+            "validation": self.data.get("val_name"),
+            "steps": plan["total_steps"],
+            "global_batch": plan["global_batch"],
+            "warmup_steps": plan["warmup_steps"],
+            "tokens": tokens,
+            "compute_fraction": plan["alpha"],
+            "num_processes": plan["num_processes"],
+            "total_params": self.total_params,
+            "trainable_params": self.trainable_params,
+            "teacher_params": self.teacher_params,
+            "flops_estimate": plan["flops"],
+            "train_seconds": train_seconds,
+            "tokens_per_s": (tokens - self.start_step * plan["tokens_per_step"])
+            / max(time.time() - self.session_start, 1e-9),
+            "final_train_loss": train_rows[-1]["loss"] if train_rows else None,
+            "initial_eval": evals[0] if evals else None,
+            "final_eval": evals[-1] if evals else None,
+            "resumed_from": str(self.resume_from) if self.resume_from else None,
+            "last_checkpoint": self.last_checkpoint,
+        }
+        final = ckpt.save_output(self.accelerator, self.model, s, self.tokenizer, summary, self.metrics.rows)
+        self.accelerator.end_training()
+        first, last = summary["initial_eval"], summary["final_eval"]
+        ppl = f"validation perplexity {first['val_ppl']:.3f} -> {last['val_ppl']:.3f}, " if last else ""
+        self.say(f"done: {final} ({ppl}{tokens:,} tokens, {duration(train_seconds)})")
+        return summary
+
+
+def uptrain(settings: Settings, options: Options | None = None, hooks: Hooks | None = None) -> Summary:
+    """Run (or resume, or find already finished) one uptraining run; its training summary.
+
+    Raises SettingsError (bad settings or inputs, before any compute), convert.data.DataError (unreadable data)
+    or TrainingError (a non-finite loss; the last checkpoint is kept). Under several processes the summary is
+    complete on the main process (the one that writes metrics.jsonl); the others see this session's rows only.
+    """
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers' threads and forked workers deadlock
+    # accelerate warns on every checkpoint of a model with tied embeddings that it stored the shared tensor once
+    logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
+    hf_logging.disable_progress_bar()
+    run = Uptraining(settings, options, hooks)
+    finished = run.check()
+    if finished is not None:
+        return finished
+    run.setup()
+    return run.train()
+
+
+def main(argv: list[str] | None = None, hooks: Hooks | None = None) -> int:
+    """The command line: `CONFIG.yaml key=value ... [--quiet] [--json]`; exit 0, 2 (bad input) or 1 (fault)."""
+    from convert.data import DataError
+    from convert.uptrain.settings import load_settings
+
+    try:
+        settings, options = load_settings(sys.argv[1:] if argv is None else argv)
+        summary = uptrain(settings, options, hooks)
+    except (SettingsError, DataError) as e:
+        if is_main_rank():
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    except TrainingError as e:
+        if is_main_rank():
+            print(f"error: {e}", file=sys.stderr)
+        return 1
+    if options.json and is_main_rank():
+        print(json.dumps(summary, indent=2))
+    return 0
