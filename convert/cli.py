@@ -246,15 +246,19 @@ def inspect(source: str, revision: str | None, allow_pickle: bool, as_json: bool
 )
 @click.option("--window", type=int, default=512, show_default=True, help="Tokens per perplexity window.")
 @click.option("--stride", type=int, default=None, help="Tokens between window starts (default: the window).")
-@click.option("--max-windows", type=int, default=8, show_default=True, help="Windows scored per model.")
+@click.option("--max-windows", type=int, default=8, show_default=True, help="Windows scored per model (0: all).")
 @click.option(
     "--contexts",
-    default="128,512,2048",
-    show_default=True,
-    help="Context lengths for the decode measurement (comma-separated; empty to skip).",
+    default=None,
+    help="Context lengths for the decode measurement (comma-separated; empty to skip). Default 128,512,2048, "
+    "leaving out with a warning those a model's positions or the text are too short for; given ones are all "
+    "measured or refused.",
 )
 @click.option("--new-tokens", type=int, default=32, show_default=True, help="Tokens decoded per measurement.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... or auto.")
+@click.option(
+    "--tokenizer", default=None, help="Tokenizer folder or hub id, for model folders without one (e.g. the original)."
+)
 @click.option(
     "--trust-remote-code",
     is_flag=True,
@@ -270,6 +274,7 @@ def eval_(
     contexts: str,
     new_tokens: int,
     device: str,
+    tokenizer: str | None,
     trust_remote_code: bool,
     as_json: bool,
 ) -> None:
@@ -279,10 +284,14 @@ def eval_(
     from .compare import as_dicts, compare, format_table
 
     hf_logging.disable_progress_bar()
-    try:
-        ctx = tuple(int(c) for c in contexts.split(",") if c.strip())
-    except ValueError:
-        _fail(ValueError(f"--contexts {contexts!r} must be comma-separated integers, e.g. 128,512,2048"))
+    ctx = None
+    if contexts is not None:
+        try:
+            ctx = tuple(int(c) for c in contexts.split(",") if c.strip())
+        except ValueError:
+            _fail(ValueError(f"--contexts {contexts!r} must be comma-separated integers, e.g. 128,512,2048"))
+    if max_windows < 0:
+        _fail(ValueError(f"--max-windows must be 0 (all windows) or more, got {max_windows}"))
     for m in models:
         if not (Path(m) / "config.json").is_file():
             _fail(ValueError(f"MODEL {m} is not a model folder (no config.json): pass converted or original folders"))
@@ -292,14 +301,18 @@ def eval_(
             data=data,
             window=window,
             stride=stride,
-            max_windows=max_windows,
+            max_windows=max_windows or None,
             contexts=ctx,
             new_tokens=new_tokens,
             device=device,
+            tokenizer=tokenizer,
             trust_remote_code=trust_remote_code,
         )
     except (ValueError, OSError) as e:
         _fail(e)
+    for r in results:
+        for line in r.left_out:
+            click.echo(f"warning: {line}", err=True)
     if as_json:
         click.echo(json.dumps(as_dicts(results), indent=2))
         return
