@@ -257,8 +257,7 @@ def provenance() -> dict:
         "bench/replication_analysis.py",
         *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "convert" / "uptrain").glob("*.py")),
         "convert/checkpoint.py",
-        "convert/methods.py",
-        "convert/calibrate.py",
+        *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "convert" / "methods").glob("*.py")),
         "convert/evaluate.py",
         "convert/data.py",
     ]

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from .core import check_groups, kv_cache_bytes_per_token
 from .families import QK_NORM_FAMILIES, ConversionError, Shapes
 from .families_mha import modeling_template
+from .methods import array_pool, method_module
 from .output import (
     OutputLock,
     check_output,
@@ -29,7 +30,6 @@ from .output import (
     write_error,
 )
 from .planning import DTYPE_CHOICES, OutTensor, assign_shards, output_st, parse_size, plan_tensors
-from .pooling import WEIGHT_ONLY_POOLS
 from .report import PROVENANCE, Report, model_card, provenance
 from .shipped import check_method, load_hint, require_flag, ship_modeling_code, shipped_note, template_manifest
 from .source import SIDE_FILES, Source, describe, open_source
@@ -139,8 +139,8 @@ class Conversion:
         # Mean and first pooling of a plain checkpoint need no torch (see numpy_pool). Any other conversion starts
         # torch and the merge methods loading on a thread now, while the checkpoint is checked and planned from
         # its headers and the untouched tensors start copying: the import then costs no wall time of its own.
-        if self.method not in WEIGHT_ONLY_POOLS or self.options:
-            self.methods = _import_in_background("convert.methods")
+        if array_pool(self.method) is None or self.options:
+            self.methods = _import_in_background(method_module(self.method))
         self.src = open_source(self.source, s.revision, s.allow_pickle, s.trust_remote_code, groups=self.groups)
         check_groups(self.groups, self.src.shapes)
         self.template = modeling_template(self.src.family, self.groups, self.src.shapes.num_heads)
@@ -156,7 +156,7 @@ class Conversion:
         self.tensors, self.s_out = plan_tensors(self.src, self.groups, s.dtype)
         self.pool = numpy_pool(self.src, self.tensors, self.method, s.dtype, s.method_options)
         if self.pool is None and self.methods is None:
-            self.methods = _import_in_background("convert.methods")
+            self.methods = _import_in_background(method_module(self.method))
         self.shards = assign_shards(self.tensors, parse_size(s.max_shard_size))
         self.bytes_out = sum(nbytes(t.st, t.shape) for t in self.tensors)
 
@@ -352,11 +352,14 @@ def _import_in_background(module: str) -> Callable[[], Any]:
     return wait
 
 
-def _load_method(methods: Any, name: str, options: dict[str, Any] | None) -> "Method":
-    merger = methods.get_method(name)
+def _load_method(module: Any, name: str, options: dict[str, Any] | None) -> "Method":
+    """A new method object for this conversion (`module`: its module, imported in the background)."""
+    from .methods import get_method, method_class, method_names
+
+    merger = get_method(name)
     if options and not merger.needs_calibration:
         flags = ", ".join("--" + k.replace("_", "-") for k in options)
-        calibrated = ", ".join(n for n, m in methods.METHODS.items() if m.needs_calibration)
+        calibrated = ", ".join(n for n in method_names() if method_class(n).needs_calibration)
         raise ConversionError(
             f"{flags}: only for calibrated methods ({calibrated}); --method {name} reads the weights alone"
         )

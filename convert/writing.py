@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING, Any
 from tqdm.auto import tqdm
 
 from .core import convert_layer
+from .methods import array_pool
 from .planning import OutTensor
-from .pooling import WEIGHT_ONLY_POOLS, relative_error
+from .pooling import relative_error
 from .tensorio import (
     NUMPY_FLOATS,
     Copier,
@@ -110,15 +111,15 @@ def write_shards(
 def numpy_pool(src: Source, plan: list[OutTensor], method: str, dtype: str, options: dict | None = None) -> Any:
     """The pooling function when this conversion can run on numpy alone, else None (torch does it).
 
-    That is mean or first pooling (`WEIGHT_ONLY_POOLS`), the split layout (every tensor that changes is a KV-head
+    That is a method with an `array_pool` (mean, first), the split layout (every tensor that changes is a KV-head
     tensor with the heads as its leading rows), --dtype keep and safetensors whose K/V are F32/F16/BF16: the
     rest of the checkpoint is then copied byte for byte, and torch, a second of CPU to import, never loads.
     """
-    if method not in WEIGHT_ONLY_POOLS or options or src.pickle or dtype != "keep" or src.family.layout != "split":
+    if array_pool(method) is None or options or src.pickle or dtype != "keep" or src.family.layout != "split":
         return None
     if any(t.source.st not in NUMPY_FLOATS or t.source.derive is not None for t in plan if t.computed(False)):
         return None
-    return WEIGHT_ONLY_POOLS[method]
+    return array_pool(method)
 
 
 def numpy_layers(src: Source, plan: list[OutTensor], pool: Callable, groups: int, report: Report) -> ComputeLayer:
