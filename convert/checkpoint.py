@@ -241,7 +241,7 @@ class Conversion:
         it rewrites queries and outputs too. A torch method waits here for the import started in `open`."""
         if self.pool is not None:
             self.report = self._new_report(rewrites_queries=False)
-            return numpy_layers(self.src, self.tensors, self.pool, self.groups, self.report), False
+            return numpy_layers(self.src, self.tensors, self.pool, self.s_out, self.report), False
         import torch
 
         merger = self.merger = self._load_merger()

@@ -111,21 +111,22 @@ def write_shards(
 def numpy_pool(src: Source, plan: list[OutTensor], method: str, dtype: str, options: dict | None = None) -> Any:
     """The pooling function when this conversion can run on numpy alone, else None (torch does it).
 
-    That is a method with an `array_pool` (mean, first), the split layout (every tensor that changes is a KV-head
-    tensor with the heads as its leading rows), --dtype keep and safetensors whose K/V are F32/F16/BF16: the
-    rest of the checkpoint is then copied byte for byte, and torch, a second of CPU to import, never loads.
+    That is a method with an `array_pool` (mean, first), --dtype keep and safetensors whose K/V are F32/F16/BF16,
+    in any layout (a fused q/k/v tensor is pooled by `Family.pool_fused`, which runs on numpy too): the rest of
+    the checkpoint is then copied byte for byte, and torch, a second of CPU to import, never loads.
     """
-    if array_pool(method) is None or options or src.pickle or dtype != "keep" or src.family.layout != "split":
+    if array_pool(method) is None or options or src.pickle or dtype != "keep":
         return None
     if any(t.source.st not in NUMPY_FLOATS or t.source.derive is not None for t in plan if t.computed(False)):
         return None
     return array_pool(method)
 
 
-def numpy_layers(src: Source, plan: list[OutTensor], pool: Callable, groups: int, report: Report) -> ComputeLayer:
-    """compute_layer for the torch-free path: each KV-head tensor of a layer read as float32, pooled over its
-    leading KV-head axis, rounded once to its dtype; K/V relative errors go to the report as the methods do."""
-    fam, hkv = src.family, src.shapes.num_kv_heads
+def numpy_layers(src: Source, plan: list[OutTensor], pool: Callable, s_out: Shapes, report: Report) -> ComputeLayer:
+    """compute_layer for the torch-free path: each tensor that changes read as float32, its KV heads pooled (the
+    leading axis of a K/V tensor; the K and V row blocks of a fused q/k/v tensor, rows rearranged as the output
+    layout has them), rounded once to its dtype; K/V relative errors go to the report as the methods do."""
+    fam, hkv, groups = src.family, src.shapes.num_kv_heads, s_out.num_kv_heads
     by_layer: dict[int, list[OutTensor]] = {}
     for t in plan:
         if t.computed(False):
@@ -133,15 +134,26 @@ def numpy_layers(src: Source, plan: list[OutTensor], pool: Callable, groups: int
 
     def compute_layer(layer: int) -> dict[str, np.ndarray]:
         p = fam.prefix.format(i=layer)
-        errors = {f"{p}{fam.k}.weight": "k_rel_err", f"{p}{fam.v}.weight": "v_rel_err"}
         out, stats = {}, {"layer": layer}
+        errors: list[float] = []  # of the pools of the tensor at hand
+
+        def noted(heads: np.ndarray, g: int) -> np.ndarray:  # [Hkv, numbers of one head] -> [G, ...]
+            pooled = pool(heads, g)
+            errors.append(relative_error(heads, pooled))
+            return pooled
+
         for t in by_layer[layer]:
-            heads = read_float32(t.source).reshape(hkv, -1)  # [Hkv, numbers of one head]
-            pooled = pool(heads, groups)  # [G, numbers of one head]
-            if t.name in errors:
-                stats[errors[t.name]] = relative_error(heads, pooled)
+            x = read_float32(t.source)
+            errors.clear()
+            if fam.layout == "split":
+                pooled = noted(x.reshape(hkv, -1), groups)
+                kinds = {f"{p}{fam.k}.weight": ["k_rel_err"], f"{p}{fam.v}.weight": ["v_rel_err"]}
+            else:  # fused: K is pooled first, then V
+                pooled = fam.pool_fused(x.reshape(x.shape[0], -1), src.shapes, s_out, noted)  # weight or [rows, 1]
+                kinds = {f"{p}{fam.fused}.weight": ["k_rel_err", "v_rel_err"]}
+            stats.update(zip(kinds.get(t.name, []), errors))
             out[t.name] = float32_to(pooled.reshape(t.shape), t.st)
-        report.per_layer.append(stats)
+        report.per_layer.append({k: stats[k] for k in ("layer", "k_rel_err", "v_rel_err") if k in stats})
         return out
 
     return compute_layer

@@ -58,6 +58,32 @@ def test_numpy_mean_writes_the_bytes_of_the_torch_method(model_type, tmp_path):
     assert all(0 < r["k_rel_err"] < 2 and 0 < r["v_rel_err"] < 2 for r in report.per_layer)
 
 
+# The fused layouts: phi3's [q | k | v] rows, falcon's grouped (new) and per-head interleaved (classic) rows.
+FUSED = {
+    "phi3": ("phi3", {}),
+    "falcon": ("falcon", {}),
+    "falcon_classic": (
+        "falcon",
+        dict(new_decoder_architecture=False, multi_query=False, parallel_attn=True, num_kv_heads=None),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FUSED))
+@pytest.mark.parametrize("method", ["mean", "first"])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_numpy_pools_fused_layouts_to_the_bytes_of_the_torch_method(case, method, groups, tmp_path):
+    """A fused q/k/v tensor (and its bias) is pooled on numpy with the rows moved as the torch join moves them:
+    falcon classic becomes multi-query (G=1) or the grouped arrangement (G=2)."""
+    model_type, overrides = FUSED[case]
+    src = save(tiny_model(model_type, seed=1, **overrides).to(torch.bfloat16), tmp_path / "src")
+    assert _numpy_path_taken(src, groups, method)
+    report = convert_checkpoint(src, tmp_path / "out", groups, method=method, progress=False)
+    _assert_same_as_torch(src, tmp_path / "out", groups, method, "bfloat16")
+    assert [list(r) for r in report.per_layer] == [["layer", "k_rel_err", "v_rel_err"]] * 2
+    assert all(0 < r["k_rel_err"] < 2 and 0 < r["v_rel_err"] < 2 for r in report.per_layer)
+
+
 @pytest.mark.parametrize("model_type", ["llama", "qwen2", "olmo2", "cohere"])
 @pytest.mark.parametrize("method", ["mean", "first"])
 @pytest.mark.parametrize("dtype", ["float16", "float32", "bfloat16"])
@@ -81,11 +107,10 @@ def test_relative_errors_match_the_torch_method(tmp_path):
         assert a["v_rel_err"] == pytest.approx(b["v_rel_err"], rel=1e-5)
 
 
-@pytest.mark.parametrize("case", ["random", "calibrated", "dtype", "phi3", "falcon", "pickle"])
+@pytest.mark.parametrize("case", ["random", "calibrated", "dtype", "pickle"])
 def test_torch_does_what_numpy_cannot(case, tmp_path):
-    """Random heads (torch's generator), calibration, dtype changes, fused layouts and pickles stay on torch."""
-    model_type = case if case in ("phi3", "falcon") else "llama"
-    model = tiny_model(model_type)
+    """Random heads (torch's generator), calibration, dtype changes and pickles stay on torch."""
+    model = tiny_model("llama")
     src = tmp_path / "src"
     if case == "pickle":  # what older transformers wrote: config.json beside a pickled state dict
         src.mkdir()
@@ -140,18 +165,25 @@ def test_rounding_is_torchs(st, tmp_path):
 
 
 def test_mean_and_first_conversions_never_import_torch(tmp_path):
-    src = save(tiny_model("qwen2").to(torch.bfloat16), tmp_path / "src")
-    code = (
-        "import sys\n"
-        "from convert import convert_checkpoint\n"
-        f"convert_checkpoint({str(src)!r}, {str(tmp_path / 'mean')!r}, 2, progress=False)\n"
-        f"convert_checkpoint({str(src)!r}, {str(tmp_path / 'first')!r}, 1, method='first', progress=False)\n"
-        f"convert_checkpoint({str(src)!r}, {str(tmp_path / 'plan')!r}, 1, dry_run=True)\n"
-        "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))[:5]\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    """Split and fused layouts alike (qwen2, phi3, falcon new and classic): one process, torch never loaded."""
+    sources = {"qwen2": save(tiny_model("qwen2").to(torch.bfloat16), tmp_path / "src" / "qwen2")}
+    for case, (model_type, overrides) in FUSED.items():
+        sources[case] = save(tiny_model(model_type, **overrides).to(torch.bfloat16), tmp_path / "src" / case)
+    lines = ["import sys", "from convert import convert_checkpoint"]
+    for case, src in sources.items():
+        lines += [
+            f"convert_checkpoint({str(src)!r}, {str(tmp_path / case / 'mean')!r}, 2, progress=False)",
+            f"convert_checkpoint({str(src)!r}, {str(tmp_path / case / 'first')!r}, 1, method='first', progress=False)",
+        ]
+    lines += [
+        f"convert_checkpoint({str(sources['qwen2'])!r}, {str(tmp_path / 'plan')!r}, 1, dry_run=True)",
+        "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))[:5]",
+    ]
+    result = subprocess.run([sys.executable, "-c", "\n".join(lines)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert json.loads((tmp_path / "mean" / "config.json").read_text())["num_key_value_heads"] == 2
+    assert json.loads((tmp_path / "qwen2" / "mean" / "config.json").read_text())["num_key_value_heads"] == 2
+    assert json.loads((tmp_path / "phi3" / "first" / "config.json").read_text())["num_key_value_heads"] == 1
+    assert json.loads((tmp_path / "falcon_classic" / "first" / "config.json").read_text())["multi_query"]
     assert not (tmp_path / "plan").exists()
 
 
