@@ -57,13 +57,15 @@ def remove_stale_temp_folders(output: Path) -> list[Path]:
     """Remove temporary folders of OUTPUT left by killed runs of this host (their PID is not alive here).
 
     Another host's folders are never touched: a PID says nothing about a process on another machine, and on a
-    shared file system that folder may be a conversion running there right now.
+    shared file system that folder may be a conversion running there right now. Folders named without a host
+    (`.NAME.gqa-tmp-PID`, from versions that wrote no host name) are taken as this host's.
     """
     removed = []
     for kind in ("tmp", "old"):
-        prefix = f".{output.name}.gqa-{kind}-{host_name()}-"
-        for stale in output.parent.glob(f"{glob_escape(prefix)}*"):
+        prefixes = [f".{output.name}.gqa-{kind}-{host_name()}-", f".{output.name}.gqa-{kind}-"]
+        for prefix, stale in ((p, f) for p in prefixes for f in output.parent.glob(f"{glob_escape(p)}*")):
             pid = stale.name[len(prefix) :]
+            # Only digits after the prefix: another host's `HOST-PID` is never read as an old-format PID.
             if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
                 shutil.rmtree(stale, ignore_errors=True)
                 removed.append(stale)

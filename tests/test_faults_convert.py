@@ -280,12 +280,16 @@ def test_temp_folders_of_other_hosts_are_left_alone(small, tmp_path):
     mine_live = tmp_path / f".out.gqa-tmp-{host_name()}-{os.getppid()}"
     other_dead = tmp_path / f".out.gqa-tmp-other-host.example-{dead.pid}"
     other_live = tmp_path / f".out.gqa-tmp-other-host.example-{os.getpid()}"
-    for folder in (mine_dead, mine_live, other_dead, other_live):
+    # Earlier versions wrote no host: `.NAME.gqa-tmp-PID` and `.NAME.gqa-old-PID` are this host's.
+    old_format_dead = [tmp_path / f".out.gqa-{kind}-{dead.pid}" for kind in ("tmp", "old")]
+    old_format_live = tmp_path / f".out.gqa-tmp-{os.getppid()}"
+    for folder in (mine_dead, mine_live, other_dead, other_live, *old_format_dead, old_format_live):
         folder.mkdir()
         (folder / "model.safetensors").write_bytes(b"partial")
     convert_checkpoint(small, out, 1, progress=False)
     assert not mine_dead.exists()
-    for folder in (mine_live, other_dead, other_live):
+    assert not any(folder.exists() for folder in old_format_dead)
+    for folder in (mine_live, other_dead, other_live, old_format_live):
         assert (folder / "model.safetensors").read_bytes() == b"partial"
     assert AutoModelForCausalLM.from_pretrained(out).config.num_key_value_heads == 1
 
