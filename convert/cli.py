@@ -411,8 +411,12 @@ def uptrain(args: tuple[str, ...]) -> None:
     CONFIG is a YAML file or a shipped config name (e.g. smollm2-mqa-cpu); `--help` lists every setting. For
     several processes: `accelerate launch [options] -m convert.uptrain CONFIG.yaml ...`.
     """
-    from .uptrain import main as uptrain_main
+    from .extras import MissingExtra
 
+    try:
+        from .uptrain import main as uptrain_main
+    except MissingExtra as e:
+        _fail(e)
     sys.exit(uptrain_main(list(args)))
 
 

@@ -37,6 +37,8 @@ import sys
 try:
     from convert.uptrain import main
 except ImportError as e:
+    if type(e).__name__ == "MissingExtra":  # gqa-convert is there, the uptrain extra is not
+        sys.exit(f"error: {e}")
     sys.exit(f"error: cannot import gqa-convert ({e}): install it first, `pip install -e .` in the checkout")
 
 if __name__ == "__main__":

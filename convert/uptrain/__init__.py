@@ -7,6 +7,10 @@ From a shell: `accelerate launch -m convert.uptrain CONFIG.yaml key=value ...` (
 `gqa-convert uptrain CONFIG.yaml ...` (one process), or `accelerate launch recipes/uptrain.py ...` in a checkout.
 """
 
+from convert.extras import require_extra
+
+require_extra("uptrain", "uptraining")  # before the modules below import accelerate and peft
+
 from convert.uptrain.checkpointing import WriteError
 from convert.uptrain.loop import Hooks, TrainingError, main, uptrain
 from convert.uptrain.report import Summary
