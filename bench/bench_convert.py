@@ -476,36 +476,16 @@ def main() -> int:
     logs = workdir / "logs"
     logs.mkdir(exist_ok=True)
     script = convert_script()
+    convert = [script, "convert", str(src), str(out), "--num-kv-heads", str(g), "--quiet"]
     commands = {
         "copy": ["cp", "-rL", str(src), str(out)],
-        "convert": [
-            script,
-            "convert",
-            str(src),
-            str(out),
-            "--num-kv-heads",
-            str(g),
-            "--quiet",
-            "--max-shard-size",
-            shard,
-        ],
+        "convert": [*convert, "--max-shard-size", shard],
         # Both made durable: every file fsynced before the command ends.
         "copysync": ["sh", "-c", f'cp -rL "{src}" "{out}" && sync "{out}"/*'],
-        "convertsync": [
-            script,
-            "convert",
-            str(src),
-            str(out),
-            "--num-kv-heads",
-            str(g),
-            "--quiet",
-            "--max-shard-size",
-            shard,
-            "--fsync",
-        ],
+        "convertsync": [*convert, "--max-shard-size", shard, "--fsync"],
         "naive": [sys.executable, __file__, "--worker", "naive", str(src), str(out), str(g), shard],
         # Startup floor of convert: imports, headers, plan; writes nothing. Off by default (--methods to add it).
-        "dryrun": [script, "convert", str(src), str(out), "--num-kv-heads", str(g), "--quiet", "--dry-run"],
+        "dryrun": [*convert, "--dry-run"],
     }
 
     def clean() -> None:
