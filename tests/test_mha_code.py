@@ -205,11 +205,14 @@ def test_source_code_is_never_copied(tmp_path: Path) -> None:
 def test_inspect_says_the_route(tmp_path: Path) -> None:
     """inspect marks the G values that need shipped code, and reads a shipped output without running its code."""
     build("mpt").save_pretrained(tmp_path / "src")
-    result = CliRunner().invoke(main, ["inspect", str(tmp_path / "src")])
+    result = CliRunner().invoke(main, ["inspect", str(tmp_path / "src"), "--json"])
     assert result.exit_code == 0, result.output
-    lines = {line.split()[0]: line for line in result.output.splitlines() if line.strip()[:1].isdigit()}
-    assert "shipped code" in lines["2"] and "shipped code" not in lines["8"]
-    assert "GQAMptForCausalLM" in result.output and "trust_remote_code=True" in result.output
+    info = json.loads(result.output)
+    assert sorted(info["valid_num_kv_heads"]) == ["1", "2", "4", "8"]
+    assert sorted(info["shipped_code"]) == ["1", "2", "4"]  # G = H, the current count, needs no shipped code
+    assert all("GQAMptForCausalLM" in r and "trust_remote_code=True" in r for r in info["shipped_code"].values())
+    text = CliRunner().invoke(main, ["inspect", str(tmp_path / "src")]).output  # the human form says it too
+    assert "shipped code: --write-modeling-code" in text and "trust_remote_code=True" in text
     convert(tmp_path / "src", tmp_path / "out", 4)
     info = json.loads(CliRunner().invoke(main, ["inspect", str(tmp_path / "out"), "--json"]).output)
     assert (info["model_type"], info["num_kv_heads"], sorted(info["shipped_code"])) == ("gqa_mpt", 4, ["1", "2", "4"])
