@@ -33,6 +33,10 @@ class MhaFamily(Family):
     transposed: bool = False  # weights stored [in, out] (Conv1D)
     alibi: bool = False  # position information is an ALiBi bias: no rotary dims
 
+    def pools_by_rows(self) -> bool:
+        # Conv1D's [in, out] and the per-head arrangement are this class's own: `Family.pool_fused` knows neither.
+        return self.layout == "split"
+
     def config_view(self, raw: dict) -> Any:
         """The config object for `shapes_for`, from the stock class: never runs shipped code."""
         import transformers

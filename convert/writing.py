@@ -112,10 +112,11 @@ def numpy_pool(src: Source, plan: list[OutTensor], method: str, dtype: str, opti
     """The pooling function when this conversion can run on numpy alone, else None (torch does it).
 
     That is a method with an `array_pool` (mean, first), --dtype keep and safetensors whose K/V are F32/F16/BF16,
-    in any layout (a fused q/k/v tensor is pooled by `Family.pool_fused`, which runs on numpy too): the rest of
-    the checkpoint is then copied byte for byte, and torch, a second of CPU to import, never loads.
+    in a layout pooled on the stored rows (`Family.pools_by_rows`; a fused q/k/v tensor goes through
+    `Family.pool_fused`, which runs on numpy too): the rest of the checkpoint is then copied byte for byte, and
+    torch, a second of CPU to import, never loads.
     """
-    if array_pool(method) is None or options or src.pickle or dtype != "keep":
+    if array_pool(method) is None or options or src.pickle or dtype != "keep" or not src.family.pools_by_rows():
         return None
     if any(t.source.st not in NUMPY_FLOATS or t.source.derive is not None for t in plan if t.computed(False)):
         return None

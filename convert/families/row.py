@@ -230,6 +230,11 @@ class Family:
                 out[f"{p}{name}.weight"] = w if att.norms_2d else w.reshape(-1)
         return out
 
+    def pools_by_rows(self) -> bool:
+        """Whether weight-only pooling can work on the stored tensors as they are (numpy, no torch): K and V are
+        their own tensors with the heads as leading rows (split), or `pool_fused` knows the fused arrangement."""
+        return self.layout == "split" or self.layout in _LAYOUTS
+
     def pool_fused(self, x: Any, s_in: Shapes, s_out: Shapes, pool: Callable[[Any, int], Any]) -> Any:
         """A fused q/k/v weight [rows, D] (a bias as [rows, 1]), float32 numpy or torch, with K and V pooled by
         `pool` ([Hkv, n] -> [G, n]) and the rows arranged as the output layout has them. Queries are moved, never
