@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
+from collections import Counter
 
 import torch
 from click.testing import CliRunner
@@ -14,12 +16,15 @@ from convert import convert_checkpoint
 from convert.cli import main
 
 
+@functools.cache
 def word_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
-    """A word-level tokenizer over the most common words of the text (built offline, no download)."""
+    """A word-level tokenizer over the most common words of the text (built offline, no download). Built once per
+    size: the tests only save it."""
     from convert.evaluate import builtin_text
 
     words = builtin_text("eval").split()
-    common = [w for w, _ in sorted(((w, words.count(w)) for w in set(words[:20000])), key=lambda x: -x[1])]
+    counts = Counter(words)
+    common = sorted(set(words[:20000]), key=lambda w: (-counts[w], w))  # most common first, ties by spelling
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
     for w in common[: vocab_size - 3]:
         vocab[w] = len(vocab)
