@@ -82,6 +82,8 @@ class LayerRunner:
         # Attention probabilities come only from eager attention, several times slower than the default (sdpa):
         # a second skeleton of the original model runs eager, for the one pass that needs them.
         self.skeleton_eager = self._skeleton(source.config, "eager") if eager else None
+        for model in self._models(False):
+            self._load_stage(model)
         self.layer_types = getattr(source.config, "layer_types", None)
         self._kwargs: dict[tuple, tuple] = {}
         self._attn_width = 2
@@ -103,6 +105,27 @@ class LayerRunner:
                 mod.register_buffer(name, torch.empty_like(buf, device=self.device), persistent=name in kept)
         model.initialize_weights()
         return model
+
+    def _load_stage(self, model: torch.nn.Module) -> None:
+        """Make real the parameters the model's forward uses around its decoder layers (learned positions, an
+        embedding LayerNorm, the final norm): the model adds them itself, so calibration must see them. The token
+        embedding is loaded only while the text is embedded; the output head is never needed."""
+        skip = {id(m) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
+        skip.add(id(self.layers(model)))
+        stage: dict[str, Tensor] = {}
+
+        def walk(module: torch.nn.Module, prefix: str) -> None:
+            if id(module) in skip:
+                return
+            for name, p in module.named_parameters(recurse=False):
+                key = f"{prefix}{name}"
+                if p.is_meta and key in self.source.tensors:
+                    stage[key] = self._cast(self.source.get(key))
+            for name, child in module.named_children():
+                walk(child, f"{prefix}{name}.")
+
+        walk(model, "")
+        model.load_state_dict(stage, strict=False, assign=True)
 
     def layers(self, model: torch.nn.Module) -> torch.nn.ModuleList:
         return model.get_submodule(self.layer_prefix.rstrip("."))
@@ -148,6 +171,8 @@ class LayerRunner:
                 layers[j] = saved[j]
         if "hidden" not in record:
             raise ConversionError(f"could not reach layer {i} of the model's forward to calibrate it")
+        if record["hidden"].is_meta:
+            raise ConversionError(f"the input of layer {i} depends on tensors the checkpoint lacks: cannot calibrate")
         return record
 
     def layer_call(self, i: int, batch: int, seq: int, eager: bool = False) -> tuple[tuple, dict]:
