@@ -22,9 +22,8 @@ from .families import ConversionError
 TEMPLATES = Path(__file__).parent / "modeling"
 COMMON = "common"
 FLAG = "--write-modeling-code"
-# Methods that read the weights alone. The calibrated method runs the layers of the stock source class and writes
-# into the stock output class: the shipped-code routes are not covered by it.
-SHIPPED_METHODS = ("mean", "first", "random")
+# Every method: the calibrated one runs the template's own classes, imported from the package's template files.
+SHIPPED_METHODS = ("mean", "first", "random", "calibrated")
 
 
 def load_hint(loads_with: str = "AutoModelForCausalLM") -> str:

@@ -39,7 +39,7 @@ from .linalg import (
     second_moment,
     slow_share,
 )
-from .runner import LayerRunner
+from .runner import LayerRunner, template_classes
 from .text import calibration_ids
 
 PLOT = "calibration_errors.png"
@@ -122,8 +122,6 @@ class Calibrator:
     """Walks the layers in order, keeping calibration activations, one materialized layer at a time."""
 
     def __init__(self, source: Any, groups: int, seed: int, opts: CalibratedOptions):
-        from ..core import patched_config
-
         self.src, self.groups, self.opts = source, groups, opts
         self.stream = opts.stream
         self.drift = opts.drift if opts.stream == "both" else 0.0
@@ -148,12 +146,9 @@ class Calibrator:
         self.seq_len = int(ids.shape[1])
         self.context = max(1, self.seq_len // 2)  # mean causal context of a calibration sequence
         # Eager attention hands back its probabilities: needed for the attention-weighted moments.
+        new_config, classes = _configs(source, groups)
         self.runner = LayerRunner(
-            source,
-            patched_config(source.config, source.family, groups),
-            self.dtype,
-            self.device,
-            eager=max(self.weighting) > 0,
+            source, new_config, self.dtype, self.device, eager=max(self.weighting) > 0, **classes
         )
         self.inv_freq = None
         if opts.key_centering != "none":
@@ -299,6 +294,25 @@ class Calibrator:
             self.x_orig = self.pending["next_orig"]
         self.pending = {}
         return merged, stats
+
+
+def _configs(source: Any, groups: int) -> tuple[Any, dict]:
+    """The merged model's config and the runner's class settings. A source whose output ships modeling code (or
+    that is such an output) runs in the template's classes, from the package's own files: the original at its
+    current KV count, the merged model at G."""
+    from ..core import patched_config
+    from ..families_mha import MhaFamily
+
+    fam = source.family
+    if not isinstance(fam, MhaFamily):
+        return patched_config(source.config, fam, groups), {}
+    config_class, model_class = template_classes(fam.template)
+    raw = {k: v for k, v in source.raw_config.items() if k not in ("auto_map", "model_type", "architectures")}
+
+    def config(kv: int) -> Any:
+        return config_class.from_dict({**raw, fam.kv_key: kv})
+
+    return config(groups), {"source_config": config(source.shapes.num_kv_heads), "model_class": model_class}
 
 
 def _apart(xs: list[Tensor] | None, ys: list[Tensor] | None) -> float:

@@ -10,6 +10,9 @@ forward hooks, and `set_submodule` to put a stand-in where the model calls a lay
 from __future__ import annotations
 
 import copy
+import importlib
+import sys
+import types
 from typing import Any
 
 import torch
@@ -54,6 +57,27 @@ class _GivenOutput(torch.nn.Module):
         return (out, *([None] * (self.width - 1))) if self.width else out
 
 
+def template_classes(template: str) -> tuple[type, type]:
+    """The (config class, causal-LM class) of a shipped-code template, imported from the package's own template
+    files (never from a checkpoint folder): a package whose path is the template's folder and the common one, so
+    the templates' relative imports resolve as they do beside a checkpoint."""
+    from ..shipped import COMMON, TEMPLATES, template_manifest
+
+    manifest = template_manifest(template)
+    name = f"_gqa_convert_template_{template}"
+    if name not in sys.modules:
+        package = types.ModuleType(name)
+        package.__path__ = [str(TEMPLATES / template), str(TEMPLATES / COMMON)]
+        sys.modules[name] = package
+    auto = manifest["auto_map"]
+
+    def load(ref: str) -> type:
+        module, cls = ref.rsplit(".", 1)
+        return getattr(importlib.import_module(f"{name}.{module}"), cls)
+
+    return load(auto["AutoConfig"]), load(auto["AutoModelForCausalLM"])
+
+
 def _on_meta(module: torch.nn.Module) -> dict[str, Tensor]:
     """The module's parameters as meta tensors, to hand its memory back with `load_state_dict(assign=True)`."""
     return {n: torch.empty(p.shape, dtype=p.dtype, device="meta") for n, p in module.named_parameters()}
@@ -70,6 +94,8 @@ class LayerRunner:
         device: torch.device | str = "cpu",
         chunk_tokens: int = 2048,
         eager: bool = False,
+        source_config: Any = None,
+        model_class: type | None = None,
     ):
         self.source, self.dtype, self.chunk_tokens = source, dtype, chunk_tokens
         self.device = torch.device(device)
@@ -77,11 +103,15 @@ class LayerRunner:
         self.layer_prefix = fam.prefix[: fam.prefix.index("{i}")]  # "model.layers."
         inner = fam.prefix[fam.prefix.index("{i}") + 4 :].rstrip(".")  # "self_attn"
         self.attn_path, self.o_path = inner, f"{inner}.{fam.o}"
-        self.skeleton = self._skeleton(source.config)
+        # A shipped-code template class (`model_class`) builds both the original (its KV count at H) and the
+        # merged model; otherwise the stock class of each config.
+        self.model_class = model_class
+        config = source_config if source_config is not None else source.config
+        self.skeleton = self._skeleton(config)
         self.skeleton_new = self._skeleton(new_config)
         # Attention probabilities come only from eager attention, several times slower than the default (sdpa):
         # a second skeleton of the original model runs eager, for the one pass that needs them.
-        self.skeleton_eager = self._skeleton(source.config, "eager") if eager else None
+        self.skeleton_eager = self._skeleton(config, "eager") if eager else None
         for model in self._models(False):
             self._load_stage(model)
         self.layer_types = getattr(source.config, "layer_types", None)
@@ -94,7 +124,10 @@ class LayerRunner:
         extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
         # A copy: the model keeps its config object and sets the attention implementation on it.
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=self.dtype, **extra)
+            if self.model_class is not None:
+                model = self.model_class._from_config(copy.deepcopy(config), dtype=self.dtype, **extra)
+            else:
+                model = AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=self.dtype, **extra)
         model.eval()
         # Buffers (rotary tables, scales) are computed, not stored: make them real and let transformers fill them.
         # Parameters stay on the meta device, where initializing them costs nothing.
