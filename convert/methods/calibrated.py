@@ -278,7 +278,8 @@ class Calibrator:
         if self.opts.refit_o:
             Z = self.runner.run(layer, i, x_in, o_io=True, stop="o")["Z"]
             merged, stats = refit_o(merged, Z, self.pending["Y"], self.opts.ridge, NOISE_FLOOR[self.dtype])
-            if self.stream != "original":  # the attention output with the new o_proj, without recomputing it
+            if self.stream != "original" and self.runner.o_is_attention_output:
+                # the attention output with the new o_proj, without recomputing it
                 D, H, d = merged.o.shape
                 bias = self.pending["tensors"].get(f"{self.runner.o_path}.bias")
                 O = merged.o.reshape(D, H * d).to(Z.device)

@@ -117,6 +117,9 @@ class LayerRunner:
         self.layer_types = getattr(source.config, "layer_types", None)
         self._kwargs: dict[tuple, tuple] = {}
         self._attn_width = 2
+        # Whether the attention module returns its o_proj output as it is (bloom adds the residual inside it): only
+        # then may a known o_proj output stand in for the attention module.
+        self.o_is_attention_output = True
 
     def _skeleton(self, config: Any, attn_implementation: str | None = None) -> torch.nn.Module:
         from transformers import AutoModelForCausalLM
@@ -215,7 +218,8 @@ class LayerRunner:
         first = self.layer_types.index(kind) if self.layer_types else 0
         key = (kind, batch, seq, eager)
         if key not in self._kwargs:
-            embeds = torch.zeros(batch, seq, self.source.shapes.hidden, dtype=self.dtype, device=self.device)
+            width = self.skeleton.get_input_embeddings().embedding_dim  # OPT's project_in: not the hidden size
+            embeds = torch.zeros(batch, seq, width, dtype=self.dtype, device=self.device)
             rec = self._record(first, embeds, self.skeleton_eager if eager else self.skeleton)
             self._kwargs[key] = (rec["args"], rec["kwargs"])
         return self._kwargs[key]
@@ -277,12 +281,17 @@ class LayerRunner:
                 raise _Stop
 
         def after_o(_m, args, output):
+            got["last_o"] = output
             if o_io:
                 got["Z"].append(args[0].reshape(-1, args[0].shape[-1]).float())
                 got["Y"].append(output.reshape(-1, output.shape[-1]).float())
 
         def after_attn(_m, args, output):
             self._attn_width = len(output) if isinstance(output, tuple) else 0
+            main = output[0] if isinstance(output, tuple) else output
+            last = got.pop("last_o", None)
+            if last is not None and not (main is last or torch.equal(main, last)):
+                self.o_is_attention_output = False
             probs = output[1] if isinstance(output, tuple) and len(output) > 1 else None
             if received and probs is not None and probs.dim() == 4:  # [b, H, T, T] (eager attention)
                 got["W"].append(probs.float().sum(-2).permute(1, 0, 2).reshape(probs.shape[1], -1))
@@ -309,6 +318,7 @@ class LayerRunner:
                 h.remove()
             if attention_output is not None:
                 layer.set_submodule(self.attn_path, attn)
+        got.pop("last_o", None)
         cat = {"W": 1, "out": None}
         return {
             k: (torch.cat(v, dim=cat.get(k, 0)) if cat.get(k, 0) is not None else v) if v else None
