@@ -147,9 +147,7 @@ class Calibrator:
         self.context = max(1, self.seq_len // 2)  # mean causal context of a calibration sequence
         # Eager attention hands back its probabilities: needed for the attention-weighted moments.
         new_config, classes = _configs(source, groups)
-        self.runner = LayerRunner(
-            source, new_config, self.dtype, self.device, eager=max(self.weighting) > 0, **classes
-        )
+        self.runner = LayerRunner(source, new_config, self.dtype, self.device, eager=max(self.weighting) > 0, **classes)
         self.inv_freq = None
         if opts.key_centering != "none":
             self.inv_freq = next(
