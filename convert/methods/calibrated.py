@@ -139,7 +139,7 @@ class Calibrator:
             getattr(source, "folder", None),
             opts.calibration_data,
             opts.calibration_tokens,
-            opts.calibration_seq_len,
+            min(opts.calibration_seq_len, position_limit(source.raw_config)),
             seed,
             vocab,
         )
@@ -293,6 +293,15 @@ class Calibrator:
             self.x_orig = self.pending["next_orig"]
         self.pending = {}
         return merged, stats
+
+
+def position_limit(raw: dict) -> int:
+    """The longest sequence the model takes: learned position tables (gpt2, opt, gpt_bigcode) have no row beyond
+    it, and calibrating past the trained context would fit the merge to positions the model never sees."""
+    for key in ("n_positions", "max_position_embeddings", "max_seq_len"):
+        if isinstance(raw.get(key), int) and raw[key] > 0:
+            return raw[key]
+    return 1 << 30
 
 
 def _configs(source: Any, groups: int) -> tuple[Any, dict]:
