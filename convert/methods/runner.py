@@ -112,8 +112,9 @@ class LayerRunner:
         # Attention probabilities come only from eager attention, several times slower than the default (sdpa):
         # a second skeleton of the original model runs eager, for the one pass that needs them.
         self.skeleton_eager = self._skeleton(config, "eager") if eager else None
-        for model in self._models(False):
-            self._load_stage(model)
+        stage = self._stage(self.skeleton)
+        for model in self._models(False):  # the eager twin shares the tensors
+            model.load_state_dict(stage, strict=False, assign=True)
         self.layer_types = getattr(source.config, "layer_types", None)
         self._kwargs: dict[tuple, tuple] = {}
         self._attn_width = 2
@@ -142,10 +143,11 @@ class LayerRunner:
         model.initialize_weights()
         return model
 
-    def _load_stage(self, model: torch.nn.Module) -> None:
-        """Make real the parameters the model's forward uses around its decoder layers (learned positions, an
-        embedding LayerNorm, the final norm): the model adds them itself, so calibration must see them. The token
-        embedding is loaded only while the text is embedded; the output head is never needed."""
+    def _stage(self, model: torch.nn.Module) -> dict[str, Tensor]:
+        """The checkpoint's tensors for every parameter outside the decoder layers, the token embedding and the
+        output head: the embedding stage the model's forward runs before layer 0 (learned positions, an embedding
+        LayerNorm, OPT's project_in), reproduced by the model's own modules; small (the final norm comes along).
+        The token embedding is made real only while the calibration text is embedded."""
         skip = {id(m) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
         skip.add(id(self.layers(model)))
         stage: dict[str, Tensor] = {}
@@ -161,7 +163,7 @@ class LayerRunner:
                 walk(child, f"{prefix}{name}.")
 
         walk(model, "")
-        model.load_state_dict(stage, strict=False, assign=True)
+        return stage
 
     def layers(self, model: torch.nn.Module) -> torch.nn.ModuleList:
         return model.get_submodule(self.layer_prefix.rstrip("."))
