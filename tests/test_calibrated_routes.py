@@ -121,3 +121,13 @@ def test_shipped_code_still_needs_the_flag(tmp_path):
     run = CliRunner().invoke(main, [*args, "--calibration-data", "random"])
     assert run.exit_code == 2 and "--write-modeling-code" in run.output
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("kind", "groups"), [("gpt2", 2), ("opt", 2), ("bloom", 2), ("gpt2", 1)])
+def test_checkpoint_saved_from_the_base_model(kind, groups, tmp_path):
+    """The hub's gpt2, opt and bloom name tensors without `transformer.` / `model.`: the runner maps its names."""
+    model = build(kind)
+    make_groups_identical(model, groups)
+    model.base_model.save_pretrained(tmp_path / "src")
+    out, _ = convert(tmp_path / "src", tmp_path / "out", groups)
+    torch.testing.assert_close(logits(out), logits(model), rtol=1e-4, atol=1e-4)

@@ -112,6 +112,13 @@ class LayerRunner:
         # Attention probabilities come only from eager attention, several times slower than the default (sdpa):
         # a second skeleton of the original model runs eager, for the one pass that needs them.
         self.skeleton_eager = self._skeleton(config, "eager") if eager else None
+        # Checkpoints saved from the base model (the hub's gpt2, opt, bloom) name tensors without the causal LM's
+        # `transformer.` / `model.`: the skeleton's names carry it, the checkpoint's do not.
+        self.model_prefix = ""
+        try:
+            self.skeleton.get_submodule(self.layer_prefix.rstrip("."))
+        except AttributeError:
+            self.model_prefix = f"{self.skeleton.base_model_prefix}."
         stage = self._stage(self.skeleton)
         for model in self._models(False):  # the eager twin shares the tensors
             model.load_state_dict(stage, strict=False, assign=True)
@@ -157,16 +164,20 @@ class LayerRunner:
                 return
             for name, p in module.named_parameters(recurse=False):
                 key = f"{prefix}{name}"
-                if p.is_meta and key in self.source.tensors:
-                    stage[key] = self._cast(self.source.get(key))
+                if p.is_meta and self._ckpt(key) in self.source.tensors:
+                    stage[key] = self._cast(self.source.get(self._ckpt(key)))
             for name, child in module.named_children():
                 walk(child, f"{prefix}{name}.")
 
         walk(model, "")
         return stage
 
+    def _ckpt(self, name: str) -> str:
+        """The checkpoint's name for a skeleton tensor name."""
+        return name.removeprefix(self.model_prefix) if self.model_prefix else name
+
     def layers(self, model: torch.nn.Module) -> torch.nn.ModuleList:
-        return model.get_submodule(self.layer_prefix.rstrip("."))
+        return model.get_submodule(f"{self.model_prefix}{self.layer_prefix}".rstrip("."))
 
     def _models(self, new: bool) -> list[torch.nn.Module]:
         return [self.skeleton_new] if new else [m for m in (self.skeleton, self.skeleton_eager) if m is not None]
@@ -231,7 +242,7 @@ class LayerRunner:
         and any input normalizer included)."""
         emb = self.skeleton.get_input_embeddings()
         name = next(n for n, m in self.skeleton.named_modules() if m is emb)
-        key = f"{name}.weight"
+        key = self._ckpt(f"{name}.weight")
         if key not in self.source.tensors:
             raise ConversionError(f"no {key} in the checkpoint: cannot embed the calibration text")
         emb.load_state_dict({"weight": self._cast(self.source.get(key))}, strict=False, assign=True)
