@@ -131,3 +131,15 @@ def test_checkpoint_saved_from_the_base_model(kind, groups, tmp_path):
     model.base_model.save_pretrained(tmp_path / "src")
     out, _ = convert(tmp_path / "src", tmp_path / "out", groups)
     torch.testing.assert_close(logits(out), logits(model), rtol=1e-4, atol=1e-4)
+
+
+def test_t5_is_refused_with_the_reason(tmp_path):
+    """Where calibrated does not fit (T5's decoder reads the encoder output), exit 2 names why and what to use."""
+    from test_t5 import save, tiny_t5
+
+    src = save(tiny_t5("t5"), tmp_path / "src")
+    args = ["convert", str(src), str(tmp_path / "out"), "-g", "2", "--write-modeling-code", "--method", "calibrated"]
+    run = CliRunner().invoke(main, args)
+    assert run.exit_code == 2
+    assert "cross-attention" in run.output and "Use --method mean, first, random" in run.output
+    assert not (tmp_path / "out").exists()
