@@ -143,3 +143,15 @@ def test_t5_is_refused_with_the_reason(tmp_path):
     assert run.exit_code == 2
     assert "cross-attention" in run.output and "Use --method mean, first, random" in run.output
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bloom"])
+def test_shipped_output_regrouped(kind, tmp_path):
+    """A gqa_<x> output (G = 4) regrouped to G = 2: the original runs in the template class at its own KV count."""
+    model = build(kind)
+    make_groups_identical(model, 2)
+    model.save_pretrained(tmp_path / "src")
+    convert(tmp_path / "src", tmp_path / "g4", 4, "mean")
+    out, report = convert(tmp_path / "g4", tmp_path / "g2", 2)
+    assert report.kv_heads_before == 4 and out.config.num_key_value_heads == 2
+    torch.testing.assert_close(logits(out), logits(model), rtol=1e-4, atol=1e-4)

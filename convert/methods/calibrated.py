@@ -134,7 +134,11 @@ class Calibrator:
         self.model_type = source.raw_config.get("model_type")
         interleaved, self.qk_norm_family = family_traits(source.family)
         self.pairs = rotary_pairs(source.shapes.rotary_dim, interleaved)
-        vocab = int(getattr(source.config, "vocab_size", 0) or 0)
+        new_config, classes = _configs(source, groups)
+        # A shipped-code source (gqa_<x>) is read with the template's config class: `source.config` would need the
+        # checkpoint's own code, so it must not be evaluated as a default.
+        base_config = classes["source_config"] if "source_config" in classes else source.config  # noqa: SIM401
+        vocab = int(getattr(base_config, "vocab_size", 0) or 0)
         ids, where = calibration_ids(
             getattr(source, "folder", None),
             opts.calibration_data,
@@ -146,7 +150,6 @@ class Calibrator:
         self.seq_len = int(ids.shape[1])
         self.context = max(1, self.seq_len // 2)  # mean causal context of a calibration sequence
         # Eager attention hands back its probabilities: needed for the attention-weighted moments.
-        new_config, classes = _configs(source, groups)
         self.runner = LayerRunner(source, new_config, self.dtype, self.device, eager=max(self.weighting) > 0, **classes)
         self.inv_freq = None
         if opts.key_centering != "none":

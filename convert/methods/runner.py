@@ -122,7 +122,7 @@ class LayerRunner:
         stage = self._stage(self.skeleton)
         for model in self._models(False):  # the eager twin shares the tensors
             model.load_state_dict(stage, strict=False, assign=True)
-        self.layer_types = getattr(source.config, "layer_types", None)
+        self.layer_types = getattr(self.skeleton.config, "layer_types", None)
         self._kwargs: dict[tuple, tuple] = {}
         self._attn_width = 2
         # Whether the attention module returns its o_proj output as it is (bloom adds the residual inside it): only
