@@ -154,6 +154,12 @@ def evaluate_model(
 ) -> ModelEval:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .compare_seq2seq import evaluate_seq2seq, is_encoder_decoder
+
+    if is_encoder_decoder(path):  # T5: span-corruption loss, decode from a fixed encoder output
+        return evaluate_seq2seq(
+            path, data, window, stride, max_windows, contexts, new_tokens, device, trust_remote_code
+        )
     refuse_shipped_code(path, trust_remote_code)
 
     dev = torch.device(
@@ -196,6 +202,12 @@ def evaluate_model(
 
 def compare(models: list[str], **options) -> list[ModelEval]:
     """Evaluate each model with the same text and settings, one after the other (one in memory at a time)."""
+    from .compare_seq2seq import is_encoder_decoder
+
+    kinds = {m: "encoder-decoder" if is_encoder_decoder(m) else "decoder-only" for m in models}
+    if len(set(kinds.values())) > 1:  # perplexity and span-corruption loss are not one scale
+        listed = ", ".join(f"{m} ({k})" for m, k in kinds.items())
+        raise ValueError(f"compare encoder-decoder models with each other and decoder-only with each other: {listed}")
     return [evaluate_model(m, **options) for m in models]
 
 
