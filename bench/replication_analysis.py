@@ -351,7 +351,10 @@ def perplexity_axis(ax, values: list[float]) -> None:
     values = [v for v in values if v and math.isfinite(v)]
     if values and max(values) / min(values) >= 3:
         ax.set_yscale("log")
-        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        if max(values) / min(values) >= 1e4:  # untrained conversions (T5 first/random): decades, labelled 1e+N
+            ax.yaxis.set_major_locator(LogLocator(base=10, numticks=12))
+        else:
+            ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.yaxis.set_minor_formatter(NullFormatter())
         ax.set_ylabel("test perplexity (log scale)")
