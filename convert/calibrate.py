@@ -1083,6 +1083,11 @@ class Calibrated(Method):
 
     def layer_contexts(self, source: Any, groups: int, seed: int, **options: Any) -> Callable[[int], dict] | None:
         opts = self.options(**options)
+        if source.raw_config.get("model_type") == "gpt_bigcode":  # also the output of the gpt2 and opt routes
+            raise ConversionError(
+                "--method calibrated does not support gpt_bigcode (its learned positions are added outside the "
+                "decoder layers that calibration runs): use --method mean, first or random"
+            )
         self.calibrator, self.info = None, {"started": time.perf_counter()}
         if groups == source.shapes.num_kv_heads:
             self.info["summary"] = {"note": "G equals the current KV-head count: nothing to merge, weights unchanged"}

@@ -27,7 +27,7 @@ from .core import check_groups, convert_layer, kv_cache_bytes_per_token
 from .families import QK_NORM_FAMILIES, ConversionError, Shapes, output_shapes
 from .families_mha import modeling_template
 from .pooling import WEIGHT_ONLY_POOLS, relative_error
-from .shipped import check_method, require_flag, ship_modeling_code, shipped_note
+from .shipped import check_method, load_hint, require_flag, ship_modeling_code, shipped_note, template_manifest
 from .source import SIDE_FILES, Source, describe, open_source  # noqa: F401  (describe: re-exported)
 from .tensorio import (
     FLOATING,
@@ -79,6 +79,10 @@ class Report:
     dry_run: bool
     per_layer: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # How the output is stored and loaded: "as is" (the source's class), a stock route, or "shipped code".
+    route: str = "as is"
+    output_model_type: str = ""
+    load_with: str = "AutoModelForCausalLM.from_pretrained(path): stock transformers, no remote code"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -356,7 +360,18 @@ multi-head / grouped-query attention with {report.kv_heads_before} KV heads beca
 
 {_load_line(report)} A converted model has lost some
 quality; uptraining (`recipes/uptrain.py` in gqa-convert) wins most of it back.
-"""
+{_route_card(report)}"""
+
+
+def _route_card(report: Report) -> str:
+    """The model card's paragraph on a stock re-expression route (empty otherwise)."""
+    if report.route in ("as is", "shipped code"):
+        return ""
+    return (
+        f"\nThe source is `{report.model_type}`, whose transformers class has no KV-head count: it was re-expressed "
+        f"as `{report.output_model_type}` (route `{report.route}`), a stock class that computes the same function "
+        f"and can hold {report.kv_heads_after} KV heads. Load: {report.load_with}.\n"
+    )
 
 
 def _load_line(report: Report) -> str:
@@ -391,7 +406,7 @@ def _numpy_pool(
     """
     if method not in WEIGHT_ONLY_POOLS or options or src.pickle or dtype != "keep" or src.family.layout != "split":
         return None
-    if any(t.source.st not in NUMPY_FLOATS for t in plan if t.computed(False)):
+    if any(t.source.st not in NUMPY_FLOATS or t.source.derive is not None for t in plan if t.computed(False)):
         return None
     return WEIGHT_ONLY_POOLS[method]
 
@@ -455,7 +470,7 @@ def convert_checkpoint(
     # headers and the untouched tensors start copying: the import then costs no wall time of its own.
     maybe_numpy = method in WEIGHT_ONLY_POOLS and not method_options
     methods = None if maybe_numpy else _import_in_background("convert.methods")
-    src = open_source(source, revision, allow_pickle, trust_remote_code)
+    src = open_source(source, revision, allow_pickle, trust_remote_code, groups=num_kv_heads)
     s_in = src.shapes
     check_groups(num_kv_heads, s_in)
     template = modeling_template(src.family, num_kv_heads, s_in.num_heads)
@@ -492,8 +507,16 @@ def convert_checkpoint(
             kv_cache_bytes_per_token_after=kv_cache_bytes_per_token(s_in, num_kv_heads, out_st),
             dry_run=dry_run,
         )
+        report.output_model_type = src.raw_config["model_type"]
+        if src.route is not None:
+            report.model_type = src.route.source_model_type
+            report.route, report.load_with = src.route.route, src.route.load_with
+            report.bytes_in = src.route.source_bytes
+            report.notes.extend(src.route.notes)
         if template:
             report.notes.append(shipped_note(template))
+            report.route, report.load_with = "shipped code", load_hint(template_manifest(template)["loads_with"])
+            report.output_model_type = template_manifest(template)["model_type"]
         if src.family.cache_notes is not None:
             element = nbytes(out_st, ())
             report.notes += src.family.cache_notes(s_in, s_in.num_kv_heads, num_kv_heads, element)

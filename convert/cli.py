@@ -147,6 +147,11 @@ def convert(
     _print_report(report, quiet)
 
 
+def _rest(r: Any) -> str:
+    """What happens to the tensors attention does not touch: copied, or also re-expressed on a stock route."""
+    return "copied unchanged" if r.route in ("as is", "shipped code") else "re-expressed as the route says or copied"
+
+
 def _print_report(r: Any, quiet: bool) -> None:
     what = "would write" if r.dry_run else "wrote"
     line = (
@@ -159,7 +164,7 @@ def _print_report(r: Any, quiet: bool) -> None:
     click.echo(line)
     click.echo(
         f"  tensors: {r.tensors_total} total, {len(r.tensors_touched)} rewritten "
-        f"(attention of every layer), the rest copied unchanged"
+        f"(attention of every layer), the rest {_rest(r)}"
     )
     click.echo(
         f"  bytes in: {human_bytes(r.bytes_in)}, bytes out: {human_bytes(r.bytes_out)} in {r.shards_out} shard(s)"
@@ -174,6 +179,8 @@ def _print_report(r: Any, quiet: bool) -> None:
             click.echo(f"    rewrite {name}")
         if len(r.tensors_touched) > 8:
             click.echo(f"    ... and {len(r.tensors_touched) - 8} more")
+    if r.route != "as is":
+        click.echo(f"  route: {r.route} (output model_type {r.output_model_type}); load with {r.load_with}")
     for note in r.notes:
         click.echo(f"  note: {note}")
 
@@ -202,6 +209,8 @@ def inspect(source: str, revision: str | None, allow_pickle: bool, as_json: bool
         f"  heads {info['num_heads']}, KV heads {info['num_kv_heads']}, head_dim {info['head_dim']}, "
         f"rotary dims {info['rotary_dim']}"
     )
+    if info["route"] != "as is":
+        click.echo(f"  route: {info['route']}: written as {info['output_model_type']}; load with {info['load_with']}")
     click.echo("  --num-kv-heads   KV cache per token")
     shipped = info.get("shipped_code", {})
     for g, n in info["valid_num_kv_heads"].items():

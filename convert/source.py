@@ -11,9 +11,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import reexpress
 from .core import kv_cache_bytes_per_token, valid_groups
-from .families import ConversionError, Family, Shapes, config_dtype, config_view, family_for, shapes_for
-from .families_mha import modeling_template
+from .families import (
+    FAMILIES,
+    ConversionError,
+    Family,
+    Shapes,
+    config_dtype,
+    config_view,
+    family_for,
+    shapes_for,
+)
+from .families_mha import modeling_template, takes_shipped_route
 from .shipped import shipped_note
 from .tensorio import DTYPES, FLOATING, TensorInfo, nbytes, read_header, read_pickle_header, read_tensor
 
@@ -52,6 +62,7 @@ class Source:
     pickle: bool = False
     trust_remote_code: bool = False
     _config: Any = None
+    route: reexpress.RouteInfo | None = None  # set when the checkpoint is read as a stock class (re-expression)
 
     @property
     def config(self) -> Any:
@@ -198,11 +209,13 @@ def open_source(
     revision: str | None = None,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
+    groups: int | None = None,
 ) -> Source:
     """Resolve and open SOURCE; checks config, family, index, shard headers and head counts against weight shapes.
 
     Sizes come from config.json itself (`config_view`): transformers loads only when a calibrated method asks for
-    `Source.config`."""
+    `Source.config`. A classic MHA family with a stock route (convert.reexpress) is read as that stock class, unless
+    converting to `groups` KV heads takes the shipped-code route (`groups` None: inspecting, the stock route)."""
     folder, name = resolve_source(source, revision, allow_pickle)
     raw = read_config(folder)
     model_type = raw.get("model_type")
@@ -211,6 +224,10 @@ def open_source(
             f"{folder / 'config.json'} has no model_type naming the architecture (found {model_type!r}): "
             "SOURCE must be a transformers model folder. Re-download config.json"
         )
+    if reexpress.is_route_source(raw) and not takes_shipped_route(raw, groups):
+        src = _open_route(folder, name, raw, allow_pickle, trust_remote_code)
+        if src is not None:
+            return src
     family = family_for(model_type)
     if hasattr(family, "config_view"):  # classic MHA rows read with their stock config class, never shipped code
         view = family.config_view(raw)
@@ -222,6 +239,22 @@ def open_source(
         family = family.for_keys(set(tensors))
     shapes = shapes_for(family, view)
     src = Source(folder, name, raw, family, shapes, tensors, is_pickle, trust_remote_code)
+    _check_weights(src)
+    return src
+
+
+def _open_route(folder: Path, name: str, raw: dict, allow_pickle: bool, trust_remote_code: bool) -> Source | None:
+    """The checkpoint as its stock route's class (a view: no tensor data read), or None when no route fits it."""
+    source_config = load_config(folder, trust_remote_code)
+    route = reexpress.route_for(raw, source_config)
+    if route is None:
+        return None
+    files, is_pickle, weight_map = _weight_files(folder, allow_pickle)
+    tensors = _read_tensors(files, is_pickle, weight_map)
+    target, tensors, info = reexpress.build_view(route, source_config, raw, tensors)
+    family, config = family_for(route.target_type), reexpress.target_config_object(target)
+    src = Source(folder, name, target, family, shapes_for(family, config), tensors, is_pickle, trust_remote_code)
+    src._config, src.route = config, info
     _check_weights(src)
     return src
 
@@ -291,9 +324,20 @@ def describe(source: str | Path, revision: str | None = None, allow_pickle: bool
     s = src.shapes
     st = next((t.st for t in src.tensors.values() if t.st in FLOATING), "F32")
     notes = src.family.cache_notes(s, s.num_kv_heads, s.num_kv_heads, nbytes(st, ())) if src.family.cache_notes else []
+    # Shipped code holds any G below H that the output class cannot (the source family's row knows its template).
+    kind = src.route.source_model_type if src.route else src.raw_config["model_type"]
+    rows = next((f for f in FAMILIES if kind in f.model_types), src.family)
+    shipped = {
+        g: shipped_note(t)
+        for g in valid_groups(s)
+        if (t := modeling_template(rows, g, s.num_heads)) and not (src.route and _holds(src, g))
+    }
     return {
         "source": src.name,
-        "model_type": src.raw_config["model_type"],
+        "model_type": src.route.source_model_type if src.route else src.raw_config["model_type"],
+        "output_model_type": src.raw_config["model_type"],
+        "route": src.route.route if src.route else "as is",
+        "load_with": src.route.load_with if src.route else "AutoModelForCausalLM.from_pretrained(path)",
         "layers": s.num_layers,
         "hidden_size": s.hidden,
         "num_heads": s.num_heads,
@@ -303,10 +347,19 @@ def describe(source: str | Path, revision: str | None = None, allow_pickle: bool
         "dtype": DTYPES[st][0],
         "config_dtype": config_dtype(src.raw_config),
         "parameters": sum(math.prod(t.shape) for t in src.tensors.values()),
-        "valid_num_kv_heads": {g: kv_cache_bytes_per_token(s, g, st) for g in valid_groups(s)},
-        # G -> how the output of that G loads, where it needs shipped modeling code (--write-modeling-code)
-        "shipped_code": {
-            g: shipped_note(t) for g in valid_groups(s) if (t := modeling_template(src.family, g, s.num_heads))
+        "valid_num_kv_heads": {
+            g: kv_cache_bytes_per_token(s, g, st) for g in valid_groups(s) if g in shipped or _holds(src, g)
         },
+        # G -> how the output of that G loads, where it needs shipped modeling code (--write-modeling-code)
+        "shipped_code": shipped,
         "notes": notes,
     }
+
+
+def _holds(src: Source, groups: int) -> bool:
+    """Whether the output class can hold G KV heads (gpt_bigcode, sequential falcon: H or 1 only)."""
+    try:
+        src.family.patch_config(src.raw_config, groups)
+    except ConversionError:
+        return False
+    return True

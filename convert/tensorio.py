@@ -12,7 +12,7 @@ import math
 import os
 import struct
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -73,6 +73,9 @@ class TensorInfo:
     shape: tuple[int, ...]
     offset: int = -1  # -1: pickle file, read through torch.load
     key: str = ""  # the tensor's name inside a pickle file
+    # A re-expressed tensor (convert.reexpress): computed from source tensors when read, returned in float32 and
+    # written as `st`. None for every tensor stored in a file.
+    derive: Any = field(default=None, compare=False, repr=False)
 
     @property
     def dtype(self) -> "torch.dtype":
@@ -171,6 +174,8 @@ def _read_into(info: TensorInfo, buf) -> None:
 def read_tensor(info: TensorInfo) -> "Tensor":
     import torch
 
+    if info.derive is not None:
+        return info.derive()
     if info.offset < 0:
         return _pickle_tensor(info)
     buf = torch.empty(info.nbytes, dtype=torch.uint8)

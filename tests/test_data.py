@@ -12,19 +12,24 @@ from uptrain_assets import toy_documents, train_tokenizer, write_corpus
 
 from convert import data as td
 
-WIKI = """
- = First Article =
-
- Opening paragraph of the first article .
-
- = = A Section = =
-
- Text inside the section .
-
- = Second Article =
-
- The second article has one paragraph .
-"""
+# WikiText's own layout: every line ends with a space before the newline.
+WIKI = "".join(
+    f"{line} \n"
+    for line in (
+        "",
+        " = First Article =",
+        "",
+        " Opening paragraph of the first article .",
+        "",
+        " = = A Section = =",
+        "",
+        " Text inside the section .",
+        "",
+        " = Second Article =",
+        "",
+        " The second article has one paragraph .",
+    )
+)
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,8 @@ from convert import convert_checkpoint, convert_model
 from convert.families import stock_kv_model_types
 
 FAMILIES = stock_kv_model_types()  # the classic MHA families have their own tests (test_mha_code.py)
+# gpt_bigcode holds H KV heads or one (multi_query): no G in between, so it is grouped to G = 1 only.
+ANY_G = [f for f in FAMILIES if f != "gpt_bigcode"]
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)
@@ -26,16 +28,16 @@ def test_same_kv_count_changes_nothing(model_type, tmp_path):
     assert_close(logits(out), logits(model), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("model_type", FAMILIES)
-def test_identical_heads_in_groups_pool_exactly(model_type, tmp_path):
+@pytest.mark.parametrize(("model_type", "groups"), [(f, 2) for f in ANY_G] + [("gpt_bigcode", 1)])
+def test_identical_heads_in_groups_pool_exactly(model_type, groups, tmp_path):
     model = tiny_model(model_type)
-    make_groups_identical(model, 2)
+    make_groups_identical(model, groups)
     src = save(model, tmp_path / "src")
     assert len(list(src.glob("model-*.safetensors"))) > 1, "the source should be sharded"
-    convert_checkpoint(src, tmp_path / "out", 2, progress=False)
+    convert_checkpoint(src, tmp_path / "out", groups, progress=False)
     out = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     config = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert _kv_raw(config, model_type) == 2
+    assert _kv_raw(config, model_type) == groups
     assert_close(logits(out), logits(model), rtol=1e-4, atol=1e-4)
     # And the model is really smaller where it should be: K/V rows shrank by half.
     assert sum(p.numel() for p in out.parameters()) < sum(p.numel() for p in model.parameters())
@@ -102,13 +104,14 @@ def _kv(model) -> int:
 
 
 def _kv_raw(config: dict, model_type: str) -> int:
+    if model_type == "gpt_bigcode":
+        return 1 if config["multi_query"] else config["n_head"]
     from convert.families import family_for
 
     return config[family_for(model_type).kv_key]
 
 
-@pytest.mark.parametrize("model_type", FAMILIES)
-@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize(("model_type", "groups"), [(f, g) for f in FAMILIES for g in (1, 2) if f in ANY_G or g == 1])
 def test_planned_shapes_are_what_join_produces(model_type, groups):
     """Output shards are planned from sizes alone (before torch loads); the plan must be exactly what the merge
     then writes. The oracle: split meta tensors, keep the first G KV heads, join."""
@@ -170,6 +173,9 @@ def test_row_facts_match_the_transformers_model(model_type):
         "per_head": (s.num_kv_heads, s.head_dim),
     }[family.qk_norm]
     assert (None if k_norm is None else tuple(k_norm.shape)) == expected
+    if not family.rotary:  # learned positions: the modeling code rotates nothing
+        assert not hasattr(sys.modules[type(model).__module__], "rotate_half") and s.rotary_dim == 0
+        return
     # rotate_half puts minus the partner of dim 0 at position 0: dim r/2 (half) or dim 1 (interleaved).
     rotate_half = sys.modules[type(model).__module__].rotate_half
     partner = int(rotate_half(torch.arange(1.0, 9.0))[0].abs()) - 1

@@ -45,6 +45,7 @@ EXTRA: dict[str, dict] = {
     "nemotron": dict(partial_rotary_factor=0.5),
     "falcon": dict(new_decoder_architecture=True, num_kv_heads=4, parallel_attn=True, alibi=False, bias=True),
     "seed_oss": dict(attention_bias=True),
+    "gpt_bigcode": dict(multi_query=False),  # MHA: per-head [q, k, v] rows in c_attn
 }
 
 
@@ -54,7 +55,7 @@ def tiny_config(model_type: str, **overrides):
         kwargs.pop("num_key_value_heads", None)
         kwargs.pop("intermediate_size", None)
         kwargs.setdefault("ffn_hidden_size", 96)
-    if model_type in ("olmo", "phi", "stablelm", "starcoder2", "falcon", "nemotron"):
+    if model_type in ("olmo", "phi", "stablelm", "starcoder2", "falcon", "nemotron", "gpt_bigcode"):
         kwargs.pop("head_dim", None)  # these derive head_dim from hidden / heads
     return AutoConfig.for_model(model_type, **kwargs)
 

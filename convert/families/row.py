@@ -78,7 +78,11 @@ QK_NORM_KINDS = {
     "per_head": "one [d] weight per head, stored [H, d]",
 }
 # Which dims of a head rotary turns together.
-ROTARY_LAYOUTS = {"half": "dims j and j + r/2 (transformers' rotate_half)", "interleaved": "dims 2j and 2j + 1"}
+ROTARY_LAYOUTS = {
+    "half": "dims j and j + r/2 (transformers' rotate_half)",
+    "interleaved": "dims 2j and 2j + 1",
+    "": "none: positions are learned embeddings (gpt_bigcode), no head dims rotate",
+}
 
 
 @dataclass(frozen=True)

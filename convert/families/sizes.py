@@ -31,7 +31,7 @@ def shapes_for(family: Family, config: Any) -> Shapes:
         factor = factor or getattr(config, "partial_rotary_factor", None)
     factor = factor or 1.0
     uses_alibi = bool(getattr(config, "alibi", False))
-    rotary_dim = 0 if uses_alibi else int(head_dim * factor)
+    rotary_dim = 0 if uses_alibi or not family.rotary else int(head_dim * factor)
     base = dict(
         num_heads=H,
         num_kv_heads=family.current_kv_heads(config),
@@ -41,7 +41,7 @@ def shapes_for(family: Family, config: Any) -> Shapes:
         rotary_dim=rotary_dim,
     )
     if family.layout == "falcon":
-        classic = not config.new_decoder_architecture and not config.multi_query
+        classic = not getattr(config, "new_decoder_architecture", False) and not config.multi_query
         return FalconShapes(**base, classic=classic)
     return Shapes(**base)
 

@@ -11,6 +11,8 @@ from typing import Any
 
 from .row import ConversionError, Family
 
+KV = "num_key_value_heads"
+
 
 def _falcon_kv_heads(config: Any) -> int:
     if config.new_decoder_architecture:
@@ -35,12 +37,26 @@ def _falcon_patch(raw: dict, groups: int) -> dict:
     return {**raw, "new_decoder_architecture": True, "num_ln_in_parallel_attn": 1, "num_kv_heads": groups}
 
 
+def _bigcode_kv_heads(config: Any) -> int:
+    return 1 if config.multi_query else int(config.num_attention_heads)
+
+
+def _bigcode_patch(raw: dict, groups: int) -> dict:
+    """gpt_bigcode holds every head's K/V or one shared pair (multi_query): no count in between."""
+    heads = raw.get("n_head", raw.get("num_attention_heads"))
+    if raw.get("multi_query", True) or groups == heads:
+        return raw
+    if groups == 1:
+        return {**raw, "multi_query": True, **({KV: 1} if KV in raw else {})}
+    raise ConversionError(
+        f"gpt_bigcode holds {heads} KV heads or one (multi_query), not {groups}: use --num-kv-heads 1 or {heads}"
+    )
+
+
 _STABLELM_REFUSE = {
     "k_layernorm.norms.": "stablelm with qk_layernorm=true keeps one norm module per KV head; "
     "the merged checkpoint could not keep the same tensor names"
 }
-KV = "num_key_value_heads"
-
 FAMILIES: tuple[Family, ...] = (
     # Split q/k/v projections under model.layers.{i}.self_attn: the llama shape, with each family's defaults.
     Family(("llama", "granite", "granitemoe", "arcee", "olmo")),
@@ -84,6 +100,21 @@ FAMILIES: tuple[Family, ...] = (
         patch=_falcon_patch,
         notes="classic MHA falcon becomes multi-query (G=1) or the new grouped architecture (1<G<H)",
     ),
+    # c_attn rows per head [H, 3, d] without multi_query, [q heads | k | v] with it: falcon's classic and
+    # multi-query arrangements. Also the output class of the gpt2 and opt stock routes (convert.reexpress).
+    Family(
+        ("gpt_bigcode",),
+        prefix="transformer.h.{i}.attn.",
+        o="c_proj",
+        fused="c_attn",
+        layout="falcon",
+        rotary="",
+        defaults={"multi_query": True},
+        names={"num_attention_heads": ("n_head",), "hidden_size": ("n_embd",), "num_hidden_layers": ("n_layer",)},
+        kv_heads=_bigcode_kv_heads,
+        patch=_bigcode_patch,
+        notes="MHA gpt_bigcode becomes multi-query (G=1)",
+    ),
 )
 
 from ..families_mha import MHA_FAMILIES  # noqa: E402  (its rows build on the classes of this package)
@@ -109,6 +140,13 @@ def family_for(model_type: str | None) -> Family:
     for fam in FAMILIES:
         if model_type in fam.model_types:
             return fam
+    from ..reexpress import source_types  # here: convert.reexpress imports this package
+
+    if model_type in source_types():
+        raise ConversionError(
+            f"{model_type}'s transformers class has no KV-head count: convert its checkpoint folder "
+            "(convert_checkpoint, gqa-convert convert), which re-expresses it as a stock class that has one"
+        )
     raise ConversionError(
         f"unsupported model_type {model_type!r}: gqa-convert knows {', '.join(supported_model_types())}. "
         "Add a row to convert/families/table.py:FAMILIES if its attention fits one of the layouts there."
