@@ -256,3 +256,13 @@ def test_span_settings_are_checked_and_budgeted():
         make_settings({**base, "block_size": 4, "noise_density": 0.9, "mean_span_length": 1})
     with pytest.raises(ValueError, match="objective must be one of causal_lm, span_corruption"):
         make_settings({**base, "objective": "prefix_lm"})
+
+
+@pytest.mark.slow  # trains two steps
+def test_checkpoint_of_other_span_settings_is_not_resumed(assets, tmp_path):
+    out = tmp_path / "run"
+    first = [a for a in args(assets, out, "micro_batch_size=2") if not a.startswith(("teacher=", "max_steps="))]
+    ok(run_recipe([*first, "max_steps=2", "save_every=1", "eval_every=0"]))
+    shutil.rmtree(out / "model")  # as if the run had stopped after its checkpoints
+    result = run_recipe([*first, "max_steps=2", "save_every=1", "eval_every=0", "noise_density=0.3", "resume=auto"])
+    refused(result, "holds a checkpoint of another run", "noise_density: 0.15 -> 0.3")
