@@ -21,6 +21,19 @@ Rows:
 
 The data folder comes from --data-dir or $GQA_DATA_DIR (it holds wikitext-2/valid.txt and test.txt).
 
+    python bench/bench_calibrated.py --ratio --no-methods              # calibration time / one float32 forward
+    python bench/bench_calibrated.py --sizes 135M 1B 3B --no-methods   # scaling table on synthetic llamas
+
+--ratio times, in this process and one after the other, one float32 forward pass of the model over the calibration
+tokens (batches of 4 x 512, no cache, weights already loaded) and the whole calibrated conversion of the same model
+on the same tokens (`convert_checkpoint`, writing included); it prints both and their ratio, with the thread count
+and whether the CPU has native bfloat16 (avx512_bf16 / amx_bf16).
+
+--sizes builds synthetic llama checkpoints (bfloat16 safetensors, random weights, SmolLM2's tokenizer) of about
+135M, 1B and 3B parameters, calibrates each to MQA in a fresh `gqa-convert convert` process and reports wall time
+and that process's peak RSS, each against the checkpoint's bytes: layer by layer, the peak is one decoder layer,
+the embeddings and the calibration activations, not the model. --device picks where calibration runs.
+
 With --uptrain STEPS the mean-pooled and the calibrated conversions are then uptrained the same way, with
 recipes/uptrain.py and the recipe's SmolLM2 settings (recipes/configs/smollm2-mqa-cpu.yaml: full training, lr 3e-4,
 blocks of 256 tokens, one block per step, on WikiText-2 valid), validating every --eval-every steps on
@@ -108,8 +121,14 @@ def main() -> int:
     )
     ap.add_argument("--eval-every", type=int, default=8, help="uptraining: steps between validations")
     ap.add_argument("--eval-blocks", type=int, default=16, help="uptraining: validation blocks of 256 tokens")
+    ap.add_argument("--no-methods", action="store_true", help="skip the perplexity rows of the methods")
+    ap.add_argument("--ratio", action="store_true", help="time calibration against one float32 forward pass")
+    ap.add_argument("--sizes", nargs="*", default=[], help=f"scaling table on synthetic llamas: {', '.join(SIZES)}")
+    ap.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu", help="where calibration runs")
     args = ap.parse_args()
     quiet = args.json
+    if set(args.sizes) - set(SIZES):
+        ap.error(f"--sizes {args.sizes}: choose from {', '.join(SIZES)}")
 
     import torch
     from transformers import AutoTokenizer
@@ -118,10 +137,11 @@ def main() -> int:
     sys.path.insert(0, str(ROOT / "bench"))
     from convert.evaluate import score_folder, tokenize_file
 
-    if not args.data_dir or not (Path(args.data_dir) / "wikitext-2" / "test.txt").is_file():
+    have_data = bool(args.data_dir) and (Path(args.data_dir) / "wikitext-2" / "test.txt").is_file()
+    if not have_data and not args.no_methods:
         ap.error("no WikiText-2: pass --data-dir or set GQA_DATA_DIR to the folder holding wikitext-2/")
-    valid = Path(args.data_dir) / "wikitext-2" / "valid.txt"
-    test = Path(args.data_dir) / "wikitext-2" / "test.txt"
+    valid = Path(args.data_dir) / "wikitext-2" / "valid.txt" if have_data else None
+    test = Path(args.data_dir) / "wikitext-2" / "test.txt" if have_data else None
     if args.model is None:
         from convert import smollm2
 
@@ -136,39 +156,41 @@ def main() -> int:
         ap.error(f"unknown method rows {unknown}: choose from {', '.join(ROWS)}")
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    ids = tokenize_file(tokenizer, str(test), args.windows * args.window + 1)
+    ids = tokenize_file(tokenizer, str(test), args.windows * args.window + 1) if test else None
 
     def ppl(folder: Path) -> float:
         return score_folder(folder, ids, args.window, max_windows=args.windows).ppl
 
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="gqa-bench-cal-"))
     work.mkdir(parents=True, exist_ok=True)
-    results = []
+    results: list[dict] = []
+    extra: dict = {}
     try:
-        log(f"original: perplexity of {model_path}", quiet)
-        results.append(
-            {
-                "method": "original",
-                "ppl": ppl(model_path),
-                "calibration_tokens": 0,
-                "convert_s": None,
-                "peak_rss_mb": None,
-            }
-        )
-        # Warm the page cache and the imports once, outside the measurements.
-        timed_convert(
-            [
-                str(model_path),
-                str(work / "warm"),
-                "-g",
-                str(args.num_kv_heads),
-                "--quiet",
-                "--overwrite",
-                "--method",
-                "mean",
-            ],
-            work / "warm.log",
-        )
+        if args.ratio:
+            extra["ratio"] = ratio_run(model_path, valid, args, work, quiet)
+        if args.sizes:
+            extra["scaling"] = scaling_run(model_path, args, work, quiet)
+        if args.no_methods:
+            rows = []
+        else:
+            log(f"original: perplexity of {model_path}", quiet)
+            original = {"method": "original", "ppl": ppl(model_path), "calibration_tokens": 0}
+            results.append({**original, "convert_s": None, "peak_rss_mb": None})
+        # Warm the page cache and the imports once, outside the measurements (methods rows only).
+        if rows:
+            timed_convert(
+                [
+                    str(model_path),
+                    str(work / "warm"),
+                    "-g",
+                    str(args.num_kv_heads),
+                    "--quiet",
+                    "--overwrite",
+                    "--method",
+                    "mean",
+                ],
+                work / "warm.log",
+            )
         for row in rows:
             out = work / row.replace(" ", "-")
             cmd = [str(model_path), str(out), "-g", str(args.num_kv_heads), "--quiet", "--overwrite", *ROWS[row]]
@@ -210,13 +232,18 @@ def main() -> int:
         "load_average_1m": os.getloadavg()[0],
     }
     if args.json:
-        out = {"meta": meta, "results": results}
+        out = {"meta": meta, "results": results, **extra}
         if args.uptrain:
             out["uptraining"] = uptraining
         print(json.dumps(out, indent=2))
         return 0
-    print(f"{meta['model']}, -> {args.num_kv_heads} KV heads; {meta['eval']}; calibration on {meta['calibration']}")
-    print(f"{'method':<24}{'ppl':>12}{'calib. tokens':>15}{'convert s':>11}{'peak RSS MiB':>14}")
+    if "ratio" in extra:
+        print_ratio(extra["ratio"])
+    if "scaling" in extra:
+        print_scaling(extra["scaling"])
+    if results:
+        print(f"{meta['model']}, -> {args.num_kv_heads} KV heads; {meta['eval']}; calibration on {meta['calibration']}")
+        print(f"{'method':<24}{'ppl':>12}{'calib. tokens':>15}{'convert s':>11}{'peak RSS MiB':>14}")
     for r in results:
         conv = "" if r["convert_s"] is None else f"{r['convert_s']:.1f}"
         rss = "" if r["peak_rss_mb"] is None else f"{r['peak_rss_mb']:.0f}"
@@ -225,6 +252,185 @@ def main() -> int:
     if args.uptrain:
         print_uptraining(uptraining)
     return 0
+
+
+# Synthetic llama shapes (hidden, layers, heads, KV heads, MLP width) with SmolLM2's vocabulary (49,152, tied):
+# 135M is SmolLM2-135M's own shape; 1B and 3B follow Llama-3.2-1B and -3B.
+SIZES = {
+    "135M": (576, 30, 9, 3, 1536),
+    "1B": (2048, 16, 32, 8, 8192),
+    "3B": (3072, 28, 24, 8, 8192),
+}
+
+
+def cpu_has_native_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def ratio_run(model_path: Path, valid: Path | None, args, work: Path, quiet: bool) -> dict:
+    """One float32 forward pass over the calibration tokens, then the calibrated conversion on the same tokens,
+    in this process with the same threads: both wall times and their ratio."""
+    import time
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from convert import convert_checkpoint
+    from convert.methods.text import calibration_ids
+
+    data = str(valid) if valid else None
+    vocab = AutoConfig.from_pretrained(model_path).vocab_size
+    ids, where = calibration_ids(model_path, data, args.calibration_tokens, 512, 0, vocab)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        model(ids[:1, :64], use_cache=False)  # warm-up: first-call allocations
+        start = time.perf_counter()
+        for batch in torch.split(ids, 4):
+            model(batch, use_cache=False)
+        forward_s = time.perf_counter() - start
+    del model
+    log(f"ratio: float32 forward over {ids.numel()} tokens: {forward_s:.1f} s", quiet)
+    options = {"calibration_data": data, "calibration_tokens": args.calibration_tokens, "device": args.device}
+    start = time.perf_counter()
+    convert_checkpoint(
+        model_path, work / "ratio-out", 1, "calibrated", progress=False, overwrite=True, method_options=options
+    )
+    convert_s = time.perf_counter() - start
+    shutil.rmtree(work / "ratio-out", ignore_errors=True)
+    log(f"ratio: calibrated conversion: {convert_s:.1f} s", quiet)
+    return {
+        "tokens": int(ids.numel()),
+        "calibration_data": where,
+        "forward_float32_s": forward_s,
+        "calibrated_convert_s": convert_s,
+        "ratio": convert_s / forward_s,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_native_bf16": cpu_has_native_bf16(),
+        "device": args.device,
+    }
+
+
+def print_ratio(r: dict) -> None:
+    print(
+        f"calibration cost: {r['tokens']} tokens of {r['calibration_data']}, {r['torch_threads']} torch threads, "
+        f"CPU native bf16: {'yes' if r['cpu_native_bf16'] else 'no'}, calibration on {r['device']}"
+    )
+    print(f"  one float32 forward pass   {r['forward_float32_s']:>8.1f} s")
+    print(f"  calibrated conversion      {r['calibrated_convert_s']:>8.1f} s")
+    print(f"  ratio                      {r['ratio']:>8.2f} x   (goal <= 3, bar <= 4)")
+
+
+def synthetic_llama(folder: Path, size: str, tokenizer_from: Path) -> tuple[int, int]:
+    """A llama checkpoint of SIZES[size] with random bfloat16 weights in shards of at most 2 GB, and the tokenizer
+    of `tokenizer_from`; returns (parameters, bytes of weights). Written tensor by tensor (never the whole model)."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer, LlamaConfig
+
+    hidden, layers, heads, kv, inter = SIZES[size]
+    config = LlamaConfig(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        intermediate_size=inter,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+        max_position_embeddings=2048,
+        rope_theta=100000.0,
+        dtype="bfloat16",
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tokenizer_from).save_pretrained(folder)
+    d = hidden // heads
+    shapes = {"model.embed_tokens.weight": (49152, hidden), "model.norm.weight": (hidden,)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes.update(
+            {
+                f"{p}input_layernorm.weight": (hidden,),
+                f"{p}post_attention_layernorm.weight": (hidden,),
+                f"{p}self_attn.q_proj.weight": (heads * d, hidden),
+                f"{p}self_attn.k_proj.weight": (kv * d, hidden),
+                f"{p}self_attn.v_proj.weight": (kv * d, hidden),
+                f"{p}self_attn.o_proj.weight": (hidden, heads * d),
+                f"{p}mlp.gate_proj.weight": (inter, hidden),
+                f"{p}mlp.up_proj.weight": (inter, hidden),
+                f"{p}mlp.down_proj.weight": (hidden, inter),
+            }
+        )
+    gen = torch.Generator().manual_seed(0)
+    weight_map, shard, shard_bytes, shards, total = {}, {}, 0, [], 0
+
+    def flush() -> None:
+        name = f"model-{len(shards) + 1:05d}.safetensors"
+        save_file(shard, str(folder / name), metadata={"format": "pt"})
+        shards.append(name)
+        weight_map.update({k: name for k in shard})
+
+    for name, shape in shapes.items():
+        if len(shape) == 1:
+            t = torch.ones(shape, dtype=torch.bfloat16)
+        else:
+            t = (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
+        if shard and shard_bytes + t.numel() * 2 > 2 * 10**9:
+            flush()
+            shard, shard_bytes = {}, 0
+        shard[name] = t
+        shard_bytes += t.numel() * 2
+        total += t.numel()
+    flush()
+    index = {"metadata": {"total_size": total * 2}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return total, total * 2
+
+
+def scaling_run(tokenizer_from: Path, args, work: Path, quiet: bool) -> list[dict]:
+    """Calibrate each synthetic size to MQA in a fresh process: wall time and peak RSS against the model's bytes."""
+    rows = []
+    for size in args.sizes:
+        src = work / f"synthetic-{size}"
+        log(f"scaling: writing a synthetic {size} llama to {src}", quiet)
+        params, nbytes = synthetic_llama(src, size, tokenizer_from)
+        out = work / f"synthetic-{size}-mqa"
+        cmd = [str(src), str(out), "-g", "1", "--method", "calibrated", "--quiet", "--overwrite"]
+        cmd += ["--calibration-tokens", str(args.calibration_tokens), "--device", args.device]
+        log(f"scaling: gqa-convert convert {' '.join(cmd)}", quiet)
+        wall, rss = timed_convert(cmd, work / f"synthetic-{size}.log")
+        rows.append(
+            {
+                "size": size,
+                "parameters": params,
+                "model_bytes": nbytes,
+                "calibration_tokens": args.calibration_tokens,
+                "device": args.device,
+                "convert_s": wall,
+                "seconds_per_gb": wall / (nbytes / 1e9),
+                "peak_rss_bytes": rss,
+                "peak_rss_over_model_bytes": rss / nbytes,
+            }
+        )
+        log(f"  {wall:.1f} s, peak RSS {rss / 2**20:.0f} MiB ({rss / nbytes:.2f} x the model's bytes)", quiet)
+        shutil.rmtree(src, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)
+    return rows
+
+
+def print_scaling(rows: list[dict]) -> None:
+    print("calibrated conversion to MQA of synthetic bfloat16 llamas (fresh process each; peak RSS by GNU time):")
+    head = f"{'size':<6}{'params':>9}{'model GB':>10}{'tokens':>8}{'time s':>9}{'s/GB':>7}"
+    print(f"{head}{'peak RSS GB':>13}{'RSS/model':>11}")
+    for r in rows:
+        print(
+            f"{r['size']:<6}{r['parameters'] / 1e9:>8.2f}B{r['model_bytes'] / 1e9:>10.2f}{r['calibration_tokens']:>8}"
+            f"{r['convert_s']:>9.1f}{r['seconds_per_gb']:>7.1f}{r['peak_rss_bytes'] / 1e9:>13.2f}"
+            f"{r['peak_rss_over_model_bytes']:>11.2f}"
+        )
 
 
 def uptrain_run(model: Path, out: Path, steps: int, valid: Path, test: Path, args, quiet: bool) -> list[dict]:

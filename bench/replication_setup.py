@@ -276,8 +276,7 @@ def provenance() -> dict:
         "convert/compare_seq2seq.py",
         *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "convert" / "uptrain").glob("*.py")),
         "convert/checkpoint.py",
-        "convert/methods.py",
-        "convert/calibrate.py",
+        *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "convert" / "methods").glob("*.py")),
         "convert/evaluate.py",
         "convert/data.py",
     ]

@@ -26,7 +26,8 @@ from . import __version__
 from .core import check_groups, convert_layer, kv_cache_bytes_per_token
 from .families import QK_NORM_FAMILIES, ConversionError, Shapes, output_shapes
 from .families_mha import modeling_template
-from .pooling import WEIGHT_ONLY_POOLS, relative_error
+from .methods import array_pool, method_module
+from .pooling import relative_error
 from .shipped import check_method, load_hint, require_flag, ship_modeling_code, shipped_note, template_manifest
 from .source import SIDE_FILES, Source, describe, open_source  # noqa: F401  (describe: re-exported)
 from .tensorio import (
@@ -312,11 +313,14 @@ def _import_in_background(module: str) -> Callable[[], Any]:
     return wait
 
 
-def _load_method(methods: Any, name: str, options: dict[str, Any] | None) -> "Method":
-    merger = methods.get_method(name)
+def _load_method(module: Any, name: str, options: dict[str, Any] | None) -> "Method":
+    """A new method object for this conversion (`module`: its module, imported in the background)."""
+    from .methods import get_method, method_class, method_names
+
+    merger = get_method(name)
     if options and not merger.needs_calibration:
         flags = ", ".join("--" + k.replace("_", "-") for k in options)
-        calibrated = ", ".join(n for n, m in methods.METHODS.items() if m.needs_calibration)
+        calibrated = ", ".join(n for n in method_names() if method_class(n).needs_calibration)
         raise ConversionError(
             f"{flags}: only for calibrated methods ({calibrated}); --method {name} reads the weights alone"
         )
@@ -400,15 +404,15 @@ def _numpy_pool(
 ) -> Callable | None:
     """The pooling function when this conversion can run on numpy alone, else None (torch does it).
 
-    That is mean or first pooling (`WEIGHT_ONLY_POOLS`), the split layout (every tensor that changes is a KV-head
+    That is a method with an `array_pool` (mean, first), the split layout (every tensor that changes is a KV-head
     tensor with the heads as its leading rows), --dtype keep and safetensors whose K/V are F32/F16/BF16: the
     rest of the checkpoint is then copied byte for byte, and torch, a second of CPU to import, never loads.
     """
-    if method not in WEIGHT_ONLY_POOLS or options or src.pickle or dtype != "keep" or src.family.layout != "split":
+    if array_pool(method) is None or options or src.pickle or dtype != "keep" or src.family.layout != "split":
         return None
     if any(t.source.st not in NUMPY_FLOATS or t.source.derive is not None for t in plan if t.computed(False)):
         return None
-    return WEIGHT_ONLY_POOLS[method]
+    return array_pool(method)
 
 
 def _numpy_layers(
@@ -468,8 +472,8 @@ def convert_checkpoint(
     # Mean and first pooling of a plain checkpoint need no torch (see _numpy_pool). Any other conversion starts
     # torch and the merge methods loading on a thread now, while the checkpoint is checked and planned from its
     # headers and the untouched tensors start copying: the import then costs no wall time of its own.
-    maybe_numpy = method in WEIGHT_ONLY_POOLS and not method_options
-    methods = None if maybe_numpy else _import_in_background("convert.methods")
+    maybe_numpy = array_pool(method) is not None and not method_options
+    methods = None if maybe_numpy else _import_in_background(method_module(method))
     src = open_source(source, revision, allow_pickle, trust_remote_code, groups=num_kv_heads)
     s_in = src.shapes
     check_groups(num_kv_heads, s_in)
@@ -480,7 +484,7 @@ def convert_checkpoint(
     plan, s_out = plan_tensors(src, num_kv_heads, dtype)
     pool = _numpy_pool(src, plan, method, dtype, method_options)
     if pool is None and methods is None:
-        methods = _import_in_background("convert.methods")
+        methods = _import_in_background(method_module(method))
     shards = assign_shards(plan, parse_size(max_shard_size))
     bytes_out = sum(nbytes(t.st, t.shape) for t in plan)
     output = Path(output)

@@ -13,10 +13,7 @@ import click
 from . import __version__
 from .families import ConversionError
 from .formatting import human_bytes
-
-# The names in convert.methods.METHODS (tests/test_cli.py keeps the two equal). Spelled out here so that the CLI
-# does not import the methods, and with them torch, before the conversion has started copying.
-METHOD_NAMES = ("mean", "first", "random", "calibrated")
+from .methods import method_names  # the registry alone: no method, no torch is imported before copying starts
 
 
 def _fail(error: Exception) -> None:
@@ -36,7 +33,7 @@ def main() -> None:
 @click.option("--num-kv-heads", "-g", type=int, required=True, help="KV heads after conversion (G; 1 = MQA).")
 @click.option(
     "--method",
-    type=click.Choice(METHOD_NAMES),
+    type=click.Choice(method_names()),
     default="mean",
     show_default=True,
     help="How the KV heads of a group are merged.",
@@ -85,6 +82,19 @@ def main() -> None:
     default=None,
     help="Calibrated methods: which KV heads share a group (default contiguous).",
 )
+@click.option(
+    "--calibration-dtype",
+    type=click.Choice(["float32", "bfloat16", "float16"]),
+    default=None,
+    help="Calibrated methods: dtype the layers run in while calibrating (default float32; bfloat16 is fast only "
+    "on CPUs with native bf16 and on GPUs).",
+)
+@click.option(
+    "--device",
+    type=click.Choice(["cpu", "cuda", "auto"]),
+    default=None,
+    help="Calibrated methods: where the layers run while calibrating (default cpu; auto: cuda when available).",
+)
 def convert(
     source: str,
     output: str,
@@ -105,6 +115,8 @@ def convert(
     calibration_data: str | None,
     calibration_tokens: int | None,
     grouping: str | None,
+    calibration_dtype: str | None,
+    device: str | None,
 ) -> None:
     """Convert SOURCE (folder or hub id) into OUTPUT with NUM_KV_HEADS key/value heads."""
     from .checkpoint import convert_checkpoint
@@ -117,6 +129,8 @@ def convert(
             ("calibration_data", calibration_data),
             ("calibration_tokens", calibration_tokens),
             ("grouping", grouping),
+            ("calibration_dtype", calibration_dtype),
+            ("device", device),
         )
         if v is not None
     }
@@ -232,15 +246,19 @@ def inspect(source: str, revision: str | None, allow_pickle: bool, as_json: bool
 )
 @click.option("--window", type=int, default=512, show_default=True, help="Tokens per perplexity window.")
 @click.option("--stride", type=int, default=None, help="Tokens between window starts (default: the window).")
-@click.option("--max-windows", type=int, default=8, show_default=True, help="Windows scored per model.")
+@click.option("--max-windows", type=int, default=8, show_default=True, help="Windows scored per model (0: all).")
 @click.option(
     "--contexts",
-    default="128,512,2048",
-    show_default=True,
-    help="Context lengths for the decode measurement (comma-separated; empty to skip).",
+    default=None,
+    help="Context lengths for the decode measurement (comma-separated; empty to skip). Default 128,512,2048, "
+    "leaving out with a warning those a model's positions or the text are too short for; given ones are all "
+    "measured or refused.",
 )
 @click.option("--new-tokens", type=int, default=32, show_default=True, help="Tokens decoded per measurement.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... or auto.")
+@click.option(
+    "--tokenizer", default=None, help="Tokenizer folder or hub id, for model folders without one (e.g. the original)."
+)
 @click.option(
     "--trust-remote-code",
     is_flag=True,
@@ -256,6 +274,7 @@ def eval_(
     contexts: str,
     new_tokens: int,
     device: str,
+    tokenizer: str | None,
     trust_remote_code: bool,
     as_json: bool,
 ) -> None:
@@ -265,10 +284,14 @@ def eval_(
     from .compare import as_dicts, compare, format_table
 
     hf_logging.disable_progress_bar()
-    try:
-        ctx = tuple(int(c) for c in contexts.split(",") if c.strip())
-    except ValueError:
-        _fail(ValueError(f"--contexts {contexts!r} must be comma-separated integers, e.g. 128,512,2048"))
+    ctx = None
+    if contexts is not None:
+        try:
+            ctx = tuple(int(c) for c in contexts.split(",") if c.strip())
+        except ValueError:
+            _fail(ValueError(f"--contexts {contexts!r} must be comma-separated integers, e.g. 128,512,2048"))
+    if max_windows < 0:
+        _fail(ValueError(f"--max-windows must be 0 (all windows) or more, got {max_windows}"))
     for m in models:
         if not (Path(m) / "config.json").is_file():
             _fail(ValueError(f"MODEL {m} is not a model folder (no config.json): pass converted or original folders"))
@@ -278,14 +301,18 @@ def eval_(
             data=data,
             window=window,
             stride=stride,
-            max_windows=max_windows,
+            max_windows=max_windows or None,
             contexts=ctx,
             new_tokens=new_tokens,
             device=device,
+            tokenizer=tokenizer,
             trust_remote_code=trust_remote_code,
         )
     except (ValueError, OSError) as e:
         _fail(e)
+    for r in results:
+        for line in r.left_out:
+            click.echo(f"warning: {line}", err=True)
     if as_json:
         click.echo(json.dumps(as_dicts(results), indent=2))
         return
@@ -312,36 +339,59 @@ def eval_(
     "--output",
     type=click.Path(file_okay=False),
     default=None,
-    help="Where to write the converted model (default: in the gqa-convert cache).",
+    help="Folder for the two converted models, mean/ and calibrated/ (default: in the gqa-convert cache).",
 )
 @click.option("--num-kv-heads", "-g", type=int, default=1, show_default=True, help="KV heads after conversion.")
-@click.option("--method", type=click.Choice(METHOD_NAMES), default="mean", show_default=True)
-@click.option("--windows", type=int, default=8, show_default=True, help="512-token windows scored per model.")
+@click.option("--windows", type=int, default=4, show_default=True, help="512-token windows scored per model.")
+@click.option(
+    "--calibration-tokens",
+    type=int,
+    default=4096,
+    show_default=True,
+    help="Tokens the calibrated model is fitted on (the method's default is 8192; fewer keep the demo short).",
+)
+@click.option(
+    "--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True, help="Calibrate on."
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-def demo(output: str | None, num_kv_heads: int, method: str, windows: int, quiet: bool, as_json: bool) -> None:
-    """Convert the real SmolLM2-135M (shipped on PyPI, offline) from 3 KV heads to NUM_KV_HEADS and compare."""
-    from .demo import PROMPT, run_demo
+def demo(
+    output: str | None,
+    num_kv_heads: int,
+    windows: int,
+    calibration_tokens: int,
+    device: str,
+    quiet: bool,
+    as_json: bool,
+) -> None:
+    """Convert the real SmolLM2-135M (shipped on PyPI, offline) from 3 KV heads to NUM_KV_HEADS by mean pooling and
+    by calibration, and show the three models side by side."""
+    from .demo import run_demo
 
     try:
-        r = run_demo(output, num_kv_heads, method, windows, progress=not (quiet or as_json))
+        r = run_demo(output, num_kv_heads, windows, calibration_tokens, device, progress=not (quiet or as_json))
     except (ConversionError, FileNotFoundError) as e:
         _fail(e)
     if as_json:
         click.echo(json.dumps(r, indent=2))
         return
-    before, after = r["models"]["original"], r["models"]["converted"]
+    cal = r["calibration"]
     click.echo(
-        f"SmolLM2-135M-Instruct: {r['kv_heads'][0]} -> {r['kv_heads'][1]} KV heads by {r['method']} "
-        f"in {r['convert_seconds']:.1f} s, written to {r['output']}"
+        f"SmolLM2-135M-Instruct, {r['kv_heads'][0]} -> {r['kv_heads'][1]} KV heads; perplexity on {r['eval_text']}, "
+        f"{r['eval_windows']} x {r['window']} tokens; calibrated on {cal['calibration_tokens']} tokens of "
+        f"{cal['calibration_data']} ({cal['device']})"
     )
-    click.echo(f"KV cache per token: {r['kv_cache_bytes_per_token'][0]:,} B -> {r['kv_cache_bytes_per_token'][1]:,} B")
-    click.echo(f"perplexity on {r['eval_text']}, {after['windows']} x 512 tokens:")
-    click.echo(f"  original  {before['perplexity']:>12.2f}")
-    click.echo(f"  converted {after['perplexity']:>12.2f}")
-    click.echo(f"prompt: {PROMPT}")
-    click.echo(f"  original:  {before['completion']}")
-    click.echo(f"  converted: {after['completion']}")
+    click.echo(f"{'model':<12}{'KV heads':>9}{'KV cache/token':>16}{'perplexity':>12}{'convert s':>11}")
+    for name, m in r["models"].items():
+        secs = f"{m['convert_seconds']:.1f}" if "convert_seconds" in m else "-"
+        click.echo(
+            f"{name:<12}{m['kv_heads']:>9}{m['kv_cache_bytes_per_token']:>14,} B{m['perplexity']:>12.2f}{secs:>11}"
+        )
+    click.echo(f"prompt: {r['prompt']}")
+    for name, m in r["models"].items():
+        click.echo(f"  {name + ':':<12} {m['completion']}")
+    click.echo(f"load the calibrated model:  {r['from_pretrained']}")
+    click.echo(f"({r['seconds']:.0f} s in all)")
 
 
 def _keep_freed_memory() -> None:

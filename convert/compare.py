@@ -15,6 +15,7 @@ import torch
 from .evaluate import builtin_text, perplexity
 
 DEFAULT_CONTEXTS = (128, 512, 2048)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 @dataclass
@@ -41,10 +42,11 @@ class ModelEval:
     window: int
     stride: int
     decode: list[Decode] = field(default_factory=list)
+    left_out: list[str] = field(default_factory=list)  # default contexts the model (or the text) is too short for
 
 
-def text_ids(tokenizer, data: str | None, max_tokens: int) -> tuple[torch.Tensor, str]:
-    """Token ids to score, and a description of where they came from.
+def text_ids(tokenizer, data: str | None, max_tokens: int | None) -> tuple[torch.Tensor, str]:
+    """Token ids to score (at most `max_tokens`; None: the whole text), and where they came from.
 
     A `.txt` file is tokenized whole, as written (the protocol of the README's WikiText numbers); other sources
     go through `convert.data` in their own order; no source means the pydoc text that ships with Python.
@@ -56,9 +58,55 @@ def text_ids(tokenizer, data: str | None, max_tokens: int) -> tuple[torch.Tensor
         from .evaluate import tokenize_file
 
         return tokenize_file(tokenizer, data, max_tokens), data
-    from .data import sample_token_ids
+    from . import data as textdata
 
-    return sample_token_ids(data, tokenizer, max_tokens, seed=None), data
+    if max_tokens is not None:
+        return textdata.sample_token_ids(data, tokenizer, max_tokens, seed=None), data
+    eos = textdata.eos_token_id(tokenizer)
+    texts = textdata.iter_texts(textdata.load_text_dataset(data))
+    ids = [i for doc in textdata.tokenize_documents(texts, tokenizer) for i in (*doc, eos)]
+    return torch.tensor(ids, dtype=torch.long), data
+
+
+def positions(config) -> int | None:
+    """The longest sequence the model's positions cover, from its config (None: not bounded by the config)."""
+    for key in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def find_tokenizer(path: str, tokenizer: str | None) -> str:
+    """Where to load the tokenizer from: `tokenizer` when given, else the model folder, which must hold one."""
+    if tokenizer is not None:
+        return tokenizer
+    if Path(path).is_dir() and not any((Path(path) / f).is_file() for f in TOKENIZER_FILES):
+        raise ValueError(
+            f"model folder {path} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}): pass "
+            f"--tokenizer with the original model's folder or hub id (a converted model keeps its tokenizer), "
+            f"or save it there: AutoTokenizer.from_pretrained(ORIGINAL).save_pretrained({str(path)!r})"
+        )
+    return path
+
+
+def check_lengths(path: str, config, window: int, contexts: tuple[int, ...] | None, new_tokens: int) -> None:
+    """Refuse, by name, a window or an asked-for context longer than the model's positions."""
+    limit = positions(config)
+    if limit is None:
+        return
+    if window > limit:
+        raise ValueError(
+            f"--window {window} is longer than {path} can attend over ({limit} positions, max_position_embeddings): "
+            f"use --window {limit} or less"
+        )
+    for context in contexts or ():
+        if context + new_tokens > limit:
+            raise ValueError(
+                f"--contexts {context}: {context} + {new_tokens} new tokens need {context + new_tokens} positions, "
+                f"{path} has {limit} (max_position_embeddings): use contexts up to {limit - new_tokens} or fewer "
+                f"--new-tokens"
+            )
 
 
 class PeakMemory:
@@ -126,7 +174,7 @@ def measure_decode(model, prompt: torch.Tensor, new_tokens: int, device: torch.d
     with PeakMemory(device) as mem:
         tn, out = timed(1 + new_tokens)
     rate = new_tokens / max(tn - t1, 1e-9)
-    return Decode(len(prompt), new_tokens, rate, cache_bytes(out.past_key_values), mem.peak)
+    return Decode(len(prompt), new_tokens, rate, cache_bytes(out.cache), mem.peak)
 
 
 def refuse_shipped_code(path: str | Path, trust_remote_code: bool) -> None:
@@ -147,29 +195,39 @@ def evaluate_model(
     window: int = 512,
     stride: int | None = None,
     max_windows: int | None = 8,
-    contexts: tuple[int, ...] = DEFAULT_CONTEXTS,
+    contexts: tuple[int, ...] | None = None,
     new_tokens: int = 32,
     device: str = "auto",
+    tokenizer: str | None = None,
     trust_remote_code: bool = False,
 ) -> ModelEval:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Perplexity and decode measurements of one model.
+
+    `contexts` None: DEFAULT_CONTEXTS, each left out (and named in `left_out`) where the model's positions or the
+    text are too short for it. Contexts given explicitly are all measured, or refused with a ValueError.
+    `max_windows` None scores every window of the text.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from .compare_seq2seq import evaluate_seq2seq, is_encoder_decoder
 
     if is_encoder_decoder(path):  # T5: span-corruption loss, decode from a fixed encoder output
         return evaluate_seq2seq(
-            path, data, window, stride, max_windows, contexts, new_tokens, device, trust_remote_code
+            path, data, window, stride, max_windows, contexts, new_tokens, device, tokenizer, trust_remote_code
         )
     refuse_shipped_code(path, trust_remote_code)
 
     dev = torch.device(
         "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
     )
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    check_lengths(path, config, window, contexts, new_tokens)
+    tok = AutoTokenizer.from_pretrained(find_tokenizer(path, tokenizer), trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code).to(dev).eval()
     cfg = model.config
-    need = max([window * (max_windows or 64) + 1] + [c for c in contexts])
-    ids, _ = text_ids(tokenizer, data, need)
+    wanted = DEFAULT_CONTEXTS if contexts is None else contexts
+    need = None if max_windows is None else max([window * max_windows + 1, *wanted])
+    ids, _ = text_ids(tok, data, need)
     ppl = perplexity(model, ids, window, stride, max_windows)
     from .core import kv_cache_bytes_per_token
     from .families import family_for, shapes_for
@@ -190,10 +248,20 @@ def evaluate_model(
         window=ppl.window,
         stride=ppl.stride,
     )
-    limit = getattr(cfg, "max_position_embeddings", None) or 1 << 30
-    for context in contexts:
-        if context + new_tokens + 1 > limit or context > len(ids):
-            continue  # longer than the model (or the text) allows: left out of the table
+    limit = positions(cfg)
+    for context in wanted:
+        if limit is not None and context + new_tokens > limit:  # only a default context gets here
+            result.left_out.append(
+                f"context {context} left out for {path}: {context} + {new_tokens} new tokens exceed its {limit} "
+                f"positions (max_position_embeddings)"
+            )
+            continue
+        if context > len(ids):
+            why = f"context {context} needs {context} tokens of text, {data or 'the default text'} gave {len(ids)}"
+            if contexts is not None:
+                raise ValueError(f"--contexts {context}: {why}; give more text with --data or a shorter context")
+            result.left_out.append(f"{why}: left out for {path}")
+            continue
         result.decode.append(measure_decode(model, ids[:context], new_tokens, dev))
     del model
     gc.collect()
@@ -201,13 +269,31 @@ def evaluate_model(
 
 
 def compare(models: list[str], **options) -> list[ModelEval]:
-    """Evaluate each model with the same text and settings, one after the other (one in memory at a time)."""
+    """Evaluate each model with the same text and settings, one after the other (one in memory at a time).
+
+    Every model's lengths and tokenizer are checked first, so a bad one fails before the others are measured.
+    Encoder-decoders (span-corruption loss) and decoder-only models (perplexity) are not mixed in one table.
+    """
+    from transformers import AutoConfig
+
     from .compare_seq2seq import is_encoder_decoder
 
     kinds = {m: "encoder-decoder" if is_encoder_decoder(m) else "decoder-only" for m in models}
     if len(set(kinds.values())) > 1:  # perplexity and span-corruption loss are not one scale
         listed = ", ".join(f"{m} ({k})" for m, k in kinds.items())
         raise ValueError(f"compare encoder-decoder models with each other and decoder-only with each other: {listed}")
+    trust = options.get("trust_remote_code", False)
+    for m in models:
+        refuse_shipped_code(m, trust)
+        if kinds[m] == "decoder-only":  # T5's relative positions have no length limit to check
+            check_lengths(
+                m,
+                AutoConfig.from_pretrained(m, trust_remote_code=trust),
+                options.get("window", 512),
+                options.get("contexts"),
+                options.get("new_tokens", 32),
+            )
+        find_tokenizer(m, options.get("tokenizer"))
     return [evaluate_model(m, **options) for m in models]
 
 
@@ -221,8 +307,10 @@ def as_dicts(results: list[ModelEval]) -> list[dict]:
             "perplexity": r.perplexity / base.perplexity,
             "kv_cache_bytes_per_token": r.kv_cache_bytes_per_token / base.kv_cache_bytes_per_token,
         }
-        for d, b in zip(row["decode"], base.decode):
-            d["speedup_vs_first"] = d["tokens_per_s"] / b.tokens_per_s
+        first = {b.context: b for b in base.decode}
+        for d in row["decode"]:  # paired by context length: either model may have left a context out
+            b = first.get(d["context"])
+            d["speedup_vs_first"] = d["tokens_per_s"] / b.tokens_per_s if b else None
         rows.append(row)
     return rows
 
@@ -230,7 +318,8 @@ def as_dicts(results: list[ModelEval]) -> list[dict]:
 def format_table(results: list[ModelEval]) -> str:
     """One Markdown table: quality, KV cache, decode speed per context, with ratios to the first model."""
     base = results[0]
-    contexts = [d.context for d in base.decode]
+    contexts = sorted({d.context for r in results for d in r.decode})
+    first = {d.context: d for d in base.decode}
     head = ["model", "KV heads", "ppl", "ppl ×", "KV B/token", "KV ×"]
     head += [f"tok/s @{c}" for c in contexts] + [f"peak MB @{contexts[-1]}"] if contexts else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -244,9 +333,10 @@ def format_table(results: list[ModelEval]) -> str:
             f"{r.kv_cache_bytes_per_token / base.kv_cache_bytes_per_token:.2f}",
         ]
         speeds = {d.context: d for d in r.decode}
-        for c, b in zip(contexts, base.decode):
-            d = speeds.get(c)
-            cells.append(f"{d.tokens_per_s:.1f} ({d.tokens_per_s / b.tokens_per_s:.2f}×)" if d else "-")
+        for c in contexts:
+            d, b = speeds.get(c), first.get(c)
+            ratio = f" ({d.tokens_per_s / b.tokens_per_s:.2f}×)" if d and b else ""
+            cells.append(f"{d.tokens_per_s:.1f}{ratio}" if d else "-")
         if contexts:
             last = speeds.get(contexts[-1])
             cells.append(f"{last.peak_memory_bytes / 1e6:.0f}" if last else "-")

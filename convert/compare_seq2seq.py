@@ -19,7 +19,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .compare import Decode, ModelEval, PeakMemory, cache_bytes, refuse_shipped_code, text_ids
+from .compare import (
+    DEFAULT_CONTEXTS,
+    Decode,
+    ModelEval,
+    PeakMemory,
+    cache_bytes,
+    find_tokenizer,
+    refuse_shipped_code,
+    text_ids,
+)
 from .span_corruption import SpanCorruption, corrupt_stream, sentinel_ids
 
 SEED = 0  # the masks of every scored example: one seed for every model
@@ -102,13 +111,15 @@ def evaluate_seq2seq(
     window: int = 512,
     stride: int | None = None,
     max_windows: int | None = 8,
-    contexts: tuple[int, ...] = (128, 512, 2048),
+    contexts: tuple[int, ...] | None = None,
     new_tokens: int = 32,
     device: str = "auto",
+    tokenizer: str | None = None,
     trust_remote_code: bool = False,
 ) -> Seq2SeqEval:
     """`compare.evaluate_model` for an encoder-decoder: `window` is the input length of a span-corruption example,
-    `max_windows` the number of examples, `contexts` the input lengths of the decode measurement."""
+    `max_windows` the number of examples (None: 8), `contexts` the input lengths of the decode measurement (None:
+    DEFAULT_CONTEXTS, each left out where the text is too short; given ones are all measured or refused)."""
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
     from .core import kv_cache_bytes_per_token
@@ -119,18 +130,14 @@ def evaluate_seq2seq(
     dev = torch.device(
         "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
     )
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    tok = AutoTokenizer.from_pretrained(find_tokenizer(path, tokenizer), trust_remote_code=trust_remote_code)
     model = AutoModelForSeq2SeqLM.from_pretrained(path, trust_remote_code=trust_remote_code).to(dev).eval()
     settings = SpanCorruption(input_length=window)
     examples = max_windows or 8
-    ids, _ = text_ids(tokenizer, data, max(examples * settings.raw_length, *contexts, 1))
-    inputs, targets = corrupt_stream(
-        ids.numpy().astype(np.int64),
-        settings,
-        sentinel_ids(tokenizer, settings.num_spans),
-        tokenizer.eos_token_id,
-        SEED,
-    )
+    wanted = DEFAULT_CONTEXTS if contexts is None else contexts
+    ids, _ = text_ids(tok, data, max(examples * settings.raw_length, *wanted, 1))
+    sentinels = sentinel_ids(tok, settings.num_spans)
+    inputs, targets = corrupt_stream(ids.numpy().astype(np.int64), settings, sentinels, tok.eos_token_id, SEED)
     inputs, targets = torch.from_numpy(inputs[:examples]).to(dev), torch.from_numpy(targets[:examples]).to(dev)
     loss = span_loss(model, inputs, targets)
 
@@ -157,9 +164,13 @@ def evaluate_seq2seq(
         self_cache_bytes_per_token=per_token // 2,
         cross_cache_bytes_per_token=per_token // 2,
     )
-    for context in contexts:
+    for context in wanted:
         if context > len(ids):
-            continue  # longer than the text: left out of the table
+            why = f"context {context} needs {context} tokens of text, {data or 'the default text'} gave {len(ids)}"
+            if contexts is not None:
+                raise ValueError(f"--contexts {context}: {why}; give more text with --data or a shorter context")
+            result.left_out.append(f"{why}: left out for {path}")
+            continue
         result.decode.append(measure_seq2seq_decode(model, ids[:context], new_tokens, dev))
     del model
     gc.collect()

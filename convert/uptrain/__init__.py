@@ -7,6 +7,7 @@ From a shell: `accelerate launch -m convert.uptrain CONFIG.yaml key=value ...` (
 `gqa-convert uptrain CONFIG.yaml ...` (one process), or `accelerate launch recipes/uptrain.py ...` in a checkout.
 """
 
+from convert.uptrain.checkpointing import WriteError
 from convert.uptrain.loop import Hooks, TrainingError, main, uptrain
 from convert.uptrain.report import Summary
 from convert.uptrain.settings import Options, Settings, SettingsError, load_settings, make_settings
@@ -18,6 +19,7 @@ __all__ = [
     "SettingsError",
     "Summary",
     "TrainingError",
+    "WriteError",
     "load_settings",
     "main",
     "make_settings",

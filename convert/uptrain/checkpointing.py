@@ -7,6 +7,7 @@ Both are written to a `.tmp-*` folder first and renamed into place when complete
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -18,6 +19,10 @@ from convert.uptrain.report import model_card, plot_losses
 from convert.uptrain.settings import RUN_KEYS, Settings, SettingsError
 
 CHECKPOINT_PREFIX = "step-"
+
+
+class WriteError(RuntimeError):
+    """Writing a checkpoint or the model failed: a full disk, a file-size limit, a lost mount."""
 
 
 def checkpoint_dir(s: Settings) -> Path:
@@ -81,9 +86,43 @@ def find_resume_point(s: Settings, run: dict) -> Path | None:
 
 
 def clear_partial_checkpoints(s: Settings) -> None:
-    """Drop checkpoints interrupted while being written (main process only)."""
-    for leftover in checkpoint_dir(s).glob(".tmp-*"):
-        shutil.rmtree(leftover, ignore_errors=True)
+    """Drop what a killed run was writing or deleting: checkpoints, model, metrics, the plot (main process)."""
+    for leftover in [*checkpoint_dir(s).glob(".tmp-*"), *Path(s.output_dir).glob(".tmp-*")]:
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+
+
+def discard(folder: Path) -> None:
+    """Delete a folder by renaming it to `.tmp-` first: a kill inside the delete leaves debris that no reader
+    takes for a checkpoint or a model (runs clear `.tmp-` folders), never a half folder under its real name."""
+    if folder.exists():
+        trash = folder.with_name(f".tmp-discard-{folder.name}")
+        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(folder, trash)
+        shutil.rmtree(trash)
+
+
+@contextlib.contextmanager
+def writing(what: str, s: Settings, *temporary: Path):
+    """Turn a failed write into a WriteError that says what to do, after removing the half-written `temporary`."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, RuntimeError, SafetensorError) as e:  # torch.save reports a short write as a RuntimeError
+        for path in temporary:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        keep = complete_checkpoints(s)
+        raise WriteError(
+            f"cannot write {what} in {s.output_dir}: {e}. Nothing half-written was left under a final name; the "
+            f"newest complete checkpoint is {keep[-1].name if keep else 'none'}. Free space (or lift the file-size "
+            f"limit), then rerun with resume: auto"
+        ) from None
 
 
 def save_checkpoint(accelerator, s: Settings, step: int, trainer_state: dict, stream) -> Path:
@@ -94,17 +133,18 @@ def save_checkpoint(accelerator, s: Settings, step: int, trainer_state: dict, st
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    with writing(f"checkpoint {final.name}", s, tmp):
+        accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if stream is not None:  # the position in a streamed corpus (the same on every process)
-            (tmp / "stream_state.json").write_text(json.dumps(stream.state()))
-        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
+        with writing(f"checkpoint {final.name}", s, tmp):
+            if stream is not None:  # the position in a streamed corpus (the same on every process)
+                (tmp / "stream_state.json").write_text(json.dumps(stream.state()))
+            (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+        discard(final)
         os.replace(tmp, final)
         for old in complete_checkpoints(s)[: -s.keep_checkpoints]:
-            shutil.rmtree(old)
+            discard(old)
     accelerator.wait_for_everyone()
     return final
 
@@ -144,17 +184,18 @@ def save_output(accelerator, model, s: Settings, tokenizer, summary: dict, rows:
         result = result.to(getattr(torch, save_dtype))
         result.config.use_cache = True
         shutil.rmtree(tmp, ignore_errors=True)
-        result.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        for extra in Path(s.model).iterdir():  # what else the input carried (conversion report, licence, ...)
-            weights = extra.name.endswith((".safetensors", ".bin", ".pt", ".pth", ".index.json"))
-            if extra.is_file() and not weights and not (tmp / extra.name).exists() and extra.name != "README.md":
-                shutil.copy2(extra, tmp / extra.name)
-        (tmp / "README.md").write_text(model_card(s.model, summary))
-        (tmp / "training_summary.json").write_text(json.dumps(summary, indent=2))
-        plot_losses(rows, out / "loss.png")
-        if final.exists():
-            shutil.rmtree(final)
+        with writing("the final model", s, tmp, out / ".tmp-loss.png"):
+            result.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            for extra in Path(s.model).iterdir():  # what else the input carried (conversion report, licence, ...)
+                weights = extra.name.endswith((".safetensors", ".bin", ".pt", ".pth", ".index.json"))
+                if extra.is_file() and not weights and not (tmp / extra.name).exists() and extra.name != "README.md":
+                    shutil.copy2(extra, tmp / extra.name)
+            (tmp / "README.md").write_text(model_card(s.model, summary))
+            (tmp / "training_summary.json").write_text(json.dumps(summary, indent=2))
+            plot_losses(rows, out / ".tmp-loss.png")
+        os.replace(out / ".tmp-loss.png", out / "loss.png")
+        discard(final)
         os.replace(tmp, final)
     accelerator.wait_for_everyone()
     return final

@@ -8,6 +8,7 @@ reproduces the uninterrupted one step for step.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -31,6 +32,7 @@ from convert.uptrain.model import (
     evaluate,
     kd_loss,
     load_lm,
+    use_fsdp_on_cpu,
 )
 from convert.uptrain.report import Metrics, Summary, describe_plan
 from convert.uptrain.seq2seq import check_objective, make_task, model_class
@@ -149,6 +151,7 @@ class Uptraining:
             project_dir=str(Path(s.output_dir) / "logs"),
         )
         assert accel.num_processes == plan["num_processes"], "WORLD_SIZE and accelerate disagree"
+        use_fsdp_on_cpu(accel)
         set_seed(s.seed)
         if accel.is_main_process:
             Path(s.output_dir).mkdir(parents=True, exist_ok=True)
@@ -404,9 +407,17 @@ def main(argv: list[str] | None = None, hooks: Hooks | None = None) -> int:
         if is_main_rank():
             print(f"error: {e}", file=sys.stderr)
         return 2
-    except TrainingError as e:
+    except (TrainingError, ckpt.WriteError) as e:
         if is_main_rank():
             print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            raise
+        if is_main_rank():  # a full disk outside the checkpoint and model writes (metrics, logs)
+            print(
+                f"error: {e}: free space (or lift the file-size limit), then rerun with resume: auto", file=sys.stderr
+            )
         return 1
     if options.json and is_main_rank():
         print(json.dumps(summary, indent=2))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -40,6 +41,22 @@ def check_model_folder(path: str, role: str, trust_remote_code: bool) -> None:
             f"{role} folder {path!r} runs its own Python code (config.json auto_map: {', '.join(code) or auto_map}): "
             f"read that code, then set trust_remote_code=true to allow it"
         )
+
+
+def use_fsdp_on_cpu(accelerator) -> None:
+    """FSDP on CPU processes: accelerate turns an FSDP launch into plain gloo data parallelism when no GPU is
+    present, yet FSDP2 shards over gloo as well; switch the state to FSDP so that CPU runs take the GPU path."""
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    wanted = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if wanted and accelerator.distributed_type == DistributedType.MULTI_CPU:
+        plugin = FullyShardedDataParallelPlugin()  # read from the launcher's environment, as accelerate does
+        if plugin.fsdp_version != 2:
+            raise SettingsError("FSDP on CPU processes needs fsdp_version: 2 (see recipes/accelerate_fsdp_cpu.yaml)")
+        # both shared states: accelerate re-reads the partial one into the full one on later calls
+        PartialState().distributed_type = accelerator.state.distributed_type = DistributedType.FSDP
+        accelerator.state.fsdp_plugin = plugin
 
 
 def check_modules(s: Settings, skeleton: torch.nn.Module) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -37,6 +38,17 @@ class Summary(TypedDict):
     last_checkpoint: str | None
 
 
+def read_rows(path: Path) -> list[dict]:
+    """The rows of metrics.jsonl; a last line torn by a kill in the middle of its write is left out."""
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return rows
+
+
 class Metrics:
     """metrics.jsonl (main process; flushed every row) and accelerate's trackers."""
 
@@ -44,8 +56,10 @@ class Metrics:
         self.accelerator, self.path, self.rows = accelerator, path, []
         if accelerator.is_main_process:
             if resume_step is not None and path.is_file():  # drop what ran after the checkpoint
-                self.rows = [r for r in map(json.loads, path.read_text().splitlines()) if r["step"] <= resume_step]
-            path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+                self.rows = [r for r in read_rows(path) if r["step"] <= resume_step]
+            tmp = path.with_name(f".tmp-{path.name}")  # replaced whole: a kill never leaves a half history
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+            os.replace(tmp, path)
 
     def log(self, row: dict) -> None:
         scalars = {f"{row['kind']}/{k}": v for k, v in row.items() if isinstance(v, float)}

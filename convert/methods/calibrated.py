@@ -1,0 +1,426 @@
+"""The calibrated method: closed-form, rotary-exact merging of KV heads fitted on calibration text, layer by layer
+(the math: `convert.methods.linalg`; running the layers: `convert.methods.runner`).
+
+Each layer is fitted on the hidden states the *converted* model computes (earlier layers' errors included),
+against what the original layer outputs on those same states. With stream "both" (default) the original model's
+hidden states are carried along too, and the o refit also takes back `drift` times the difference of the two
+residual streams; `input_correction` maps the converted attention inputs that much towards the original ones
+(least squares) before merging. Stream "converted" skips the original stream (cheaper); "original" fits every
+layer on the original model's hidden states instead.
+
+Calibration computes in float32 by default: on CPUs without native bfloat16 a bfloat16 forward is several times
+slower than a float32 one, and float32 rounds less. Statistics are accumulated in float32 and solved in float64.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from torch import Tensor
+
+from ..families import Attention, ConversionError, output_shapes
+from .base import Method, permute_kv_heads
+from .grouping import similarity_order
+from .linalg import (
+    LayerMath,
+    correct_inputs,
+    input_correction,
+    merge_layer,
+    refit_o,
+    rotary_pairs,
+    second_moment,
+    slow_share,
+)
+from .runner import LayerRunner
+from .text import calibration_ids
+
+PLOT = "calibration_errors.png"
+# Relative error of an attention output that only rounding explains, by calibration dtype: below it the o refit is
+# not made (the merge was exact; bf16 runs of two different but equivalent layers differ by about 1%).
+NOISE_FLOOR = {torch.float32: 1e-4, torch.bfloat16: 0.03, torch.float16: 0.005}
+
+
+def family_traits(family: Any) -> tuple[bool, bool]:
+    """(rotary pairs interleaved, queries and keys normalized per head after the projection) for a family: facts of
+    its table row, read in this one place."""
+    return family.rotary == "interleaved", bool(family.qk_norm)
+
+
+class CalibratedOptions(BaseModel):
+    """The options of `--method calibrated`, declared once: defaults, bounds and choices (pydantic checks them and
+    names the option and the allowed values in its message; unknown options are refused)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    calibration_data: str | None = None  # None: the builtin text; "random": random ids; else a data source
+    calibration_tokens: int = Field(8192, ge=2)
+    calibration_seq_len: int = Field(512, ge=1)
+    grouping: Literal["contiguous", "similarity"] = "contiguous"
+    stream: Literal["both", "converted", "original"] = "both"
+    drift: float = Field(0.2, ge=0, le=1)
+    input_correction: float = Field(0.3, ge=0, le=1)
+    refit_o: bool = True
+    ridge: float = Field(0.04, ge=0)
+    calibration_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    key_centering: Literal["global", "sequence", "none"] = "global"
+    key_weighting: float = Field(0.5, ge=0, le=1)
+    value_weighting: float = Field(0.5, ge=0, le=1)
+    device: str = "cpu"  # cpu, cuda, cuda:N or auto (cuda when there is one)
+
+    @classmethod
+    def parse(cls, options: dict[str, Any]) -> CalibratedOptions:
+        """Options as given (None = default), or a ConversionError naming each bad option and what it accepts."""
+        given = {k: v for k, v in options.items() if v is not None}
+        unknown = sorted(set(given) - set(cls.model_fields))
+        if unknown:
+            raise ConversionError(
+                f"method 'calibrated' has no option(s) {unknown}; it knows {sorted(cls.model_fields)}"
+            )
+        try:
+            return cls(**given)
+        except ValidationError as e:
+            problems = "; ".join(
+                f"{'.'.join(map(str, err['loc']))}: {err['msg']} (got {err['input']!r})" for err in e.errors()
+            )
+            raise ConversionError(f"method 'calibrated': {problems}") from None
+
+    def torch_device(self) -> torch.device:
+        """The device calibration runs on; a CUDA device that is not there is refused with the fix."""
+        want = self.device
+        if want == "auto":
+            want = "cuda" if torch.cuda.is_available() else "cpu"
+        try:
+            device = torch.device(want)
+        except RuntimeError:
+            raise ConversionError(f"--device {self.device!r}: use cpu, cuda, cuda:N or auto") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConversionError(f"--device {self.device}: no CUDA device is available here; use --device cpu")
+        if device.type not in ("cpu", "cuda"):
+            raise ConversionError(f"--device {self.device!r}: use cpu, cuda, cuda:N or auto")
+        return device
+
+
+@dataclass
+class LayerCalibration:
+    """What `Calibrated.merge` gets for one layer: the statistics, and `finish` (re-fit o_proj, move on)."""
+
+    layer: int
+    math: LayerMath
+    grouping: str
+    finish: Callable[[int, Attention], tuple[Attention, dict]]
+
+
+class Calibrator:
+    """Walks the layers in order, keeping calibration activations, one materialized layer at a time."""
+
+    def __init__(self, source: Any, groups: int, seed: int, opts: CalibratedOptions):
+        from ..core import patched_config
+
+        self.src, self.groups, self.opts = source, groups, opts
+        self.stream = opts.stream
+        self.drift = opts.drift if opts.stream == "both" else 0.0
+        self.input_correction = opts.input_correction if opts.stream == "both" else 0.0
+        self.weighting = (opts.key_weighting, opts.value_weighting)
+        self.s_out = output_shapes(source.shapes, groups, source.raw_config, source.family)
+        self.present = set(source.tensors)
+        self.dtype = getattr(torch, opts.calibration_dtype)
+        self.device = opts.torch_device()
+        self.model_type = source.raw_config.get("model_type")
+        interleaved, self.qk_norm_family = family_traits(source.family)
+        self.pairs = rotary_pairs(source.shapes.rotary_dim, interleaved)
+        vocab = int(getattr(source.config, "vocab_size", 0) or 0)
+        ids, where = calibration_ids(
+            getattr(source, "folder", None),
+            opts.calibration_data,
+            opts.calibration_tokens,
+            opts.calibration_seq_len,
+            seed,
+            vocab,
+        )
+        self.seq_len = int(ids.shape[1])
+        self.context = max(1, self.seq_len // 2)  # mean causal context of a calibration sequence
+        # Eager attention hands back its probabilities: needed for the attention-weighted moments.
+        self.runner = LayerRunner(
+            source,
+            patched_config(source.config, source.family, groups),
+            self.dtype,
+            self.device,
+            eager=max(self.weighting) > 0,
+        )
+        self.inv_freq = None
+        if opts.key_centering != "none":
+            self.inv_freq = next(
+                (b.cpu() for n, b in self.runner.skeleton.named_buffers() if n.endswith("inv_freq")), None
+            )
+        x0 = self.runner.embed(ids)
+        self.x_orig = x0 if self.stream in ("original", "both") else None
+        self.x_new = x0 if self.stream in ("converted", "both") else None
+        self.pending: dict[str, Any] = {}
+        self.summary = {
+            "calibration_data": where,
+            "calibration_tokens": int(ids.numel()),
+            "calibration_sequences": int(ids.shape[0]),
+            "calibration_seq_len": self.seq_len,
+            "calibration_dtype": opts.calibration_dtype,
+            "device": str(self.device),
+            "grouping": opts.grouping,
+            "stream": opts.stream,
+            "drift": self.drift,
+            "input_correction": self.input_correction,
+            "refit_o": opts.refit_o,
+            "ridge": opts.ridge,
+            "key_centering": opts.key_centering,
+            "key_weighting": opts.key_weighting,
+            "value_weighting": opts.value_weighting,
+        }
+
+    def _tensors(self, i: int) -> dict[str, Tensor]:
+        """Layer i's tensors, read from the checkpoint now (names relative to the layer)."""
+        p = f"{self.runner.layer_prefix}{i}."
+        return {k[len(p) :]: self.src.get(k) for k in self.src.tensors if k.startswith(p)}
+
+    def _qk_norm(self, i: int) -> bool:
+        fam = self.src.family
+        p = fam.prefix.format(i=i)
+        keys = fam.attention_keys(i, self.present)
+        return self.qk_norm_family or any(k in keys for k in (f"{p}{fam.q_norm}.weight", f"{p}{fam.k_norm}.weight"))
+
+    def __call__(self, i: int) -> dict:
+        """Statistics of layer i (the original layer runs here); `finish` then merges on and moves the streams."""
+        tensors = self._tensors(i)
+        run, layer = self.runner.run, self.runner.load(False, i, tensors)
+        recv, nxt, A_orig = max(self.weighting) > 0, None, None
+        if self.stream == "original":
+            r = run(layer, i, self.x_orig, attn_input=True, o_io=True, received=recv)
+            nxt = r["out"]
+        else:
+            if self.stream == "both":
+                r0 = run(layer, i, self.x_orig, attn_input=self.input_correction > 0)
+                nxt, A_orig = r0["out"], r0["A"]
+            r = run(layer, i, self.x_new, attn_input=True, o_io=True, stop="o", received=recv)
+        self.runner.unload(False, i)
+        A, Y = r["A"], r["Y"]
+        floor = NOISE_FLOOR[self.dtype]
+        # Streams that agree within rounding (exact merges so far) need no correction, and get none.
+        if self.drift and _apart(self.x_orig, self.x_new) > floor:
+            diff = torch.cat([(a - b).reshape(-1, a.shape[-1]) for a, b in zip(self.x_orig, self.x_new)])
+            Y = Y + self.drift * diff.float()
+        bias = tensors.get(f"{self.runner.o_path}.bias")
+        if bias is not None:
+            Y = Y - bias.float().to(Y.device)
+        self.pending = {"layer": i, "Y": Y, "next_orig": nxt, "tensors": tensors}
+        C = second_moment(A)
+        moment = self._moment(A, r["W"]) if recv and r.get("W") is not None else None
+        correction = None
+        if A_orig is not None and _apart([A_orig], [A]) > floor:
+            correction = input_correction(A, A_orig, C, self.input_correction)
+        lm = LayerMath(
+            C,
+            self.pairs,
+            self._qk_norm(i),
+            slow_share(self.inv_freq, len(self.pairs[0]), self.context),
+            self._means(A, torch.ones(A.shape[0], device=A.device)),
+            moment,
+            *self.weighting,
+            correction,
+        )
+        return {"calibration": LayerCalibration(i, lm, self.opts.grouping, self.finish)}
+
+    def _means(self, A: Tensor, w: Tensor) -> Tensor | None:
+        """U [D+1, r] with U U^T the (w-weighted) moment of the means the softmax may ignore: the global mean of
+        [A 1], or the mean of each calibration sequence."""
+        if self.opts.key_centering == "none":
+            return None
+        T = A.shape[0] if self.opts.key_centering == "global" else self.seq_len
+        # float64: the key metric subtracts these means' moment from C, and on dims whose mean dominates (massive
+        # activations) float32 sums would leave more error than the variance that remains.
+        ws = w.double().reshape(-1, 1, T)  # [r, 1, T]
+        tot = ws.sum((1, 2)).clamp_min(1e-300)  # [r]
+        sums = torch.bmm(ws, A.double().reshape(-1, T, A.shape[1]))[:, 0]  # [r, D]
+        mean = torch.cat([sums / tot[:, None], torch.ones_like(tot)[:, None]], dim=1)  # [r, D+1]: mean of [A 1]
+        return (mean * tot.sqrt()[:, None]).T.cpu()
+
+    def _moment(self, A: Tensor, W: Tensor) -> Callable[[list[int]], tuple[Tensor, Tensor | None]]:
+        """Second moments weighted by the attention each position receives from a group's query heads: keys and
+        values of the positions attention reads most (the first token of a sequence, typically) count for what
+        they weigh in the attention output."""
+        Hkv = self.src.shapes.num_kv_heads
+        w_kv = W.reshape(Hkv, W.shape[0] // Hkv, -1).mean(1)  # [Hkv, N], mean 1 per position
+        cache: dict[tuple[int, ...], tuple[Tensor, Tensor | None]] = {}
+
+        def moment(heads: list[int]) -> tuple[Tensor, Tensor | None]:
+            key = tuple(sorted(heads))
+            if key not in cache:
+                w = w_kv[list(key)].mean(0)
+                cache[key] = (second_moment(A, w), self._means(A, w))
+            return cache[key]
+
+        return moment
+
+    def _load_new(self, i: int, att: Attention) -> torch.nn.Module:
+        keys = self.src.family.attention_keys(i, self.present)
+        start = len(self.runner.layer_prefix) + len(str(i)) + 1
+        tensors = dict(self.pending["tensors"])
+        for key, t in self.src.family.join(i, att, keys, self.s_out).items():
+            tensors[key[start:]] = t
+        return self.runner.load(True, i, tensors)
+
+    def finish(self, i: int, merged: Attention) -> tuple[Attention, dict]:
+        if self.pending.get("layer") != i:
+            raise RuntimeError(f"calibration context of layer {i} was not prepared (layers must come in order)")
+        stats: dict = {}
+        layer = self._load_new(i, merged)
+        x_in = self.x_orig if self.stream == "original" else self.x_new
+        given = None
+        if self.opts.refit_o:
+            Z = self.runner.run(layer, i, x_in, o_io=True, stop="o")["Z"]
+            merged, stats = refit_o(merged, Z, self.pending["Y"], self.opts.ridge, NOISE_FLOOR[self.dtype])
+            if self.stream != "original":  # the attention output with the new o_proj, without recomputing it
+                D, H, d = merged.o.shape
+                bias = self.pending["tensors"].get(f"{self.runner.o_path}.bias")
+                O = merged.o.reshape(D, H * d).to(Z.device)
+                y = Z @ O.T + (0 if bias is None else bias.float().to(Z.device))
+                sizes = [x.shape[0] * x.shape[1] for x in self.x_new]
+                given = [c.reshape(x.shape).to(x.dtype) for c, x in zip(torch.split(y, sizes), self.x_new)]
+            else:
+                layer = self._load_new(i, merged)
+        if self.stream != "original":
+            self.x_new = self.runner.run(layer, i, self.x_new, attention_output=given)["out"]
+        self.runner.unload(True, i)
+        if self.stream != "converted":
+            self.x_orig = self.pending["next_orig"]
+        self.pending = {}
+        return merged, stats
+
+
+def _apart(xs: list[Tensor] | None, ys: list[Tensor] | None) -> float:
+    """Relative distance of two chunked streams."""
+    if xs is None or ys is None:
+        return 0.0
+    num = sum(float(torch.linalg.vector_norm(x - y, dtype=torch.float32)) ** 2 for x, y in zip(xs, ys))
+    den = sum(float(torch.linalg.vector_norm(x, dtype=torch.float32)) ** 2 for x in xs)
+    return math.sqrt(num / max(den, 1e-300))
+
+
+class Calibrated(Method):
+    """Closed-form merge fitted on calibration text, rotary-exact on keys, compensation folded into q_proj/o_proj."""
+
+    name = "calibrated"
+    summary = "calibrated PCA merge: rotary-exact complex key merge folded into q_proj, values folded into o_proj"
+    needs_calibration = True
+
+    def __init__(self) -> None:
+        self.calibrator: Calibrator | None = None
+        self.info: dict = {}
+
+    def layer_contexts(self, source: Any, groups: int, seed: int, **options: Any) -> Callable[[int], dict] | None:
+        opts = CalibratedOptions.parse(options)
+        if source.raw_config.get("model_type") == "gpt_bigcode":  # also the output of the gpt2 and opt routes
+            raise ConversionError(
+                "--method calibrated does not support gpt_bigcode (its learned positions are added outside the "
+                "decoder layers that calibration runs): use --method mean, first or random"
+            )
+        self.calibrator, self.info = None, {"started": time.perf_counter()}
+        if groups == source.shapes.num_kv_heads:
+            self.info["summary"] = {"note": "G equals the current KV-head count: nothing to merge, weights unchanged"}
+            return None
+        self.calibrator = Calibrator(source, groups, seed, opts)
+        return self.calibrator
+
+    def merge(
+        self,
+        att: Attention,
+        groups: int,
+        *,
+        layer: int,
+        seed: int,
+        calibration: LayerCalibration | None = None,
+        **context: Any,
+    ) -> tuple[Attention, dict]:
+        if groups == att.num_kv_heads:
+            return att, {"k_rel_err": 0.0, "v_rel_err": 0.0}
+        if calibration is None:
+            raise ConversionError(
+                "method 'calibrated' needs calibration statistics: run it through convert_checkpoint "
+                "(gqa-convert convert --method calibrated), which calibrates layer by layer"
+            )
+        order = list(range(att.num_kv_heads))
+        lm = calibration.math
+        if calibration.grouping == "similarity":
+            order = similarity_order(att, groups, lm)
+            if order != sorted(order):
+                att = permute_kv_heads(att, order)
+                if lm.moment is not None:
+                    lm = replace(lm, moment=lambda heads, f=lm.moment: f([order[h] for h in heads]))
+        if lm.correction is not None:
+            att = correct_inputs(att, lm.correction)
+        merged, stats = merge_layer(att, groups, lm)
+        merged, more = calibration.finish(layer, merged)
+        stats.update(more)
+        stats["kv_order"] = order
+        stats["key_merge"] = "weighted mean (q/k norm)" if calibration.math.qk_norm else "complex fold"
+        return merged, stats
+
+    def finish(self, folder: Path, report: Any) -> None:
+        summary = dict(self.calibrator.summary) if self.calibrator else dict(self.info.get("summary", {}))
+        summary["time_s"] = round(time.perf_counter() - self.info.get("started", time.perf_counter()), 2)
+        rows = [r for r in report.per_layer if "k_rel_err" in r]
+        qk = any(r.get("key_merge", "").startswith("weighted") for r in rows)
+        summary["key_merge"] = (
+            "approximate: this family normalizes q/k per head after the projection, which no fold commutes with; "
+            "merged keys are the query-energy weighted mean of each group's keys"
+            if qk
+            else "rotary-exact: complex principal component per rotary pair, conjugate folded into q_proj"
+        )
+        if rows:
+            summary["plot"] = PLOT
+            plot_errors(
+                rows,
+                folder / PLOT,
+                title=f"{report.source}: {report.kv_heads_before} -> {report.kv_heads_after} KV heads, calibrated",
+            )
+        path = folder / "gqa_convert.json"
+        if path.is_file():
+            prov = json.loads(path.read_text())
+            prov["calibration"] = summary
+            path.write_text(json.dumps(prov, indent=2) + "\n")
+        self.calibrator = None  # drop the activations
+        self.info["summary"] = summary
+
+
+def plot_errors(rows: list[dict], path: Path, title: str = "") -> None:
+    """PNG of the per-layer reconstruction errors (keys, values, attention output)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted(rows, key=lambda r: r["layer"])
+    x = [r["layer"] for r in rows]
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    series = [
+        ("k_rel_err", "keys"),
+        ("v_rel_err", "values"),
+        ("attn_rel_err_folded", "attention out (folded o)"),
+        ("attn_rel_err", "attention out (o re-fitted)"),
+    ]
+    for key, label in series:
+        if all(key in r for r in rows):
+            ax.plot(x, [r[key] for r in rows], marker="o", ms=3, label=label)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("relative error on calibration text")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

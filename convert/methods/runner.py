@@ -1,0 +1,258 @@
+"""One decoder layer at a time, with the checkpoint's own transformers modeling code.
+
+The model is built on the meta device (no memory); its buffers (rotary tables, embedding scales) are then made
+real, and a decoder layer's parameters are assigned from the checkpoint when it runs and handed back to the meta
+device after. Peak memory is one layer, the embedding matrix while the calibration text is embedded, and the
+calibration activations. Only public APIs: `from_config`, `initialize_weights`, `load_state_dict(assign=True)`,
+forward hooks, and `set_submodule` to put a stand-in where the model calls a layer or an attention module.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..families import ConversionError
+
+
+class _Stop(Exception):
+    """Raised from a hook once what was wanted is captured: the rest of the layer is not computed."""
+
+
+class _Probe(torch.nn.Module):
+    """Stands in for decoder layers in the model's forward: passes through, or records what the model hands the
+    layer (hidden states and keyword arguments: masks, rotary tables, positions) and stops."""
+
+    def __init__(self, like: torch.nn.Module, record: dict | None):
+        super().__init__()
+        self.record = record
+        for attr in ("attention_type", "layer_idx", "is_sliding"):
+            if hasattr(like, attr):
+                setattr(self, attr, getattr(like, attr))
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        if self.record is None:
+            return hidden
+        self.record.update(hidden=hidden, args=args[1:], kwargs=kwargs)
+        raise _Stop
+
+
+class _GivenOutput(torch.nn.Module):
+    """Stands in for an attention module whose output is already known: returns the next given chunk, shaped like
+    the module's own output (a tensor, or a tuple of `width` with the tensor first)."""
+
+    def __init__(self, chunks: list[Tensor], width: int):
+        super().__init__()
+        self.chunks, self.width = iter(chunks), width
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        out = next(self.chunks)
+        return (out, *([None] * (self.width - 1))) if self.width else out
+
+
+def _on_meta(module: torch.nn.Module) -> dict[str, Tensor]:
+    """The module's parameters as meta tensors, to hand its memory back with `load_state_dict(assign=True)`."""
+    return {n: torch.empty(p.shape, dtype=p.dtype, device="meta") for n, p in module.named_parameters()}
+
+
+class LayerRunner:
+    """A model skeleton on the meta device, materializing one decoder layer at a time from the source."""
+
+    def __init__(
+        self,
+        source: Any,
+        new_config: Any,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+        chunk_tokens: int = 2048,
+        eager: bool = False,
+    ):
+        self.source, self.dtype, self.chunk_tokens = source, dtype, chunk_tokens
+        self.device = torch.device(device)
+        fam = source.family
+        self.layer_prefix = fam.prefix[: fam.prefix.index("{i}")]  # "model.layers."
+        inner = fam.prefix[fam.prefix.index("{i}") + 4 :].rstrip(".")  # "self_attn"
+        self.attn_path, self.o_path = inner, f"{inner}.{fam.o}"
+        self.skeleton = self._skeleton(source.config)
+        self.skeleton_new = self._skeleton(new_config)
+        # Attention probabilities come only from eager attention, several times slower than the default (sdpa):
+        # a second skeleton of the original model runs eager, for the one pass that needs them.
+        self.skeleton_eager = self._skeleton(source.config, "eager") if eager else None
+        self.layer_types = getattr(source.config, "layer_types", None)
+        self._kwargs: dict[tuple, tuple] = {}
+        self._attn_width = 2
+
+    def _skeleton(self, config: Any, attn_implementation: str | None = None) -> torch.nn.Module:
+        from transformers import AutoModelForCausalLM
+
+        extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        # A copy: the model keeps its config object and sets the attention implementation on it.
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=self.dtype, **extra)
+        model.eval()
+        # Buffers (rotary tables, scales) are computed, not stored: make them real and let transformers fill them.
+        # Parameters stay on the meta device, where initializing them costs nothing.
+        for mod in model.modules():
+            own = [(n, b) for n, b in mod.named_buffers(recurse=False) if b is not None and b.is_meta]
+            kept = set(mod.state_dict(keep_vars=True)) if own else set()
+            for name, buf in own:
+                mod.register_buffer(name, torch.empty_like(buf, device=self.device), persistent=name in kept)
+        model.initialize_weights()
+        return model
+
+    def layers(self, model: torch.nn.Module) -> torch.nn.ModuleList:
+        return model.get_submodule(self.layer_prefix.rstrip("."))
+
+    def _models(self, new: bool) -> list[torch.nn.Module]:
+        return [self.skeleton_new] if new else [m for m in (self.skeleton, self.skeleton_eager) if m is not None]
+
+    def load(self, new: bool, i: int, tensors: dict[str, Tensor]) -> torch.nn.Module:
+        """Materialize layer i of a skeleton with `tensors` (names relative to the layer), in the compute dtype (the
+        eager twin of the original shares the same tensors)."""
+        layer = self.layers(self._models(new)[0])[i]
+        wanted = {n for n, _ in layer.named_parameters()}
+        missing = sorted(wanted - set(tensors))
+        if missing:
+            raise ConversionError(f"layer {i}: the checkpoint lacks {missing} that the model class needs")
+        cast = {k: self._cast(v) for k, v in tensors.items() if k in wanted or k in layer.state_dict()}
+        for model in self._models(new):
+            self.layers(model)[i].load_state_dict(cast, strict=False, assign=True)
+        return layer
+
+    def _cast(self, t: Tensor) -> Tensor:
+        return t.to(self.device, self.dtype if t.is_floating_point() else t.dtype)
+
+    def unload(self, new: bool, i: int) -> None:
+        for model in self._models(new):
+            layer = self.layers(model)[i]
+            layer.load_state_dict(_on_meta(layer), strict=False, assign=True)
+
+    def _record(self, i: int, inputs_embeds: Tensor, model: torch.nn.Module | None = None) -> dict:
+        """Run the model's forward up to layer i with probes in place of the layers; returns what layer i gets."""
+        model = model or self.skeleton
+        layers = self.layers(model)
+        saved = list(layers)
+        record: dict = {}
+        try:
+            for j in range(i + 1):
+                layers[j] = _Probe(saved[j], record if j == i else None)
+            model(inputs_embeds=inputs_embeds, use_cache=False)
+        except _Stop:
+            pass
+        finally:
+            for j in range(i + 1):
+                layers[j] = saved[j]
+        if "hidden" not in record:
+            raise ConversionError(f"could not reach layer {i} of the model's forward to calibrate it")
+        return record
+
+    def layer_call(self, i: int, batch: int, seq: int, eager: bool = False) -> tuple[tuple, dict]:
+        """The positional and keyword arguments the model passes to layer i (cached per layer type, shape and
+        attention implementation: the mask an eager layer gets differs from the one sdpa gets)."""
+        kind = self.layer_types[i] if self.layer_types else None
+        first = self.layer_types.index(kind) if self.layer_types else 0
+        key = (kind, batch, seq, eager)
+        if key not in self._kwargs:
+            embeds = torch.zeros(batch, seq, self.source.shapes.hidden, dtype=self.dtype, device=self.device)
+            rec = self._record(first, embeds, self.skeleton_eager if eager else self.skeleton)
+            self._kwargs[key] = (rec["args"], rec["kwargs"])
+        return self._kwargs[key]
+
+    def embed(self, ids: Tensor) -> list[Tensor]:
+        """First-layer inputs for the calibration ids, in chunks, as the model computes them (embedding scale
+        and any input normalizer included)."""
+        emb = self.skeleton.get_input_embeddings()
+        name = next(n for n, m in self.skeleton.named_modules() if m is emb)
+        key = f"{name}.weight"
+        if key not in self.source.tensors:
+            raise ConversionError(f"no {key} in the checkpoint: cannot embed the calibration text")
+        emb.load_state_dict({"weight": self._cast(self.source.get(key))}, strict=False, assign=True)
+        chunks = []
+        try:
+            for ids_chunk in self.split(ids.to(self.device)):
+                with torch.no_grad():
+                    rec = self._record(0, emb(ids_chunk))
+                chunks.append(rec["hidden"].detach())
+                kind = self.layer_types[0] if self.layer_types else None
+                self._kwargs.setdefault((kind, *ids_chunk.shape, False), (rec["args"], rec["kwargs"]))
+        finally:
+            emb.load_state_dict(_on_meta(emb), strict=False, assign=True)
+        return chunks
+
+    def split(self, x: Tensor) -> list[Tensor]:
+        rows = max(1, self.chunk_tokens // x.shape[1])
+        return list(torch.split(x, rows))
+
+    @torch.no_grad()
+    def run(
+        self,
+        layer: torch.nn.Module,
+        i: int,
+        xs: list[Tensor],
+        *,
+        attn_input: bool = False,
+        o_io: bool = False,
+        stop: str | None = None,
+        received: bool = False,
+        attention_output: list[Tensor] | None = None,
+    ) -> dict[str, Any]:
+        """Run a materialized layer on chunks of hidden states [b, T, D]. Captures the attention input ("A",
+        [N, D] float32), the o_proj input and output ("Z" [N, H*d], "Y" [N, D]) and the attention each position
+        receives ("W" [H, N], eager attention only); stop="attention" ends each chunk at the attention input,
+        stop="o" after the attention module; otherwise the layer outputs come back as "out" (a list of chunks).
+        `attention_output` (one tensor per chunk) stands in for the attention module, which is then not run."""
+        eager = received and self.skeleton_eager is not None
+        if eager:  # the same weights, in the skeleton whose attention hands back its probabilities
+            layer = self.layers(self.skeleton_eager)[i]
+        attn, o = layer.get_submodule(self.attn_path), layer.get_submodule(self.o_path)
+        got: dict[str, list[Tensor]] = {"A": [], "Z": [], "Y": [], "out": [], "W": []}
+
+        def pre_attn(_m, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if attn_input:
+                got["A"].append(hidden.reshape(-1, hidden.shape[-1]).float())
+            if stop == "attention":
+                raise _Stop
+
+        def after_o(_m, args, output):
+            if o_io:
+                got["Z"].append(args[0].reshape(-1, args[0].shape[-1]).float())
+                got["Y"].append(output.reshape(-1, output.shape[-1]).float())
+
+        def after_attn(_m, args, output):
+            self._attn_width = len(output) if isinstance(output, tuple) else 0
+            probs = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+            if received and probs is not None and probs.dim() == 4:  # [b, H, T, T] (eager attention)
+                got["W"].append(probs.float().sum(-2).permute(1, 0, 2).reshape(probs.shape[1], -1))
+            if stop == "o":  # o_proj runs inside the attention module
+                raise _Stop
+
+        handles = [
+            attn.register_forward_pre_hook(pre_attn, with_kwargs=True),
+            o.register_forward_hook(after_o),
+            attn.register_forward_hook(after_attn),
+        ]
+        if attention_output is not None:
+            layer.set_submodule(self.attn_path, _GivenOutput(attention_output, self._attn_width))
+        try:
+            for x in xs:
+                args, kwargs = self.layer_call(i, x.shape[0], x.shape[1], eager)
+                try:
+                    out = layer(x, *args, **kwargs)
+                    got["out"].append((out[0] if isinstance(out, tuple) else out).detach())
+                except _Stop:
+                    pass
+        finally:
+            for h in handles:
+                h.remove()
+            if attention_output is not None:
+                layer.set_submodule(self.attn_path, attn)
+        cat = {"W": 1, "out": None}
+        return {
+            k: (torch.cat(v, dim=cat.get(k, 0)) if cat.get(k, 0) is not None else v) if v else None
+            for k, v in got.items()
+        }
