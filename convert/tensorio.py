@@ -7,6 +7,7 @@ so mapping a 5 GB shard would make peak memory grow with shard size.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -244,7 +245,9 @@ def copy_raw(info: TensorInfo, out_fd: int, out_offset: int, writeback: bool = F
         while left:
             try:
                 done = os.copy_file_range(fd, out_fd, min(left, 1 << 30), offset, dst)
-            except (AttributeError, OSError):
+            except (AttributeError, OSError) as e:
+                if getattr(e, "errno", None) in WRITE_FAILURES:  # chunks would fail the same way
+                    raise
                 done = _copy_chunk(fd, out_fd, min(left, COPY_CHUNK), offset, dst)
             if done == 0:
                 raise ConversionError(f"{info.file} ended early: the file is truncated; re-download it")
@@ -253,6 +256,17 @@ def copy_raw(info: TensorInfo, out_fd: int, out_offset: int, writeback: bool = F
             dst += done
     if writeback:
         start_writeback(out_fd, out_offset, info.nbytes)
+
+
+# Errors of the output side that no other way of copying avoids: disk full, quota, file-size limit, I/O error.
+WRITE_FAILURES = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO}
+
+
+def named(error: OSError, path: Path) -> OSError:
+    """The same error, naming the output file it happened in (positional writes raise it without a name)."""
+    if error.filename is None and error.errno is not None:
+        return OSError(error.errno, error.strerror, str(path))
+    return error
 
 
 def _copy_chunk(fd: int, out_fd: int, size: int, offset: int, dst: int) -> int:
@@ -400,7 +414,11 @@ class ShardWriter:
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # keep the data 8-byte aligned, as the safetensors writer does
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        write_all(self.fd, struct.pack("<Q", len(raw)) + raw, 0)
+        try:
+            write_all(self.fd, struct.pack("<Q", len(raw)) + raw, 0)
+        except OSError as e:
+            self.discard()
+            raise named(e, path) from e
         self.base = 8 + len(raw)
         self.written: set[str] = set()
 
@@ -419,13 +437,24 @@ class ShardWriter:
         """Write a tensor given as a contiguous numpy array of its bytes in the declared dtype."""
         size = data.nbytes
         offset = self._place(name, size)
-        write_all(self.fd, data, offset)
+        try:
+            write_all(self.fd, data, offset)
+        except OSError as e:
+            raise named(e, self.path) from e
         if self.durable:
             start_writeback(self.fd, offset, size)
 
     def write_raw(self, name: str, info: TensorInfo, done=None) -> None:
         """Hand a verbatim copy of `info` to the copier thread; `done` runs there once it is written."""
-        self.copier.submit(copy_raw, info, self.fd, self._place(name, info.nbytes), self.durable, done=done)
+        self.copier.submit(self._copy, info, self._place(name, info.nbytes), done=done)
+
+    def _copy(self, info: TensorInfo, offset: int) -> None:
+        try:
+            copy_raw(info, self.fd, offset, self.durable)
+        except OSError as e:
+            if e.errno not in WRITE_FAILURES:  # a read error of the source file: its own name is the one to give
+                raise
+            raise named(e, self.path) from e
 
     def close(self) -> None:
         """Check that every declared tensor was written (or handed to the copier)."""
@@ -435,7 +464,10 @@ class ShardWriter:
     def finish(self) -> None:
         """Close, once every copy into this file is done (durable: fsync first, on disk before the rename)."""
         if self.durable:
-            os.fsync(self.fd)
+            try:
+                os.fsync(self.fd)
+            except OSError as e:
+                raise named(e, self.path) from e
         self.discard()
 
     def discard(self) -> None:
