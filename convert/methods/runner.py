@@ -1,10 +1,13 @@
-"""One decoder layer at a time, with the checkpoint's own transformers modeling code.
+"""One decoder layer at a time, with the checkpoint's transformers modeling code (a stock class, or a shipped-code
+template's classes imported from this package's own files).
 
 The model is built on the meta device (no memory); its buffers (rotary tables, embedding scales) are then made
-real, and a decoder layer's parameters are assigned from the checkpoint when it runs and handed back to the meta
-device after. Peak memory is one layer, the embedding matrix while the calibration text is embedded, and the
-calibration activations. Only public APIs: `from_config`, `initialize_weights`, `load_state_dict(assign=True)`,
-forward hooks, and `set_submodule` to put a stand-in where the model calls a layer or an attention module.
+real, and so are the small tensors its forward uses outside the layers (learned positions, an embedding norm), so
+the first layer's input is the model's own. A decoder layer's parameters are assigned from the checkpoint when it
+runs and handed back to the meta device after. Peak memory is one layer, the embedding matrix while the calibration
+text is embedded, and the calibration activations. Only public APIs: `from_config`, `initialize_weights`,
+`load_state_dict(assign=True)`, forward hooks, and `set_submodule` to put a stand-in where the model calls a layer
+or an attention module.
 """
 
 from __future__ import annotations
