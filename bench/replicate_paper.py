@@ -4,6 +4,11 @@ llama pretrained from scratch, with this project's own converter and uptraining 
 
     python bench/replicate_paper.py --out docs/replication           # the full grid (42 min on a shared 2-core CPU)
     python bench/replicate_paper.py --quick --out /tmp/replication   # smoke run: tiny model, 1 G, 2 methods (~1 min)
+    python bench/replicate_paper.py --arch t5 --out docs/replication_t5   # the paper's T5.1.1, span corruption
+
+`--arch t5` runs the same steps on a small T5.1.1 trained and scored with span corruption (bench/replication_t5.py):
+the pretraining and uptraining budgets count input + target tokens, the score is the held-out span-corruption
+perplexity, and the calibrated method (not available for T5) is left out with a note.
 
 One command does everything, in order:
 
@@ -66,6 +71,7 @@ from replication_setup import (
     provenance,
     work_hash,
 )
+from replication_t5 import init_t5, score_t5, t5_test_examples, train_t5_tokenizer
 
 from convert.evaluate import score_folder
 from convert.formatting import duration
@@ -190,24 +196,28 @@ def train(
             "save_every": 0,
             "report_to": "none",
             "model_dtype": "float32",
+            **({"objective": "span_corruption", "trust_remote_code": True} if cfg.arch == "t5" else {}),
             **budget,
         }
     )
     return dict(uptrain(settings, Options(quiet=quiet)))
 
 
-def available_methods(wanted: list[str]) -> tuple[list[str], list[str]]:
+def available_methods(wanted: list[str], arch: str = "llama") -> tuple[list[str], list[str]]:
     """The requested methods that are registered (importing the calibrated one when it exists), and notes."""
     from convert.methods import METHODS
 
     notes = []
-    if "calibrated" in wanted and "calibrated" not in METHODS:
+    if "calibrated" in wanted and "calibrated" not in METHODS and arch != "t5":
         try:
             import convert.calibrate  # noqa: F401  registers "calibrated"
         except Exception as e:  # missing or broken module: run the rest, say why
             notes.append(
                 f"method 'calibrated' left out: convert.calibrate could not be imported ({type(e).__name__}: {e})"
             )
+    if arch == "t5" and "calibrated" in wanted:
+        wanted = [m for m in wanted if m != "calibrated"]
+        notes.append("method 'calibrated' left out: it has no T5 route (weight-only methods only; docs/dev/t5.md)")
     keep = [m for m in wanted if m in METHODS]
     for m in wanted:
         if m not in METHODS and not any(m in n for n in notes):
@@ -255,13 +265,23 @@ class Runner:
         os.replace(tmp, self.cells_dir / f"{name}-{self.tag}.json")
         return row
 
+    def score(self, folder: Path) -> dict:
+        """Test perplexity (llama) or held-out span-corruption perplexity (t5) of a model folder."""
+        if self.cfg.arch == "t5":
+            return score_t5(folder, self.ids)
+        return score(folder, self.ids, self.cfg.block_size)
+
     # ------------------------------------------------------------------ stages
     def prepare(self) -> dict:
         cfg = self.cfg
         t0 = time.time()
         tok_dir = self.work / "tokenizer"
-        self.tokenizer = train_tokenizer(self.data, cfg.vocab_size, tok_dir)
-        self.ids, self.eval_info = test_ids(self.tokenizer, self.test, cfg.block_size, cfg.eval_windows)
+        if cfg.arch == "t5":
+            self.tokenizer = train_t5_tokenizer(self.data, cfg.vocab_size, tok_dir)
+            self.ids, self.eval_info = t5_test_examples(self.tokenizer, self.test, cfg.block_size, cfg.eval_windows)
+        else:
+            self.tokenizer = train_tokenizer(self.data, cfg.vocab_size, tok_dir)
+            self.ids, self.eval_info = test_ids(self.tokenizer, self.test, cfg.block_size, cfg.eval_windows)
         from convert.evaluate import tokenize_file
 
         self.train_tokens = len(tokenize_file(self.tokenizer, str(self.data)))
@@ -295,9 +315,9 @@ class Runner:
             for old in (init, self.work / "mha"):
                 shutil.rmtree(old, ignore_errors=True)
             done.unlink(missing_ok=True)
-            params = init_model(cfg, self.tokenizer, init)
+            params = (init_t5 if cfg.arch == "t5" else init_model)(cfg, self.tokenizer, init)
             self.log(
-                f"pretrain: llama {cfg.num_layers} layers, hidden {cfg.hidden_size}, {cfg.num_heads} heads x "
+                f"pretrain: {cfg.arch} {cfg.num_layers} layers, hidden {cfg.hidden_size}, {cfg.num_heads} heads x "
                 f"{cfg.head_dim}, {params:,} parameters; training {cfg.pretrain_tokens:,} tokens with "
                 f"convert.uptrain ..."
             )
@@ -332,7 +352,7 @@ class Runner:
         scores = self.cached("mha")
         if scores is None:
             t0 = time.time()
-            scores = {"init_ppl": score(init, self.ids, cfg.block_size)["ppl"], **score(mha, self.ids, cfg.block_size)}
+            scores = {"init_ppl": self.score(init)["ppl"], **self.score(mha)}
             scores["score_seconds"] = time.time() - t0
             self.store("mha", scores)
         row = {**row, **scores}
@@ -402,7 +422,15 @@ class Runner:
             }
         t0 = time.time()
         report = convert_checkpoint(
-            mha, converted, g, method, overwrite=True, seed=seed, progress=False, method_options=options
+            mha,
+            converted,
+            g,
+            method,
+            overwrite=True,
+            seed=seed,
+            progress=False,
+            method_options=options,
+            write_modeling_code=cfg.arch == "t5",  # T5's classes have no KV-head count: gqa_t5 code ships
         )
         convert_s = time.time() - t0
         errs = [r for r in report.per_layer if "k_rel_err" in r]
@@ -414,7 +442,7 @@ class Runner:
                 continue
             if cell.alpha == 0:
                 t1 = time.time()
-                s = score(converted, self.ids, cfg.block_size)
+                s = self.score(converted)
                 row = {
                     **dataclasses.asdict(cell),
                     **s,
@@ -456,7 +484,7 @@ class Runner:
             {"compute_fraction": cell.alpha, "pretraining_tokens": D},
         )
         train_s = time.time() - t0
-        s = score(run_dir / "model", self.ids, self.cfg.block_size)
+        s = self.score(run_dir / "model")
         if not self.keep_models:
             shutil.rmtree(run_dir, ignore_errors=True)
         row = {
@@ -507,7 +535,7 @@ def main(argv: list[str] | None = None) -> int:
     cache = Path(os.environ.get("GQA_CONVERT_CACHE", Path.home() / ".cache" / "gqa-convert"))
     work = Path(args.work) if args.work else cache / f"replicate-{work_hash(cfg, data)}"
     work.mkdir(parents=True, exist_ok=True)
-    methods, notes = available_methods(cfg.methods)
+    methods, notes = available_methods(cfg.methods, cfg.arch)
     for n in notes:
         log(n)
     hw = hardware(threads)

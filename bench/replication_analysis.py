@@ -19,6 +19,7 @@ from convert.formatting import duration
 @dataclass
 class Config:
     # model
+    arch: str = "llama"  # llama (decoder-only, next-token) or t5 (T5.1.1 encoder-decoder, span corruption)
     vocab_size: int = 4096
     hidden_size: int = 256
     intermediate_size: int = 688
@@ -74,6 +75,11 @@ QUICK = dict(
     calibration_tokens=1024,
     eval_windows=32,
 )
+
+
+# --arch t5 --quick: the same tiny model as T5.1.1 (2 encoder + 2 decoder blocks), inputs of 64 tokens (a row is
+# 64 inputs + 14 targets); mean and random at MQA, alpha 0 and 5%
+QUICK_T5 = {**QUICK, "block_size": 64, "pretrain_tokens": 120_000, "eval_windows": 48}
 
 
 def parse_list(text: str, kind, name: str) -> list:
@@ -256,6 +262,32 @@ def fmt_cell(v: dict | None) -> str:
     return text
 
 
+def model_words(cfg: Config) -> str:
+    if cfg.arch == "t5":
+        return (
+            f"T5.1.1 (gated-gelu, untied head, relative position bias), {cfg.num_layers} encoder + {cfg.num_layers} "
+            f"decoder blocks, d_model {cfg.hidden_size}, {cfg.num_heads} heads x {cfg.head_dim}; GQA/MQA in the "
+            f"decoder's self- and cross-attention, the encoder left multi-head"
+        )
+    return f"llama, {cfg.num_layers} layers, hidden {cfg.hidden_size}, {cfg.num_heads} heads x {cfg.head_dim}"
+
+
+def row_words(cfg: Config, ev: dict) -> str:
+    """The tokens of one training row (a span-corruption row counts its inputs and its targets)."""
+    if cfg.arch == "t5":
+        return f"({ev['window']} inputs + {ev['target_length']} targets, span corruption)"
+    return str(cfg.block_size)
+
+
+def score_words(cfg: Config, ev: dict) -> str:
+    if cfg.arch == "t5":
+        return (
+            f"Held-out span-corruption perplexity (exp of the loss per target token; {ev['objective']}; "
+            f"'windows' are examples of {ev['window']} input and {ev['target_length']} target tokens)"
+        )
+    return "Test perplexity"
+
+
 def markdown(results: dict) -> str:
     cfg = Config(**results["config"])
     agg = {tuple(k): v for k, v in ((tuple(json.loads(k)), v) for k, v in results["aggregate"].items())}
@@ -270,14 +302,14 @@ def markdown(results: dict) -> str:
         f"Wall time: {duration(results['wall_seconds'])}"
         + (f" ({results['cells_reused']} cells reused from an earlier run)" if results["cells_reused"] else ""),
         "",
-        f"Model: llama, {cfg.num_layers} layers, hidden {cfg.hidden_size}, {cfg.num_heads} heads x {cfg.head_dim}, "
+        f"Model: {model_words(cfg)}, "
         f"{pre['parameters']:,} parameters, byte-level BPE of {results['tokenizer']['vocab_size']:,} tokens trained "
         f"on `{Path(results['data']).name}`. Pretrained from scratch with `convert.uptrain` for "
-        f"{pre['tokens']:,} tokens ({pre['steps']} steps of {cfg.micro_batch_size} x {cfg.block_size}, peak lr "
+        f"{pre['tokens']:,} tokens ({pre['steps']} steps of {cfg.micro_batch_size} x {row_words(cfg, ev)}, peak lr "
         f"{cfg.lr}, warmup {cfg.warmup_ratio:.0%}, cosine to {cfg.min_lr_ratio} x lr). Uptraining: the same recipe "
         f"(peak lr {cfg.uptrain_peak_lr:g}, where pretraining's schedule ended) for alpha x {pre['tokens']:,} tokens.",
         "",
-        f"Test perplexity on `{Path(ev['file']).name}`: {ev['windows']} windows of {ev['window']} tokens "
+        f"{score_words(cfg, ev)} on `{Path(ev['file']).name}`: {ev['windows']} windows of {ev['window']} tokens "
         f"(stride {ev['stride']}, evenly spaced over the file's {ev['windows_in_file']}), {ev['tokens_scored']:,} "
         f"tokens scored. Lower is better. ± is half the range (max - min) / 2 over n seeds; cells without n ran once "
         f"(seed {cfg.seeds[0]}); multi-seed cells show the geometric mean.",
@@ -319,7 +351,10 @@ def perplexity_axis(ax, values: list[float]) -> None:
     values = [v for v in values if v and math.isfinite(v)]
     if values and max(values) / min(values) >= 3:
         ax.set_yscale("log")
-        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        if max(values) / min(values) >= 1e4:  # untrained conversions (T5 first/random): decades, labelled 1e+N
+            ax.yaxis.set_major_locator(LogLocator(base=10, numticks=12))
+        else:
+            ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.yaxis.set_minor_formatter(NullFormatter())
         ax.set_ylabel("test perplexity (log scale)")

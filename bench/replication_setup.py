@@ -13,7 +13,7 @@ import subprocess
 from pathlib import Path
 
 import torch
-from replication_analysis import QUICK, Config, parse_alpha, parse_list
+from replication_analysis import QUICK, QUICK_T5, Config, parse_alpha, parse_list
 
 ROOT = Path(__file__).resolve().parents[1]
 GRID_VERSION = 2  # bump when a change in the bench changes the numbers of a cell
@@ -34,6 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
         "../shared/data/wikitext-2/valid.txt beside the repository)",
     )
     p.add_argument("--test", help="held-out text scored for perplexity (default: wikitext-2/test.txt beside --data)")
+    p.add_argument(
+        "--arch",
+        choices=["llama", "t5"],
+        default="llama",
+        help="llama (decoder-only, next-token loss) or t5 (the paper's T5.1.1, span corruption)",
+    )
     p.add_argument(
         "--quick",
         action="store_true",
@@ -81,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def make_config(args: argparse.Namespace) -> Config:
-    values = dict(QUICK) if args.quick else {}
+    values = dict(QUICK_T5 if args.arch == "t5" else QUICK) if args.quick else {}
+    values["arch"] = args.arch
     simple = (
         "pretrain_tokens",
         "pretrain_seed",
@@ -128,6 +135,13 @@ def make_config(args: argparse.Namespace) -> Config:
             problems.append(f"--{key.replace('_', '-')} must be positive")
     if cfg.eval_windows < 0:
         problems.append("--eval-windows must be >= 0")
+    if cfg.arch == "t5":
+        from convert.span_corruption import SpanCorruption, SpanCorruptionError
+
+        try:
+            _ = SpanCorruption(input_length=cfg.block_size).raw_length
+        except SpanCorruptionError as e:
+            problems.append(f"--block-size is the T5 input length: {e}")
     if problems:
         raise SystemExit("error: " + "; ".join(problems))
     cfg.alphas = sorted(set(cfg.alphas))
@@ -233,8 +247,10 @@ def short_hash(value) -> str:
 
 def work_hash(cfg: Config, data: Path) -> str:
     """The work folder holds one pretrained model: keyed by what decides it."""
+    arch = {"arch": cfg.arch} if cfg.arch != "llama" else {}  # the llama runs keep their cached work
     return short_hash(
         {
+            **arch,
             "pretrain": {k: getattr(cfg, k) for k in PRETRAIN_KEYS},
             "data": file_digest(data),
             "grid_version": GRID_VERSION,
@@ -255,6 +271,9 @@ def provenance() -> dict:
         "bench/replicate_paper.py",
         "bench/replication_setup.py",
         "bench/replication_analysis.py",
+        "bench/replication_t5.py",
+        "convert/span_corruption.py",
+        "convert/compare_seq2seq.py",
         *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "convert" / "uptrain").glob("*.py")),
         "convert/checkpoint.py",
         *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "convert" / "methods").glob("*.py")),

@@ -317,11 +317,20 @@ def eval_(
         click.echo(json.dumps(as_dicts(results), indent=2))
         return
     r0 = results[0]
-    click.echo(
-        f"perplexity: {r0.windows} windows x {r0.window} tokens, stride {r0.stride}, "
-        f"{r0.tokens} tokens scored, text {data or 'pydoc_data topics (second half)'}"
-    )
-    click.echo(f"decode: {new_tokens} new tokens after each context, greedy, with cache")
+    if hasattr(r0, "scoring"):  # an encoder-decoder (convert/compare_seq2seq.py)
+        click.echo(f"{r0.scoring()}, text {data or 'pydoc_data topics (second half)'}")
+        click.echo(f"decode: {new_tokens} new tokens from a fixed encoder output of each input length, greedy, cached")
+        for r in results:
+            click.echo(
+                f"  {Path(r.model).name}: KV cache {r.self_cache_bytes_per_token:,} B per generated token (self) + "
+                f"{r.cross_cache_bytes_per_token:,} B per input token (cross)"
+            )
+    else:
+        click.echo(
+            f"perplexity: {r0.windows} windows x {r0.window} tokens, stride {r0.stride}, "
+            f"{r0.tokens} tokens scored, text {data or 'pydoc_data topics (second half)'}"
+        )
+        click.echo(f"decode: {new_tokens} new tokens after each context, greedy, with cache")
     click.echo(format_table(results))
 
 

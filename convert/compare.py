@@ -209,6 +209,12 @@ def evaluate_model(
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from .compare_seq2seq import evaluate_seq2seq, is_encoder_decoder
+
+    if is_encoder_decoder(path):  # T5: span-corruption loss, decode from a fixed encoder output
+        return evaluate_seq2seq(
+            path, data, window, stride, max_windows, contexts, new_tokens, device, tokenizer, trust_remote_code
+        )
     refuse_shipped_code(path, trust_remote_code)
 
     dev = torch.device(
@@ -266,19 +272,27 @@ def compare(models: list[str], **options) -> list[ModelEval]:
     """Evaluate each model with the same text and settings, one after the other (one in memory at a time).
 
     Every model's lengths and tokenizer are checked first, so a bad one fails before the others are measured.
+    Encoder-decoders (span-corruption loss) and decoder-only models (perplexity) are not mixed in one table.
     """
     from transformers import AutoConfig
 
+    from .compare_seq2seq import is_encoder_decoder
+
+    kinds = {m: "encoder-decoder" if is_encoder_decoder(m) else "decoder-only" for m in models}
+    if len(set(kinds.values())) > 1:  # perplexity and span-corruption loss are not one scale
+        listed = ", ".join(f"{m} ({k})" for m, k in kinds.items())
+        raise ValueError(f"compare encoder-decoder models with each other and decoder-only with each other: {listed}")
     trust = options.get("trust_remote_code", False)
     for m in models:
         refuse_shipped_code(m, trust)
-        check_lengths(
-            m,
-            AutoConfig.from_pretrained(m, trust_remote_code=trust),
-            options.get("window", 512),
-            options.get("contexts"),
-            options.get("new_tokens", 32),
-        )
+        if kinds[m] == "decoder-only":  # T5's relative positions have no length limit to check
+            check_lengths(
+                m,
+                AutoConfig.from_pretrained(m, trust_remote_code=trust),
+                options.get("window", 512),
+                options.get("contexts"),
+                options.get("new_tokens", 32),
+            )
         find_tokenizer(m, options.get("tokenizer"))
     return [evaluate_model(m, **options) for m in models]
 

@@ -22,9 +22,14 @@ from .families import ConversionError
 TEMPLATES = Path(__file__).parent / "modeling"
 COMMON = "common"
 FLAG = "--write-modeling-code"
-# Methods that read the weights alone. The calibrated method runs the layers of the stock source class and writes
-# into the stock output class: the shipped-code routes are not covered by it.
-SHIPPED_METHODS = ("mean", "first", "random")
+# Every method runs on the decoder-only templates (calibrated builds the template's own classes from these files).
+# Where a method does not fit a template: why, said in the refusal.
+SHIPPED_METHODS = ("mean", "first", "random", "calibrated")
+WEIGHT_ONLY = ("mean", "first", "random")
+UNFIT: dict[tuple[str, str], str] = {
+    ("t5", "calibrated"): "its layer runner calibrates decoder-only models layer by layer, and T5's decoder "
+    "attention reads the encoder's output (cross-attention) that the runner does not compute",
+}
 
 
 def load_hint(loads_with: str = "AutoModelForCausalLM") -> str:
@@ -69,10 +74,18 @@ def shipped_note(template: str) -> str:
 
 
 def check_method(template: str, method: str) -> None:
+    """Refuse, before anything is written, a method that cannot run where the output ships this template."""
+    model_type = template_manifest(template)["model_type"]
+    why = UNFIT.get((template, method))
+    if why:
+        raise ConversionError(
+            f"--method {method} is not available where the output ships its own modeling code ({model_type}): "
+            f"{why}. Use --method {', '.join(WEIGHT_ONLY)}"
+        )
     if method not in SHIPPED_METHODS:
         raise ConversionError(
-            f"--method {method} is not available where the output ships its own modeling code "
-            f"({template_manifest(template)['model_type']}): use --method {', '.join(SHIPPED_METHODS)}"
+            f"--method {method} is not available where the output ships its own modeling code ({model_type}): "
+            f"use --method {', '.join(SHIPPED_METHODS)}"
         )
 
 

@@ -153,13 +153,6 @@ def test_every_weight_method(method: str, tmp_path: Path) -> None:
     assert w.shape == ((H + 2 * 2) * 8, 64)
 
 
-def test_calibrated_refused_on_shipped_routes(tmp_path: Path) -> None:
-    build("mpt").save_pretrained(tmp_path / "src")
-    with pytest.raises(ConversionError, match="--method calibrated is not available.*mean, first, random"):
-        convert(tmp_path / "src", tmp_path / "out", 2, "calibrated")
-    assert not (tmp_path / "out").exists()
-
-
 def test_refused_without_the_flag(tmp_path: Path) -> None:
     """Exit 2, a message naming the flag and why, and no OUTPUT."""
     build("gpt2").save_pretrained(tmp_path / "src")

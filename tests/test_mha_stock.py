@@ -380,15 +380,6 @@ def test_uptraining_a_converted_output(tmp_path):
     assert trained.config.model_type == "phi" and trained.config.num_key_value_heads == 1
 
 
-def test_calibrated_refuses_gpt_bigcode_clearly(tmp_path):
-    src = tmp_path / "src"
-    source_model("gpt2").save_pretrained(src)
-    options = dict(calibration_data="random", calibration_tokens=384, calibration_seq_len=48)
-    with pytest.raises(ConversionError, match="calibrated does not support gpt_bigcode.*mean, first or random"):
-        convert_checkpoint(src, tmp_path / "out", 1, method="calibrated", progress=False, method_options=options)
-    assert not (tmp_path / "out").exists()
-
-
 def test_in_memory_conversion_points_to_the_checkpoint_route():
     from convert import convert_model
 

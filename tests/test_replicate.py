@@ -105,6 +105,44 @@ def test_quick_replication_end_to_end(tmp_path, wikitext_valid, wikitext_test):
     assert [r["ppl"] for r in second["rows"]] == [r["ppl"] for r in rows]
 
 
+@pytest.mark.slow
+def test_quick_t5_replication_end_to_end(tmp_path, wikitext_valid, wikitext_test):
+    """--arch t5 --quick: a tiny T5.1.1 pretrained with span corruption, converted to MQA (mean, random; shipped
+    gqa_t5 code), uptrained 5% in input + target tokens, scored on held-out span corruption."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(SCRIPT), "--arch", "t5", "--quick", "--out", str(out), "--work", str(tmp_path / "work")]
+    cmd += ["--data", str(wikitext_valid), "--test", str(wikitext_test), "--json", "--quiet"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout)
+    for name in ("results.json", "results.md", "fig_methods.png", "fig_alpha.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert results["config"]["arch"] == "t5" and results["methods"] == ["mean", "random"]
+    pre, ev = results["pretrain"], results["eval"]
+    assert pre["ppl"] < 1e-3 * pre["init_ppl"], "pretraining must beat the random init by far"
+    assert (ev["window"], ev["target_length"], ev["windows"]) == (64, 14, 48)  # T5 lengths for inputs of 64
+    assert ev["tokens_scored"] == 48 * 14
+    row_tokens = 64 + 14  # a span-corruption row counts its inputs and its targets
+    assert pre["tokens"] % (results["config"]["micro_batch_size"] * row_tokens) == 0
+    cells = {(r["kind"], r["groups"], r["method"], r["alpha"]): r for r in results["rows"]}
+    assert set(cells) == {
+        ("mha", 4, "-", 0.0),
+        ("gqa", 1, "mean", 0.0),
+        ("gqa", 1, "mean", 0.05),
+        ("gqa", 1, "random", 0.0),
+        ("gqa", 1, "random", 0.05),
+    }
+    step = results["config"]["micro_batch_size"] * row_tokens
+    for r in results["rows"]:
+        assert math.isfinite(r["ppl"]) and r["ppl"] > 1, r
+        if r["kind"] == "gqa" and r["alpha"] > 0:
+            assert r["alpha"] * pre["tokens"] <= r["uptrain_tokens"] < r["alpha"] * pre["tokens"] + step
+    assert cells[("gqa", 1, "mean", 0.05)]["ppl"] < cells[("gqa", 1, "mean", 0.0)]["ppl"]  # uptraining helps
+    table = (out / "results.md").read_text()
+    assert "Model: T5.1.1 (gated-gelu, untied head" in table and "Held-out span-corruption perplexity" in table
+    assert "| MQA mean | 1 |" in table and "--arch t5 --quick" in table
+
+
 def test_bad_input_is_a_clear_error(tmp_path):
     text = tmp_path / "a.txt"
     text.write_text("hello world\n")
@@ -112,6 +150,8 @@ def test_bad_input_is_a_clear_error(tmp_path):
     assert "nope.txt not found" in err
     assert "held-out" in refused(["--quick", "--out", str(tmp_path / "out"), "--data", str(text), "--test", str(text)])
     assert "--groups [3]" in refused(["--out", str(tmp_path / "out"), "--data", str(text), "--groups", "3"])
+    err = refused(["--arch", "t5", "--out", str(tmp_path / "out"), "--data", str(text), "--block-size", "2"])
+    assert "--block-size is the T5 input length" in err
     assert not (tmp_path / "out").exists()
 
 

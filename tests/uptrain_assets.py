@@ -101,6 +101,45 @@ def mean_pool_kv(source: Path, folder: Path, tokenizer) -> Path:
     return folder
 
 
+def t5_tokenizer(docs: list[str], sentinels: int = 100):
+    """A BPE tokenizer with T5's specials: <pad> 0 (the decoder start), </s> 1, <unk>, then <extra_id_0..N-1>."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    specials = ["<pad>", "</s>", "<unk>"] + [f"<extra_id_{i}>" for i in range(sentinels)]
+    tok.train_from_iterator(docs, trainers.BpeTrainer(vocab_size=500, special_tokens=specials))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+
+
+def tiny_t5(tokenizer, folder: Path, seed: int = 0, d_model: int = 32, init_factor: float = 1.0) -> Path:
+    """A 2+2-layer T5.1.1 (gated-gelu, untied head, 4 heads), saved with its tokenizer."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=d_model,
+        d_kv=8,
+        d_ff=2 * d_model,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        dropout_rate=0.0,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+        decoder_start_token_id=tokenizer.pad_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        initializer_factor=init_factor,
+    )
+    T5ForConditionalGeneration(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def hooked_command(args: list[str], hooks: str) -> list[str]:
     """The uptraining command line with test hooks, as a fresh process (for kills and faults).
 

@@ -39,7 +39,7 @@ from .linalg import (
     second_moment,
     slow_share,
 )
-from .runner import LayerRunner
+from .runner import LayerRunner, template_classes
 from .text import calibration_ids
 
 PLOT = "calibration_errors.png"
@@ -122,8 +122,6 @@ class Calibrator:
     """Walks the layers in order, keeping calibration activations, one materialized layer at a time."""
 
     def __init__(self, source: Any, groups: int, seed: int, opts: CalibratedOptions):
-        from ..core import patched_config
-
         self.src, self.groups, self.opts = source, groups, opts
         self.stream = opts.stream
         self.drift = opts.drift if opts.stream == "both" else 0.0
@@ -136,25 +134,23 @@ class Calibrator:
         self.model_type = source.raw_config.get("model_type")
         interleaved, self.qk_norm_family = family_traits(source.family)
         self.pairs = rotary_pairs(source.shapes.rotary_dim, interleaved)
-        vocab = int(getattr(source.config, "vocab_size", 0) or 0)
+        new_config, classes = _configs(source, groups)
+        # A shipped-code source (gqa_<x>) is read with the template's config class: `source.config` would need the
+        # checkpoint's own code, so it must not be evaluated as a default.
+        base_config = classes["source_config"] if "source_config" in classes else source.config  # noqa: SIM401
+        vocab = int(getattr(base_config, "vocab_size", 0) or 0)
         ids, where = calibration_ids(
             getattr(source, "folder", None),
             opts.calibration_data,
             opts.calibration_tokens,
-            opts.calibration_seq_len,
+            min(opts.calibration_seq_len, position_limit(source.raw_config)),
             seed,
             vocab,
         )
         self.seq_len = int(ids.shape[1])
         self.context = max(1, self.seq_len // 2)  # mean causal context of a calibration sequence
         # Eager attention hands back its probabilities: needed for the attention-weighted moments.
-        self.runner = LayerRunner(
-            source,
-            patched_config(source.config, source.family, groups),
-            self.dtype,
-            self.device,
-            eager=max(self.weighting) > 0,
-        )
+        self.runner = LayerRunner(source, new_config, self.dtype, self.device, eager=max(self.weighting) > 0, **classes)
         self.inv_freq = None
         if opts.key_centering != "none":
             self.inv_freq = next(
@@ -283,7 +279,8 @@ class Calibrator:
         if self.opts.refit_o:
             Z = self.runner.run(layer, i, x_in, o_io=True, stop="o")["Z"]
             merged, stats = refit_o(merged, Z, self.pending["Y"], self.opts.ridge, NOISE_FLOOR[self.dtype])
-            if self.stream != "original":  # the attention output with the new o_proj, without recomputing it
+            if self.stream != "original" and self.runner.o_is_attention_output:
+                # the attention output with the new o_proj, without recomputing it
                 D, H, d = merged.o.shape
                 bias = self.pending["tensors"].get(f"{self.runner.o_path}.bias")
                 O = merged.o.reshape(D, H * d).to(Z.device)
@@ -299,6 +296,34 @@ class Calibrator:
             self.x_orig = self.pending["next_orig"]
         self.pending = {}
         return merged, stats
+
+
+def position_limit(raw: dict) -> int:
+    """The longest sequence the model takes: learned position tables (gpt2, opt, gpt_bigcode) have no row beyond
+    it, and calibrating past the trained context would fit the merge to positions the model never sees."""
+    for key in ("n_positions", "max_position_embeddings", "max_seq_len"):
+        if isinstance(raw.get(key), int) and raw[key] > 0:
+            return raw[key]
+    return 1 << 30
+
+
+def _configs(source: Any, groups: int) -> tuple[Any, dict]:
+    """The merged model's config and the runner's class settings. A source whose output ships modeling code (or
+    that is such an output) runs in the template's classes, from the package's own files: the original at its
+    current KV count, the merged model at G."""
+    from ..core import patched_config
+    from ..families_mha import MhaFamily
+
+    fam = source.family
+    if not isinstance(fam, MhaFamily):
+        return patched_config(source.config, fam, groups), {}
+    config_class, model_class = template_classes(fam.template)
+    raw = {k: v for k, v in source.raw_config.items() if k not in ("auto_map", "model_type", "architectures")}
+
+    def config(kv: int) -> Any:
+        return config_class.from_dict({**raw, fam.kv_key: kv})
+
+    return config(groups), {"source_config": config(source.shapes.num_kv_heads), "model_class": model_class}
 
 
 def _apart(xs: list[Tensor] | None, ys: list[Tensor] | None) -> float:
@@ -323,11 +348,6 @@ class Calibrated(Method):
 
     def layer_contexts(self, source: Any, groups: int, seed: int, **options: Any) -> Callable[[int], dict] | None:
         opts = CalibratedOptions.parse(options)
-        if source.raw_config.get("model_type") == "gpt_bigcode":  # also the output of the gpt2 and opt routes
-            raise ConversionError(
-                "--method calibrated does not support gpt_bigcode (its learned positions are added outside the "
-                "decoder layers that calibration runs): use --method mean, first or random"
-            )
         self.calibrator, self.info = None, {"started": time.perf_counter()}
         if groups == source.shapes.num_kv_heads:
             self.info["summary"] = {"note": "G equals the current KV-head count: nothing to merge, weights unchanged"}

@@ -1,15 +1,21 @@
-"""One decoder layer at a time, with the checkpoint's own transformers modeling code.
+"""One decoder layer at a time, with the checkpoint's transformers modeling code (a stock class, or a shipped-code
+template's classes imported from this package's own files).
 
 The model is built on the meta device (no memory); its buffers (rotary tables, embedding scales) are then made
-real, and a decoder layer's parameters are assigned from the checkpoint when it runs and handed back to the meta
-device after. Peak memory is one layer, the embedding matrix while the calibration text is embedded, and the
-calibration activations. Only public APIs: `from_config`, `initialize_weights`, `load_state_dict(assign=True)`,
-forward hooks, and `set_submodule` to put a stand-in where the model calls a layer or an attention module.
+real, and so are the small tensors its forward uses outside the layers (learned positions, an embedding norm), so
+the first layer's input is the model's own. A decoder layer's parameters are assigned from the checkpoint when it
+runs and handed back to the meta device after. Peak memory is one layer, the embedding matrix while the calibration
+text is embedded, and the calibration activations. Only public APIs: `from_config`, `initialize_weights`,
+`load_state_dict(assign=True)`, forward hooks, and `set_submodule` to put a stand-in where the model calls a layer
+or an attention module.
 """
 
 from __future__ import annotations
 
 import copy
+import importlib
+import sys
+import types
 from typing import Any
 
 import torch
@@ -54,6 +60,27 @@ class _GivenOutput(torch.nn.Module):
         return (out, *([None] * (self.width - 1))) if self.width else out
 
 
+def template_classes(template: str) -> tuple[type, type]:
+    """The (config class, causal-LM class) of a shipped-code template, imported from the package's own template
+    files (never from a checkpoint folder): a package whose path is the template's folder and the common one, so
+    the templates' relative imports resolve as they do beside a checkpoint."""
+    from ..shipped import COMMON, TEMPLATES, template_manifest
+
+    manifest = template_manifest(template)
+    name = f"_gqa_convert_template_{template}"
+    if name not in sys.modules:
+        package = types.ModuleType(name)
+        package.__path__ = [str(TEMPLATES / template), str(TEMPLATES / COMMON)]
+        sys.modules[name] = package
+    auto = manifest["auto_map"]
+
+    def load(ref: str) -> type:
+        module, cls = ref.rsplit(".", 1)
+        return getattr(importlib.import_module(f"{name}.{module}"), cls)
+
+    return load(auto["AutoConfig"]), load(auto["AutoModelForCausalLM"])
+
+
 def _on_meta(module: torch.nn.Module) -> dict[str, Tensor]:
     """The module's parameters as meta tensors, to hand its memory back with `load_state_dict(assign=True)`."""
     return {n: torch.empty(p.shape, dtype=p.dtype, device="meta") for n, p in module.named_parameters()}
@@ -70,6 +97,8 @@ class LayerRunner:
         device: torch.device | str = "cpu",
         chunk_tokens: int = 2048,
         eager: bool = False,
+        source_config: Any = None,
+        model_class: type | None = None,
     ):
         self.source, self.dtype, self.chunk_tokens = source, dtype, chunk_tokens
         self.device = torch.device(device)
@@ -77,14 +106,31 @@ class LayerRunner:
         self.layer_prefix = fam.prefix[: fam.prefix.index("{i}")]  # "model.layers."
         inner = fam.prefix[fam.prefix.index("{i}") + 4 :].rstrip(".")  # "self_attn"
         self.attn_path, self.o_path = inner, f"{inner}.{fam.o}"
-        self.skeleton = self._skeleton(source.config)
+        # A shipped-code template class (`model_class`) builds both the original (its KV count at H) and the
+        # merged model; otherwise the stock class of each config.
+        self.model_class = model_class
+        config = source_config if source_config is not None else source.config
+        self.skeleton = self._skeleton(config)
         self.skeleton_new = self._skeleton(new_config)
         # Attention probabilities come only from eager attention, several times slower than the default (sdpa):
         # a second skeleton of the original model runs eager, for the one pass that needs them.
-        self.skeleton_eager = self._skeleton(source.config, "eager") if eager else None
-        self.layer_types = getattr(source.config, "layer_types", None)
+        self.skeleton_eager = self._skeleton(config, "eager") if eager else None
+        # Checkpoints saved from the base model (the hub's gpt2, opt, bloom) name tensors without the causal LM's
+        # `transformer.` / `model.`: the skeleton's names carry it, the checkpoint's do not.
+        self.model_prefix = ""
+        try:
+            self.skeleton.get_submodule(self.layer_prefix.rstrip("."))
+        except AttributeError:
+            self.model_prefix = f"{self.skeleton.base_model_prefix}."
+        stage = self._stage(self.skeleton)
+        for model in self._models(False):  # the eager twin shares the tensors
+            model.load_state_dict(stage, strict=False, assign=True)
+        self.layer_types = getattr(self.skeleton.config, "layer_types", None)
         self._kwargs: dict[tuple, tuple] = {}
         self._attn_width = 2
+        # Whether the attention module returns its o_proj output as it is (bloom adds the residual inside it): only
+        # then may a known o_proj output stand in for the attention module.
+        self.o_is_attention_output = True
 
     def _skeleton(self, config: Any, attn_implementation: str | None = None) -> torch.nn.Module:
         from transformers import AutoModelForCausalLM
@@ -92,7 +138,10 @@ class LayerRunner:
         extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
         # A copy: the model keeps its config object and sets the attention implementation on it.
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=self.dtype, **extra)
+            if self.model_class is not None:
+                model = self.model_class._from_config(copy.deepcopy(config), dtype=self.dtype, **extra)
+            else:
+                model = AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=self.dtype, **extra)
         model.eval()
         # Buffers (rotary tables, scales) are computed, not stored: make them real and let transformers fill them.
         # Parameters stay on the meta device, where initializing them costs nothing.
@@ -104,8 +153,34 @@ class LayerRunner:
         model.initialize_weights()
         return model
 
+    def _stage(self, model: torch.nn.Module) -> dict[str, Tensor]:
+        """The checkpoint's tensors for every parameter outside the decoder layers, the token embedding and the
+        output head: the embedding stage the model's forward runs before layer 0 (learned positions, an embedding
+        LayerNorm, OPT's project_in), reproduced by the model's own modules; small (the final norm comes along).
+        The token embedding is made real only while the calibration text is embedded."""
+        skip = {id(m) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
+        skip.add(id(self.layers(model)))
+        stage: dict[str, Tensor] = {}
+
+        def walk(module: torch.nn.Module, prefix: str) -> None:
+            if id(module) in skip:
+                return
+            for name, p in module.named_parameters(recurse=False):
+                key = f"{prefix}{name}"
+                if p.is_meta and self._ckpt(key) in self.source.tensors:
+                    stage[key] = self._cast(self.source.get(self._ckpt(key)))
+            for name, child in module.named_children():
+                walk(child, f"{prefix}{name}.")
+
+        walk(model, "")
+        return stage
+
+    def _ckpt(self, name: str) -> str:
+        """The checkpoint's name for a skeleton tensor name."""
+        return name.removeprefix(self.model_prefix) if self.model_prefix else name
+
     def layers(self, model: torch.nn.Module) -> torch.nn.ModuleList:
-        return model.get_submodule(self.layer_prefix.rstrip("."))
+        return model.get_submodule(f"{self.model_prefix}{self.layer_prefix}".rstrip("."))
 
     def _models(self, new: bool) -> list[torch.nn.Module]:
         return [self.skeleton_new] if new else [m for m in (self.skeleton, self.skeleton_eager) if m is not None]
@@ -148,6 +223,8 @@ class LayerRunner:
                 layers[j] = saved[j]
         if "hidden" not in record:
             raise ConversionError(f"could not reach layer {i} of the model's forward to calibrate it")
+        if record["hidden"].is_meta:
+            raise ConversionError(f"the input of layer {i} depends on tensors the checkpoint lacks: cannot calibrate")
         return record
 
     def layer_call(self, i: int, batch: int, seq: int, eager: bool = False) -> tuple[tuple, dict]:
@@ -157,7 +234,8 @@ class LayerRunner:
         first = self.layer_types.index(kind) if self.layer_types else 0
         key = (kind, batch, seq, eager)
         if key not in self._kwargs:
-            embeds = torch.zeros(batch, seq, self.source.shapes.hidden, dtype=self.dtype, device=self.device)
+            width = self.skeleton.get_input_embeddings().embedding_dim  # OPT's project_in: not the hidden size
+            embeds = torch.zeros(batch, seq, width, dtype=self.dtype, device=self.device)
             rec = self._record(first, embeds, self.skeleton_eager if eager else self.skeleton)
             self._kwargs[key] = (rec["args"], rec["kwargs"])
         return self._kwargs[key]
@@ -167,7 +245,7 @@ class LayerRunner:
         and any input normalizer included)."""
         emb = self.skeleton.get_input_embeddings()
         name = next(n for n, m in self.skeleton.named_modules() if m is emb)
-        key = f"{name}.weight"
+        key = self._ckpt(f"{name}.weight")
         if key not in self.source.tensors:
             raise ConversionError(f"no {key} in the checkpoint: cannot embed the calibration text")
         emb.load_state_dict({"weight": self._cast(self.source.get(key))}, strict=False, assign=True)
@@ -219,12 +297,17 @@ class LayerRunner:
                 raise _Stop
 
         def after_o(_m, args, output):
+            got["last_o"] = output
             if o_io:
                 got["Z"].append(args[0].reshape(-1, args[0].shape[-1]).float())
                 got["Y"].append(output.reshape(-1, output.shape[-1]).float())
 
         def after_attn(_m, args, output):
             self._attn_width = len(output) if isinstance(output, tuple) else 0
+            main = output[0] if isinstance(output, tuple) else output
+            last = got.pop("last_o", None)
+            if last is not None and not (main is last or torch.equal(main, last)):
+                self.o_is_attention_output = False
             probs = output[1] if isinstance(output, tuple) and len(output) > 1 else None
             if received and probs is not None and probs.dim() == 4:  # [b, H, T, T] (eager attention)
                 got["W"].append(probs.float().sum(-2).permute(1, 0, 2).reshape(probs.shape[1], -1))
@@ -251,6 +334,7 @@ class LayerRunner:
                 h.remove()
             if attention_output is not None:
                 layer.set_submodule(self.attn_path, attn)
+        got.pop("last_o", None)
         cat = {"W": 1, "out": None}
         return {
             k: (torch.cat(v, dim=cat.get(k, 0)) if cat.get(k, 0) is not None else v) if v else None

@@ -10,7 +10,7 @@ from convert.uptrain.settings import Settings
 def plan_budget(s: Settings, num_processes: int) -> dict:
     """Steps, warmup, global batch and tokens of a run on `num_processes` processes."""
     global_batch = s.micro_batch_size * s.grad_accum * num_processes
-    tokens_per_step = global_batch * s.block_size
+    tokens_per_step = global_batch * s.block_tokens  # block_size for causal_lm
     if s.max_steps is not None:
         steps = s.max_steps
     else:

@@ -161,7 +161,9 @@ def load_checkpoint(accelerator, path: Path) -> tuple[dict, dict | None]:
 def save_output(accelerator, model, s: Settings, tokenizer, summary: dict, rows: list[dict]) -> Path:
     """The final model as a plain checkpoint in output_dir/model, written to a temporary folder first."""
     from accelerate.utils import DistributedType
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from convert.uptrain.seq2seq import model_class
 
     out = Path(s.output_dir)
     final, tmp = out / "model", out / ".tmp-model"
@@ -171,7 +173,7 @@ def save_output(accelerator, model, s: Settings, tokenizer, summary: dict, rows:
         result = accelerator.unwrap_model(model)
         config = AutoConfig.from_pretrained(s.model, trust_remote_code=s.trust_remote_code)
         if accelerator.distributed_type == DistributedType.FSDP:  # the wrapped weights are shards: rebuild
-            result = AutoModelForCausalLM.from_config(
+            result = model_class(s).from_config(
                 config, dtype=getattr(torch, s.model_dtype), trust_remote_code=s.trust_remote_code
             )
             result.load_state_dict(state)

@@ -56,6 +56,8 @@ def load_documents(s: Settings, part: str) -> tuple[Callable[[], Iterator[str]],
 
 def prepare_data(s: Settings, tokenizer) -> dict:
     """Training blocks (all in memory, or a stream), validation blocks, and what the plan reports about them."""
+    if s.objective == "span_corruption":
+        return prepare_span_data(s, tokenizer)
     eos = textdata.eos_token_id(tokenizer)
     train_texts, train_name, open_train = load_documents(s, "train")
     data: dict[str, Any] = {"train_name": train_name, "eos": eos, "tokenizer": tokenizer}
@@ -95,6 +97,35 @@ def prepare_data(s: Settings, tokenizer) -> dict:
                 f"one block ({s.block_size}): raise validation_fraction, give a validation source, or lower block_size"
             )
         data.update(val_blocks=torch.tensor(val, dtype=torch.long), val_name=val_name)
+    return data
+
+
+def prepare_span_data(s: Settings, tokenizer) -> dict:
+    """`prepare_data` for span corruption: rows of inputs + targets (seq2seq.span_rows), training and validation."""
+    from convert.uptrain.seq2seq import VALIDATION_SEED, span_rows
+
+    span = s.span_corruption
+    train_texts, train_name, _ = load_documents(s, "train")
+    docs = list(train_texts())
+    rows = span_rows(s, tokenizer, docs, s.seed)
+    if rows is None:
+        raise SettingsError(
+            f"training data {train_name} holds {textdata.count_tokens(docs, tokenizer)} tokens, fewer than one "
+            f"span-corruption example needs ({span.raw_length} for block_size={s.block_size}): give more text or "
+            f"lower block_size"
+        )
+    data: dict[str, Any] = {"train_name": train_name, "tokenizer": tokenizer, "train_blocks": rows}
+    data.update(train_documents=len(docs), train_tokens=rows.numel(), val_blocks=None)
+    if separate_validation(s) or s.validation_fraction > 0:
+        val_texts, val_name, _ = load_documents(s, "validation")
+        val = span_rows(s, tokenizer, val_texts(), VALIDATION_SEED, limit=s.max_eval_blocks)
+        if val is None:
+            raise SettingsError(
+                f"validation data {val_name} (validation_fraction={s.validation_fraction}) holds fewer tokens than "
+                f"one span-corruption example ({span.raw_length}): raise validation_fraction, give a validation "
+                f"source, or lower block_size"
+            )
+        data.update(val_blocks=val, val_name=val_name)
     return data
 
 

@@ -31,12 +31,12 @@ from convert.uptrain.model import (
     count_params,
     evaluate,
     kd_loss,
-    lm_loss,
-    load_causal_lm,
+    load_lm,
     use_fsdp_on_cpu,
 )
 from convert.uptrain.report import Metrics, Summary, describe_plan
-from convert.uptrain.settings import Options, Settings, SettingsError
+from convert.uptrain.seq2seq import check_objective, make_task, model_class
+from convert.uptrain.settings import SPAN_KEYS, Options, Settings, SettingsError
 
 
 class TrainingError(RuntimeError):
@@ -80,7 +80,7 @@ class Uptraining:
     # ------------------------------------------------------------------ 1. check everything before compute
     def check(self) -> Summary | None:
         """Inputs, budget, resume point and data; the finished summary when this very run is already complete."""
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoTokenizer
 
         s, trust = self.s, self.s.trust_remote_code
         check_model_folder(s.model, "model", trust)
@@ -91,26 +91,31 @@ class Uptraining:
             config = AutoConfig.from_pretrained(s.model, trust_remote_code=trust)
         except Exception as e:
             raise SettingsError(f"cannot read the tokenizer or config in {s.model!r}: {e}") from None
+        check_objective(s, config, "model", s.model)
+        self.task = make_task(s, config)
         with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust)
+            skeleton = model_class(s).from_config(config, trust_remote_code=trust)
         check_modules(s, skeleton)
         self.total_params, self.teacher_params = count_params(skeleton), 0
         del skeleton
         if s.teacher is not None:
             teacher_config = AutoConfig.from_pretrained(s.teacher, trust_remote_code=trust)
+            check_objective(s, teacher_config, "teacher", s.teacher)
             if teacher_config.vocab_size != config.vocab_size:
                 raise SettingsError(
                     f"teacher vocabulary ({teacher_config.vocab_size}) differs from the model's "
                     f"({config.vocab_size}): the teacher must be the original of the converted model"
                 )
             with torch.device("meta"):
-                teacher = AutoModelForCausalLM.from_config(teacher_config, trust_remote_code=trust)
+                teacher = model_class(s).from_config(teacher_config, trust_remote_code=trust)
                 self.teacher_params = count_params(teacher)
         self.plan = plan_budget(s, world_size())
         tokens = self.plan["tokens"]
         self.plan["alpha"] = tokens / s.pretraining_tokens if s.pretraining_tokens else None
         self.plan["flops"] = 6 * self.total_params * tokens + 2 * self.teacher_params * tokens
         self.run_id = ckpt.fingerprint(s, self.plan)
+        if s.objective != "causal_lm":  # causal runs keep the fingerprint their checkpoints already hold
+            self.run_id.update({k: getattr(s, k) for k in SPAN_KEYS})
         self.resume_from = ckpt.find_resume_point(s, self.run_id)
         done = Path(s.output_dir) / "model" / "training_summary.json"
         if s.resume == "auto" and done.is_file() and json.loads(done.read_text()).get("run") == self.run_id:
@@ -153,7 +158,7 @@ class Uptraining:
             ckpt.clear_partial_checkpoints(s)
         accel.wait_for_everyone()
 
-        model = load_causal_lm(s.model, s)
+        model = load_lm(s.model, s)
         model.config.use_cache = False
         if s.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -178,7 +183,7 @@ class Uptraining:
 
         self.teacher = None
         if s.teacher is not None:
-            teacher = load_causal_lm(s.teacher, s)
+            teacher = load_lm(s.teacher, s)
             teacher.requires_grad_(False)
             teacher.eval()
             if accel.distributed_type == DistributedType.FSDP:
@@ -217,13 +222,13 @@ class Uptraining:
             first = (micro * procs + rank) * mb
             ids = batch[first : first + mb].to(accel.device)
             with accel.accumulate(model):
-                logits = model(input_ids=ids).logits
-                lm = lm_loss(logits, ids)
+                logits = self.task.logits(model, ids)
+                lm = self.task.loss(logits, ids)
                 loss, kl = lm, torch.zeros((), device=lm.device)
                 if self.teacher is not None:
                     with torch.no_grad(), accel.autocast():
-                        t_logits = self.teacher(input_ids=ids).logits
-                    kl = kd_loss(logits[:, :-1], t_logits[:, :-1], s.kd_temperature)
+                        t_logits = self.task.logits(self.teacher, ids)
+                    kl = kd_loss(self.task.scored(logits), self.task.scored(t_logits), s.kd_temperature)
                     loss = (1 - s.kd_weight) * lm + s.kd_weight * kl
                 if self.hooks.on_loss is not None:
                     loss = self.hooks.on_loss(step, loss)
@@ -267,7 +272,7 @@ class Uptraining:
             return
         s = self.s
         result = evaluate(
-            self.accelerator, self.model, self.teacher, self.val_blocks, s.micro_batch_size, s.kd_temperature
+            self.accelerator, self.model, self.teacher, self.val_blocks, s.micro_batch_size, s.kd_temperature, self.task
         )
         self.metrics.log({"kind": "eval", "step": step, "tokens": step * self.plan["tokens_per_step"], **result})
         self.say(f"  step {step:<6} validation loss {result['val_loss']:.4f}, perplexity {result['val_ppl']:.3f}")

@@ -79,10 +79,11 @@ def count_params(model: torch.nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-def load_causal_lm(path: str, s: Settings) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
+def load_lm(path: str, s: Settings) -> torch.nn.Module:
+    """The model (or teacher) in the Auto class of the objective: causal LM, or seq-to-seq for span corruption."""
+    from convert.uptrain.seq2seq import model_class
 
-    return AutoModelForCausalLM.from_pretrained(
+    return model_class(s).from_pretrained(
         path, dtype=getattr(torch, s.model_dtype), trust_remote_code=s.trust_remote_code
     )
 
@@ -98,7 +99,7 @@ def choose_trainable(model: torch.nn.Module, s: Settings) -> torch.nn.Module:
             lora_dropout=s.lora_dropout,
             target_modules=list(s.lora_modules),
             modules_to_save=list(s.kv_modules),
-            task_type="CAUSAL_LM",
+            task_type="SEQ_2_SEQ_LM" if s.objective == "span_corruption" else "CAUSAL_LM",
         )
         return get_peft_model(model, config)
     if s.train == "full":
@@ -130,20 +131,21 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float, re
 
 
 @torch.no_grad()
-def evaluate(accelerator, model, teacher, blocks: torch.Tensor, batch_size: int, temperature: float) -> dict:
-    """Validation loss (and KL to the teacher), each process scoring its share of the blocks."""
+def evaluate(accelerator, model, teacher, blocks: torch.Tensor, batch_size: int, temperature: float, task) -> dict:
+    """Validation loss (and KL to the teacher), each process scoring its share of the blocks (`task`: how a model
+    scores rows, `convert.uptrain.seq2seq`)."""
     model.eval()
     mine = blocks[accelerator.process_index :: accelerator.num_processes]
     totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # nll, tokens, kl
     for i in range(0, len(mine), batch_size):
         ids = mine[i : i + batch_size].to(accelerator.device)
-        logits = model(input_ids=ids).logits
-        totals[0] += lm_loss(logits, ids, "sum").double()
-        totals[1] += ids[:, 1:].numel()
+        logits = task.logits(model, ids)
+        totals[0] += task.loss(logits, ids, "sum").double()
+        totals[1] += task.count(ids)
         if teacher is not None:
             with accelerator.autocast():
-                t_logits = teacher(input_ids=ids).logits
-            totals[2] += kd_loss(logits[:, :-1], t_logits[:, :-1], temperature, "sum").double()
+                t_logits = task.logits(teacher, ids)
+            totals[2] += kd_loss(task.scored(logits), task.scored(t_logits), temperature, "sum").double()
     totals = accelerator.reduce(totals, "sum")
     model.train()
     out = {"val_loss": (totals[0] / totals[1]).item()}

@@ -120,7 +120,7 @@ def model_card(source_dir: str, summary: Summary) -> str:
         (
             "tokens",
             f"{summary['tokens']:,} ({summary['steps']} steps x {summary['global_batch']} blocks x "
-            f"{s['block_size']} tokens)",
+            f"{_row_tokens(s)} tokens)",
         ),
         ("compute fraction alpha", alpha),
         ("trained", f"{scope}: {summary['trainable_params']:,} of {summary['total_params']:,} parameters"),
@@ -143,6 +143,16 @@ def model_card(source_dir: str, summary: Summary) -> str:
     return card.rstrip() + "\n\n## Uptraining (gqa-convert)\n\n| | |\n|---|---|\n" + table + "\n"
 
 
+def _row_tokens(s: dict) -> str:
+    """The tokens one row counts: a block, or a span-corruption example's inputs plus targets."""
+    if s.get("objective", "causal_lm") == "causal_lm":
+        return str(s["block_size"])
+    from convert.span_corruption import SpanCorruption
+
+    span = SpanCorruption(s["noise_density"], s["mean_span_length"], s["block_size"])
+    return f"({span.input_length} inputs + {span.target_length} targets)"
+
+
 def describe_plan(s, plan: dict, data: dict, sizes: dict, resume: tuple[str, int] | None) -> list[str]:
     """The lines printed before training: data, what trains, budget, compute, and where a resume starts."""
     tokens, alpha = plan["tokens"], plan["alpha"]
@@ -151,7 +161,7 @@ def describe_plan(s, plan: dict, data: dict, sizes: dict, resume: tuple[str, int
         if data["train_tokens"]
         else "streaming"
     )
-    teacher = s.teacher is not None
+    teacher, row = s.teacher is not None, _row_tokens(s.model_dump())
     lines = [
         f"uptrain {s.model} -> {s.output_dir}/model",
         f"  data        {data['train_name']} ({epochs}); validation {data.get('val_name', 'none')}"
@@ -159,7 +169,7 @@ def describe_plan(s, plan: dict, data: dict, sizes: dict, resume: tuple[str, int
         f"  trained     {s.train}: {sizes['trainable']:,} of {sizes['total']:,} parameters"
         + (f"; teacher {s.teacher} (kd_weight {s.kd_weight}, T {s.kd_temperature})" if teacher else ""),
         f"  budget      {plan['total_steps']} steps x {plan['global_batch']} blocks ({s.micro_batch_size} x "
-        f"{s.grad_accum} accum x {plan['num_processes']} proc) x {s.block_size} tokens = {tokens:,} tokens"
+        f"{s.grad_accum} accum x {plan['num_processes']} proc) x {row} tokens = {tokens:,} tokens"
         + (f" = alpha {alpha:.3g} of {human_count(s.pretraining_tokens)}" if alpha is not None else ""),
         f"  compute     ~{human_count(plan['flops'], 'FLOP')} (6 N D, N = {human_count(sizes['total'])}"
         + (", + 2 N_teacher D" if teacher else "")

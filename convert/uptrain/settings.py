@@ -116,7 +116,11 @@ class Settings(BaseModel):
     validation_split: MaybeStr = None
     validation_fraction: float = Field(0.05, ge=0, lt=1)  # without validation/validation_split: carved out
     max_eval_blocks: Count = Field(32, gt=0)
-    block_size: Count = Field(512, ge=2)
+    block_size: Count = Field(512, ge=2)  # causal_lm: tokens per block; span_corruption: encoder input length
+    # --- objective: next-token prediction (decoder-only) or T5's span corruption (encoder-decoder)
+    objective: Literal["causal_lm", "span_corruption"] = "causal_lm"
+    noise_density: float = Field(0.15, gt=0, lt=1)  # span_corruption: share of tokens hidden
+    mean_span_length: float = Field(3.0, ge=1)  # span_corruption: mean length of a hidden span
     micro_batch_size: Count = Field(4, gt=0)  # blocks per process per forward pass
     grad_accum: Count = Field(1, gt=0)  # global batch = micro_batch_size x grad_accum x processes blocks
     seed: Count = 0
@@ -187,11 +191,42 @@ class Settings(BaseModel):
                 problems.append(f"{', '.join(both)} cannot be both a LoRA target and fully trained (kv_modules)")
             if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
                 problems.append("train=lora is not supported under FSDP here: launch it with DDP (accelerate_ddp.yaml)")
+        if self.objective == "span_corruption":
+            problems.extend(_span_problems(self))
         if self.resume not in ("never", "auto") and not Path(self.resume).is_dir():
             problems.append(f"resume must be never, auto or a checkpoint folder; {self.resume!r} is not a folder")
         if problems:
             raise _Problems(problems)
         return self
+
+    @property
+    def span_corruption(self):
+        """The objective's settings (`convert.span_corruption.SpanCorruption`); block_size is the input length."""
+        from convert.span_corruption import SpanCorruption
+
+        return SpanCorruption(self.noise_density, self.mean_span_length, self.block_size)
+
+    @property
+    def block_tokens(self) -> int:
+        """Tokens one training row costs in the budget: a block, or an example's inputs plus its targets."""
+        if self.objective == "causal_lm":
+            return self.block_size
+        span = self.span_corruption
+        return span.input_length + span.target_length
+
+
+def _span_problems(s: Settings) -> list[str]:
+    """What span corruption cannot do with these settings (lengths that no run fills, streaming)."""
+    from convert.span_corruption import SpanCorruptionError
+
+    problems = []
+    try:
+        _ = s.span_corruption.raw_length
+    except SpanCorruptionError as e:
+        problems.append(f"objective=span_corruption: {str(e).replace('input_length', 'block_size')}")
+    if s.streaming:
+        problems.append("objective=span_corruption reads the corpus into memory: set streaming=false")
+    return problems
 
 
 # Settings that decide the trajectory of a run: a checkpoint resumes only under the same values
@@ -230,6 +265,7 @@ RUN_KEYS = (
     "kd_weight",
     "kd_temperature",
 )
+SPAN_KEYS = ("objective", "noise_density", "mean_span_length")  # in the fingerprint of span-corruption runs only
 
 
 class _Problems(ValueError):
