@@ -189,6 +189,8 @@ class Conversion:
             report.route, report.load_with = src.route.route, src.route.load_with
             report.bytes_in = src.route.source_bytes
             report.notes.extend(src.route.notes)
+        elif src.raw_config.get("is_encoder_decoder"):  # T5 at G = H: the stock seq2seq class loads it
+            report.load_with = report.load_with.replace("AutoModelForCausalLM", "AutoModelForSeq2SeqLM")
         if self.template:
             manifest = template_manifest(self.template)
             report.notes.append(shipped_note(self.template))

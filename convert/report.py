@@ -92,7 +92,7 @@ def _load_line(report: Report) -> str:
     for note in report.notes:
         if note.startswith("route: modeling code"):  # the shipped-code route: the note ends with how to load it
             return f"It ships its own modeling code: {note.rsplit('; ', 1)[-1]}."
-    return "Load it with stock transformers: `AutoModelForCausalLM.from_pretrained(path)`."
+    return f"Load it with stock transformers: `{report.load_with.split(':')[0]}`."
 
 
 def provenance(report: Report, settings: dict[str, Any]) -> dict:

@@ -115,6 +115,8 @@ def test_g_equal_to_heads_leaves_logits_unchanged(kind, tmp_path):
     converted = AutoModelForSeq2SeqLM.from_pretrained(out).eval()
     assert type(converted) is type(model)
     torch.testing.assert_close(logits(converted, inputs()), logits(model, inputs()), rtol=0, atol=0)
+    card = (out / "README.md").read_text()  # the card names the class that loads it
+    assert "AutoModelForSeq2SeqLM.from_pretrained" in card and "AutoModelForCausalLM" not in card
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
