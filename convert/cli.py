@@ -54,7 +54,7 @@ def main() -> None:
     "durable",
     is_flag=True,
     help="Put every file on disk before OUTPUT appears, so that even a power loss cannot leave a partial "
-    "OUTPUT (waits for the disk: 0.6-1.2 s per 2 GB on the benchmark machine).",
+    "OUTPUT (waits for the disk; see the benchmark in the README).",
 )
 @click.option("--dry-run", is_flag=True, help="Print the plan and write nothing.")
 @click.option("--allow-pickle", is_flag=True, help="Accept pickle (*.bin) weights, loaded with weights_only=True.")
@@ -62,7 +62,7 @@ def main() -> None:
 @click.option(
     "--write-modeling-code",
     is_flag=True,
-    help="Where no stock transformers class can hold the KV heads (gpt2, opt, bloom, mpt below H), write "
+    help="Where no stock transformers class can hold the KV heads (bloom, mpt, t5, gpt2/opt at 1 < G < H), write "
     "modeling code beside the weights; loading it then needs trust_remote_code=True.",
 )
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar, only the result line.")
