@@ -418,14 +418,11 @@ class Calibrated(Method):
 
 def plot_errors(rows: list[dict], path: Path, title: str = "") -> None:
     """PNG of the per-layer reconstruction errors (keys, values, attention output)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from ..figures import new_figure, save_figure
 
     rows = sorted(rows, key=lambda r: r["layer"])
     x = [r["layer"] for r in rows]
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    fig, ax = new_figure(figsize=(8, 4.5), dpi=110)
     series = [
         ("k_rel_err", "keys"),
         ("v_rel_err", "values"),
@@ -441,6 +438,4 @@ def plot_errors(rows: list[dict], path: Path, title: str = "") -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
