@@ -189,6 +189,25 @@ def refuse_shipped_code(path: str | Path, trust_remote_code: bool) -> None:
         )
 
 
+def model_facts(path: str, model) -> dict:
+    """What a result row says about the model itself: name, type, size, heads, dtype, KV-cache bytes per token."""
+    from .core import kv_cache_bytes_per_token
+    from .families import family_for, shapes_for
+
+    cfg = model.config
+    s = shapes_for(family_for(cfg.model_type), cfg)
+    dtype = next(model.parameters()).dtype
+    return dict(
+        model=str(path),
+        model_type=cfg.model_type,
+        parameters=sum(p.numel() for p in model.parameters()),
+        num_heads=s.num_heads,
+        num_kv_heads=s.num_kv_heads,
+        dtype=str(dtype).removeprefix("torch."),
+        kv_cache_bytes_per_token=kv_cache_bytes_per_token(s, s.num_kv_heads, dtype),
+    )
+
+
 def evaluate_model(
     path: str,
     data: str | None = None,
@@ -229,19 +248,8 @@ def evaluate_model(
     need = None if max_windows is None else max([window * max_windows + 1, *wanted])
     ids, _ = text_ids(tok, data, need)
     ppl = perplexity(model, ids, window, stride, max_windows)
-    from .core import kv_cache_bytes_per_token
-    from .families import family_for, shapes_for
-
-    s = shapes_for(family_for(cfg.model_type), cfg)
-    dtype = next(model.parameters()).dtype
     result = ModelEval(
-        model=str(path),
-        model_type=cfg.model_type,
-        parameters=sum(p.numel() for p in model.parameters()),
-        num_heads=s.num_heads,
-        num_kv_heads=s.num_kv_heads,
-        dtype=str(dtype).removeprefix("torch."),
-        kv_cache_bytes_per_token=kv_cache_bytes_per_token(s, s.num_kv_heads, dtype),
+        **model_facts(path, model),
         perplexity=ppl.ppl,
         tokens=ppl.tokens,
         windows=ppl.windows,

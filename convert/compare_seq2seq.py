@@ -26,6 +26,7 @@ from .compare import (
     PeakMemory,
     cache_bytes,
     find_tokenizer,
+    model_facts,
     refuse_shipped_code,
     text_ids,
 )
@@ -122,9 +123,6 @@ def evaluate_seq2seq(
     DEFAULT_CONTEXTS, each left out where the text is too short; given ones are all measured or refused)."""
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-    from .core import kv_cache_bytes_per_token
-    from .families import family_for, shapes_for
-
     del stride  # an example is scored whole
     refuse_shipped_code(path, trust_remote_code)
     dev = torch.device(
@@ -141,18 +139,10 @@ def evaluate_seq2seq(
     inputs, targets = torch.from_numpy(inputs[:examples]).to(dev), torch.from_numpy(targets[:examples]).to(dev)
     loss = span_loss(model, inputs, targets)
 
-    cfg = model.config
-    s = shapes_for(family_for(cfg.model_type), cfg)  # T5: "layers" are the decoder's self + cross modules
-    dtype = next(model.parameters()).dtype
-    per_token = kv_cache_bytes_per_token(s, s.num_kv_heads, dtype)  # self (per generated) + cross (per input)
+    facts = model_facts(path, model)  # T5's "layers" are the decoder's self + cross modules, so the bytes per
+    per_token = facts["kv_cache_bytes_per_token"]  # token are self (per generated) + cross (per input), halves
     result = Seq2SeqEval(
-        model=str(path),
-        model_type=cfg.model_type,
-        parameters=sum(p.numel() for p in model.parameters()),
-        num_heads=s.num_heads,
-        num_kv_heads=s.num_kv_heads,
-        dtype=str(dtype).removeprefix("torch."),
-        kv_cache_bytes_per_token=per_token,
+        **facts,
         perplexity=float(np.exp(min(loss, 700))),
         tokens=targets.numel(),
         windows=len(inputs),
