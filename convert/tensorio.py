@@ -196,19 +196,29 @@ def _numpy_float(st: str) -> Any:
     return {"F32": np.float32, "F16": np.float16}[st]
 
 
-def read_float32(info: TensorInfo) -> "np.ndarray":
-    """A safetensors tensor of an F32/F16/BF16 dtype as a float32 numpy array (no torch)."""
+def read_stored(info: TensorInfo) -> "np.ndarray":
+    """A safetensors tensor of an F32/F16/BF16 dtype as its stored numbers, flat (BF16 as uint16 bit patterns)."""
     import numpy as np
 
     raw = np.empty(info.nbytes, dtype=np.uint8)
     _read_into(info, raw)
-    if info.st == "BF16":
-        bits = raw.view(np.uint16).astype(np.uint32)
-        bits <<= 16  # in place: peak memory stays at the bf16 bytes plus one float32 copy, as torch's .float()
-        x = bits.view(np.float32)
-    else:
-        x = raw.view(_numpy_float(info.st)).astype(np.float32, copy=False)
-    return x.reshape(info.shape)
+    return raw.view(np.uint16 if info.st == "BF16" else _numpy_float(info.st))
+
+
+def to_float32(stored: "np.ndarray", st: str) -> "np.ndarray":
+    """Stored numbers of dtype `st` (as `read_stored` gives them) as float32; F32 comes back as it is."""
+    import numpy as np
+
+    if st != "BF16":
+        return stored.astype(np.float32, copy=False)
+    bits = stored.astype(np.uint32)
+    bits <<= 16  # in place: peak memory stays at the bf16 bytes plus one float32 copy, as torch's .float()
+    return bits.view(np.float32)
+
+
+def read_float32(info: TensorInfo) -> "np.ndarray":
+    """A safetensors tensor of an F32/F16/BF16 dtype as a float32 numpy array (no torch)."""
+    return to_float32(read_stored(info), info.st).reshape(info.shape)
 
 
 def float32_to(x: "np.ndarray", st: str) -> "np.ndarray":

@@ -38,7 +38,8 @@ try:
     from convert.uptrain import main
 except ImportError as e:
     if type(e).__name__ == "MissingExtra":  # gqa-convert is there, the uptrain extra is not
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     sys.exit(f"error: cannot import gqa-convert ({e}): install it first, `pip install -e .` in the checkout")
 
 if __name__ == "__main__":

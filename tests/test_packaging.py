@@ -1,6 +1,7 @@
 """Habits of the package: one version, extras that really are optional."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -71,3 +72,17 @@ def test_extras_in_pyproject_match_the_install_message():
     assert {"ruff", "pre-commit"} <= {req.split(">")[0] for req in extras["dev"]}
     core = read_configuration(ROOT / "pyproject.toml", expand=True)["project"]["dependencies"]
     assert not names & {req.split(">")[0] for req in core}
+
+
+@pytest.mark.parametrize("entry", [["-m", "convert.uptrain"], [str(ROOT / "recipes" / "uptrain.py")]])
+def test_uptrain_module_and_recipe_without_the_extra_name_it(tmp_path, entry):
+    """`python -m convert.uptrain` and the recipe, where accelerate and peft cannot be imported: one line naming
+    the extra to install, exit 2, no traceback (a sitecustomize hides the modules before runpy starts)."""
+    (tmp_path / "sitecustomize.py").write_text("import sys\nsys.modules['accelerate'] = sys.modules['peft'] = None\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
+    out = subprocess.run([sys.executable, *entry, "smollm2-mqa-cpu"], capture_output=True, text=True, env=env)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip() == (
+        "error: uptraining needs accelerate, peft, not installed with the core package: "
+        'pip install "gqa-convert[uptrain]"'
+    )

@@ -251,3 +251,27 @@ def test_numpy_methods_are_weight_only_pools_in_the_registry():
     for name in WEIGHT_ONLY_POOLS:
         method = METHODS[name]
         assert isinstance(method, HeadPool) and not method.rewrites_queries and not method.needs_calibration
+
+
+@pytest.mark.parametrize("st", ["BF16", "F16", "F32"])
+@pytest.mark.parametrize("method", ["mean", "first"])
+def test_pooling_by_columns_gives_the_bits_of_pooling_the_whole_tensor(st, method):
+    """K/V of real width span several column blocks, the last one partial; the torch method on the whole tensor,
+    rounded once, is the reference, and the error statistic adds up over blocks to the whole tensor's."""
+    from convert.methods import array_pool
+    from convert.methods.pooling import relative_error
+    from convert.writing import COLUMN_BLOCK, pool_columns
+
+    dtype = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}[st]
+    hkv, groups, cols = 8, 2, 2 * COLUMN_BLOCK + 1000
+    x = (torch.randn(hkv, cols, generator=torch.Generator().manual_seed(0)) * 0.02).to(dtype)
+    stored = x.view({2: torch.int16, 4: torch.int32}[x.itemsize]).numpy()
+    stored = stored.view({"BF16": np.uint16, "F16": np.float16, "F32": np.float32}[st])
+    got, error = pool_columns(stored, st, groups, array_pool(method))
+    want = x.float().reshape(groups, hkv // groups, cols)
+    pooled = want.mean(1) if method == "mean" else want[:, 0]  # float32
+    want = pooled.to(dtype)
+    assert got.shape == (groups, cols)
+    assert np.array_equal(got.view(np.uint8), want.view(torch.uint8).numpy().reshape(groups, -1))
+    whole = relative_error(x.float().numpy(), pooled.numpy())
+    assert error == pytest.approx(whole, rel=1e-5) and error > 0.1

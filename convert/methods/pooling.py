@@ -47,15 +47,23 @@ def first_pool(x: Array, groups: int) -> Array:
 
 def relative_error(original: Array, merged: Array) -> float:
     """||original - repeat(merged)|| / ||original|| over a layer's KV heads (broadcast, no repeated copy)."""
-    diff = grouped(original, merged.shape[0]) - merged[:, None]
-    return _norm(diff) / max(_norm(original), 1e-12)
+    return ratio_of_norms(*squared_errors(original, merged))
 
 
-def _norm(x: Array) -> float:
-    """Euclidean norm of all entries as one dot product: no squared copy (on the numpy path this step was most of
+def squared_errors(original: Array, merged: Array) -> tuple[float, float]:
+    """(||original - repeat(merged)||², ||original||²): sums that add up over blocks of columns."""
+    return _squares(grouped(original, merged.shape[0]) - merged[:, None]), _squares(original)
+
+
+def ratio_of_norms(diff_squares: float, original_squares: float) -> float:
+    return diff_squares**0.5 / max(original_squares**0.5, 1e-12)
+
+
+def _squares(x: Array) -> float:
+    """Sum of squares of all entries as one dot product: no squared copy (on the numpy path this step was most of
     the pooling time of a layer)."""
     flat = x.reshape(-1)
-    return float(flat @ flat) ** 0.5
+    return float(flat @ flat)
 
 
 class HeadPool(Method):

@@ -7,9 +7,19 @@ From a shell: `accelerate launch -m convert.uptrain CONFIG.yaml key=value ...` (
 `gqa-convert uptrain CONFIG.yaml ...` (one process), or `accelerate launch recipes/uptrain.py ...` in a checkout.
 """
 
-from convert.extras import require_extra
+import sys
 
-require_extra("uptrain", "uptraining")  # before the modules below import accelerate and peft
+from convert.extras import MissingExtra, require_extra
+
+try:
+    require_extra("uptrain", "uptraining")  # before the modules below import accelerate and peft
+except MissingExtra as e:
+    # `python -m convert.uptrain` (or `accelerate launch -m`): runpy imports this package before __main__, with
+    # sys.argv[0] set to "-m" meanwhile, so the message is given here, as the CLI gives it, without a traceback.
+    if sys.argv[:1] == ["-m"]:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    raise
 
 from convert.uptrain.checkpointing import WriteError
 from convert.uptrain.loop import Hooks, TrainingError, main, uptrain
