@@ -70,7 +70,8 @@ def write_shards(
         with Copier() as copier:  # pass-through copies run beside the import and the merging, on a second thread
             for shard, name in zip(shards, names):
                 entries = [(t.name, t.st, t.shape) for t in shard]
-                writers.append(ShardWriter(folder / name, entries, {"format": "pt"}, copier, durable))
+                copied = {t.name: t.source.offset for t in shard if t.verbatim}
+                writers.append(ShardWriter(folder / name, entries, {"format": "pt"}, copier, durable, copied))
             early = set()
             for shard, writer in zip(shards, writers):
                 for t in shard:

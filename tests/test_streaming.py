@@ -275,3 +275,51 @@ def test_pooling_by_columns_gives_the_bits_of_pooling_the_whole_tensor(st, metho
     assert np.array_equal(got.view(np.uint8), want.view(torch.uint8).numpy().reshape(groups, -1))
     whole = relative_error(x.float().numpy(), pooled.numpy())
     assert error == pytest.approx(whole, rel=1e-5) and error > 0.1
+
+
+def test_header_pad_aligns_the_most_copied_bytes_with_their_source_pages():
+    from convert.tensorio import header_pad
+
+    assert header_pad(100, []) == 4  # nothing copied: 8-byte alignment only, as the safetensors writer pads
+    # (offset in the data, absolute source offset, bytes): 3 MB want phase 8, 1 MB want phase 2048
+    pad = header_pad(1000, [(0, 1008 + 4096, 1 << 20), (4096, 1000 + 4096 + 8 + 8192, 2 << 20), (0, 3048, 1 << 20)])
+    assert pad == 8 and (1000 + pad) % 8 == 0
+    assert header_pad(1000, [(0, 1003, 1 << 20)]) == 0  # a phase that would break 8-byte alignment is not taken
+
+
+def test_copied_tensors_sit_at_their_source_offsets_within_a_page(tmp_path):
+    """The output's header is padded so that the bulk of the verbatim copies keep their position within a page."""
+    from convert.tensorio import read_header
+
+    model = tiny_model("llama", hidden_size=256, intermediate_size=1024, num_hidden_layers=3)
+    src = save(model, tmp_path / "src", shard="1GB")
+    convert_checkpoint(src, tmp_path / "out", 1, progress=False)
+    source, out = {}, {}
+    for folder, headers in ((src, source), (tmp_path / "out", out)):
+        for f in folder.glob("*.safetensors"):
+            headers.update(read_header(f)[0])
+    same = [k for k in out if out[k].shape == source[k].shape]
+    aligned = sum(out[k].nbytes for k in same if (out[k].offset - source[k].offset) % 4096 == 0)
+    assert aligned >= 0.8 * sum(out[k].nbytes for k in same)
+    assert all(t.offset % 8 == 0 for t in out.values())
+    loaded = _tensors(tmp_path / "out")  # the padded header still loads with safetensors itself
+    assert set(loaded) == set(out)
+
+
+def test_verbatim_copy_reaches_a_64k_boundary_of_the_output_first(tmp_path, monkeypatch):
+    """copy_raw's first kernel copy ends where the output is 64 KiB aligned, the rest goes in one call; the bytes
+    land where they belong."""
+    import os
+
+    from convert.tensorio import WRITE_ALIGN, copy_raw
+
+    data = np.random.default_rng(0).integers(0, 255, 300_000, dtype=np.uint8).tobytes()
+    (tmp_path / "src").write_bytes(b"x" * 40 + data)
+    calls = []
+    real = os.copy_file_range
+    monkeypatch.setattr(os, "copy_file_range", lambda *a: calls.append(a[2:]) or real(*a))
+    with open(tmp_path / "out", "wb") as out:
+        copy_raw(TensorInfo(tmp_path / "src", "U8", (len(data),), offset=40), out.fileno(), 1000)
+    assert (tmp_path / "out").read_bytes()[1000:] == data
+    assert calls[0] == (WRITE_ALIGN - 1000, 40, 1000)
+    assert calls[1] == (len(data) - (WRITE_ALIGN - 1000), 40 + WRITE_ALIGN - 1000, WRITE_ALIGN)
