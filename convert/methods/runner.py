@@ -81,6 +81,29 @@ def template_classes(template: str) -> tuple[type, type]:
     return load(auto["AutoConfig"]), load(auto["AutoModelForCausalLM"])
 
 
+_trim: Any = False  # glibc's malloc_trim, looked up on first use (None where there is none)
+
+
+def release_freed_memory() -> None:
+    """Hand the free pages of the C heap back to the system (glibc's `malloc_trim`; elsewhere nothing happens).
+
+    glibc serves blocks below its mmap threshold (which grows to 32 MB as large blocks are freed, or which the CLI
+    sets there) from heaps that shrink only from the top. A layer's float32 weights and the intermediates of its
+    forward are freed once it ran, but the activations carried to the next layer sit between them: unreleased,
+    those free pages added up layer after layer, and the process grew with the model instead of with one layer.
+    """
+    global _trim
+    if _trim is False:
+        import ctypes
+
+        try:
+            _trim = ctypes.CDLL(None).malloc_trim
+        except (OSError, AttributeError):  # not glibc
+            _trim = None
+    if _trim is not None:
+        _trim(0)
+
+
 def _on_meta(module: torch.nn.Module) -> dict[str, Tensor]:
     """The module's parameters as meta tensors, to hand its memory back with `load_state_dict(assign=True)`."""
     return {n: torch.empty(p.shape, dtype=p.dtype, device="meta") for n, p in module.named_parameters()}
@@ -202,9 +225,11 @@ class LayerRunner:
         return t.to(self.device, self.dtype if t.is_floating_point() else t.dtype)
 
     def unload(self, new: bool, i: int) -> None:
+        """Hand layer i's tensors back to the meta device, and their memory back to the system."""
         for model in self._models(new):
             layer = self.layers(model)[i]
             layer.load_state_dict(_on_meta(layer), strict=False, assign=True)
+        release_freed_memory()
 
     def _record(self, i: int, inputs_embeds: Tensor, model: torch.nn.Module | None = None) -> dict:
         """Run the model's forward up to layer i with probes in place of the layers; returns what layer i gets."""
