@@ -13,6 +13,7 @@ or an attention module.
 from __future__ import annotations
 
 import copy
+import ctypes
 import importlib
 import sys
 import types
@@ -81,27 +82,42 @@ def template_classes(template: str) -> tuple[type, type]:
     return load(auto["AutoConfig"]), load(auto["AutoModelForCausalLM"])
 
 
-_trim: Any = False  # glibc's malloc_trim, looked up on first use (None where there is none)
+# Free heap bytes kept between layers whatever the layer's size: small models fault memory in too (a few ms each).
+FREE_HEAP_FLOOR = 256 << 20
 
 
-def release_freed_memory() -> None:
-    """Hand the free pages of the C heap back to the system (glibc's `malloc_trim`; elsewhere nothing happens).
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks")
+    ] + [("keepcost", ctypes.c_size_t)]
+
+
+_libc: Any = False  # glibc's (malloc_trim, mallinfo2), looked up on first use (None where there are none)
+
+
+def release_freed_memory(keep: int = 0) -> None:
+    """Hand the free pages of the C heap back to the system once it holds more than `keep` free bytes (glibc's
+    `malloc_trim`; elsewhere nothing happens).
 
     glibc serves blocks below its mmap threshold (which grows to 32 MB as large blocks are freed, or which the CLI
     sets there) from heaps that shrink only from the top. A layer's float32 weights and the intermediates of its
     forward are freed once it ran, but the activations carried to the next layer sit between them: unreleased,
     those free pages added up layer after layer, and the process grew with the model instead of with one layer.
+    Trimming every time costs page faults when the next layer takes the memory again, so up to `keep` free bytes
+    stay for it.
     """
-    global _trim
-    if _trim is False:
-        import ctypes
-
+    global _libc
+    if _libc is False:
         try:
-            _trim = ctypes.CDLL(None).malloc_trim
-        except (OSError, AttributeError):  # not glibc
-            _trim = None
-    if _trim is not None:
-        _trim(0)
+            libc = ctypes.CDLL(None)
+            info = libc.mallinfo2
+            info.restype = _MallInfo2
+            _libc = (libc.malloc_trim, info)
+        except (OSError, AttributeError):  # not glibc, or older than 2.33
+            _libc = None
+    if _libc is not None and _libc[1]().fordblks > keep:
+        _libc[0](0)
 
 
 def _on_meta(module: torch.nn.Module) -> dict[str, Tensor]:
@@ -225,11 +241,14 @@ class LayerRunner:
         return t.to(self.device, self.dtype if t.is_floating_point() else t.dtype)
 
     def unload(self, new: bool, i: int) -> None:
-        """Hand layer i's tensors back to the meta device, and their memory back to the system."""
+        """Hand layer i's tensors back to the meta device, and their memory back to the system beyond what such a
+        layer takes (the next layer reuses that much without faulting it in afresh)."""
+        layer_bytes = 0
         for model in self._models(new):
             layer = self.layers(model)[i]
+            layer_bytes = max(layer_bytes, sum(p.numel() * p.element_size() for p in layer.parameters()))
             layer.load_state_dict(_on_meta(layer), strict=False, assign=True)
-        release_freed_memory()
+        release_freed_memory(keep=max(layer_bytes, FREE_HEAP_FLOOR))
 
     def _record(self, i: int, inputs_embeds: Tensor, model: torch.nn.Module | None = None) -> dict:
         """Run the model's forward up to layer i with probes in place of the layers; returns what layer i gets."""
