@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from .core import convert_layer
 from .methods import array_pool
-from .methods.pooling import ratio_of_norms, squared_errors
+from .methods.pooling import ratio_of_norms, relative_error, squared_errors
 from .planning import OutTensor
 from .tensorio import (
     NUMPY_FLOATS,
@@ -141,7 +141,7 @@ def numpy_layers(src: Source, plan: list[OutTensor], pool: Callable, s_out: Shap
 
         def noted(heads: np.ndarray, g: int) -> np.ndarray:  # [Hkv, numbers of one head] -> [G, ...]
             pooled = pool(heads, g)
-            errors.append(ratio_of_norms(*squared_errors(heads, pooled)))
+            errors.append(relative_error(heads, pooled))
             return pooled
 
         for t in by_layer[layer]:
