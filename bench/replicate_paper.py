@@ -69,6 +69,7 @@ from replication_setup import (
     hardware,
     make_config,
     provenance,
+    train_bpe,
     work_hash,
 )
 from replication_t5 import init_t5, score_t5, t5_test_examples, train_t5_tokenizer
@@ -96,24 +97,8 @@ class Log:
 
 
 def train_tokenizer(text_file: Path, vocab_size: int, folder: Path):
-    """A byte-level BPE trained on the training text (deterministic), saved as a transformers fast tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[EOS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train([str(text_file)], trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, unk_token=None)
-    fast.model_max_length = 1 << 30
-    fast.save_pretrained(folder)
-    return fast
+    """A byte-level BPE trained on the training text (deterministic), EOS also serving as BOS."""
+    return train_bpe(text_file, vocab_size, folder, [EOS], eos_token=EOS, bos_token=EOS)
 
 
 def init_model(cfg: Config, tokenizer, folder: Path) -> int:

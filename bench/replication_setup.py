@@ -151,6 +151,28 @@ def make_config(args: argparse.Namespace) -> Config:
     return cfg
 
 
+def train_bpe(text_file: Path, vocab_size: int, folder: Path, specials: list[str], **roles: str | None):
+    """A byte-level BPE trained on the training text (deterministic), with `specials` first in its vocabulary, saved
+    as a transformers fast tokenizer whose special-token `roles` (eos_token=..., pad_token=...) name them."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train([str(text_file)], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=None, **roles)
+    fast.model_max_length = 1 << 30
+    fast.save_pretrained(folder)
+    return fast
+
+
 def default_data(explicit: str | None) -> Path:
     if explicit:
         path = Path(explicit).expanduser()

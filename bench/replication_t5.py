@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from replication_analysis import Config
+from replication_setup import train_bpe
 
 from convert.compare_seq2seq import SEED, span_loss
 from convert.span_corruption import SENTINEL, SpanCorruption, corrupt_stream, sentinel_ids
@@ -26,23 +27,8 @@ PAD, EOS, SENTINELS = "<pad>", "</s>", 100
 
 def train_t5_tokenizer(text_file: Path, vocab_size: int, folder: Path):
     """A byte-level BPE trained on the training text, with T5's pad, eos and sentinel tokens (deterministic)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[PAD, EOS] + [SENTINEL.format(i) for i in range(SENTINELS)],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train([str(text_file)], trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD, unk_token=None)
-    fast.model_max_length = 1 << 30
-    fast.save_pretrained(folder)
-    return fast
+    specials = [PAD, EOS] + [SENTINEL.format(i) for i in range(SENTINELS)]
+    return train_bpe(text_file, vocab_size, folder, specials, eos_token=EOS, pad_token=PAD)
 
 
 def init_t5(cfg: Config, tokenizer, folder: Path) -> int:

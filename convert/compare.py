@@ -208,6 +208,18 @@ def model_facts(path: str, model) -> dict:
     )
 
 
+def short_of_text(context: int, tokens: int, data: str | None, asked: bool, path: str, left_out: list[str]) -> bool:
+    """Whether the text's `tokens` are too few for a decode at `context`: an `asked` context (--contexts) raises,
+    a default one is noted in `left_out` and skipped."""
+    if context <= tokens:
+        return False
+    why = f"context {context} needs {context} tokens of text, {data or 'the default text'} gave {tokens}"
+    if asked:
+        raise ValueError(f"--contexts {context}: {why}; give more text with --data or a shorter context")
+    left_out.append(f"{why}: left out for {path}")
+    return True
+
+
 def evaluate_model(
     path: str,
     data: str | None = None,
@@ -264,11 +276,7 @@ def evaluate_model(
                 f"positions (max_position_embeddings)"
             )
             continue
-        if context > len(ids):
-            why = f"context {context} needs {context} tokens of text, {data or 'the default text'} gave {len(ids)}"
-            if contexts is not None:
-                raise ValueError(f"--contexts {context}: {why}; give more text with --data or a shorter context")
-            result.left_out.append(f"{why}: left out for {path}")
+        if short_of_text(context, len(ids), data, contexts is not None, path, result.left_out):
             continue
         result.decode.append(measure_decode(model, ids[:context], new_tokens, dev))
     del model

@@ -28,6 +28,7 @@ from .compare import (
     find_tokenizer,
     model_facts,
     refuse_shipped_code,
+    short_of_text,
     text_ids,
 )
 from .span_corruption import SpanCorruption, corrupt_stream, sentinel_ids
@@ -155,11 +156,7 @@ def evaluate_seq2seq(
         cross_cache_bytes_per_token=per_token // 2,
     )
     for context in wanted:
-        if context > len(ids):
-            why = f"context {context} needs {context} tokens of text, {data or 'the default text'} gave {len(ids)}"
-            if contexts is not None:
-                raise ValueError(f"--contexts {context}: {why}; give more text with --data or a shorter context")
-            result.left_out.append(f"{why}: left out for {path}")
+        if short_of_text(context, len(ids), data, contexts is not None, path, result.left_out):
             continue
         result.decode.append(measure_seq2seq_decode(model, ids[:context], new_tokens, dev))
     del model

@@ -19,9 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from uptrain_assets import tiny_llama, toy_documents, train_tokenizer, write_corpus
+from uptrain_assets import REPO, ok, recipe_env, tiny_llama, toy_documents, train_tokenizer, write_corpus
 
-REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "uptrain.py"
 INJECT = REPO / "tests" / "fault_inject.py"
 # 9 steps, a checkpoint every 3 (the third prunes the first), evaluations at 4 and 8, then the final model.
@@ -45,12 +44,6 @@ KILLS = {"checkpoint": 4, "final": 3, "training": 3}  # kill points drawn from e
 HOWS = {"replace": ("before", "after"), "rename": ("before", "after")}  # other ops: before, partial, after
 
 
-def env() -> dict:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "RANK", "WORLD_SIZE", "LOCAL_"))}
-    clean.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    return clean
-
-
 def launch(args: list[str], spec: dict | None = None, preexec_fn=None, accelerate: bool = True):
     """`accelerate launch` of the recipe, one process, through the fault wrapper when `spec` is given.
 
@@ -66,13 +59,8 @@ def launch(args: list[str], spec: dict | None = None, preexec_fn=None, accelerat
     command += ["--mixed_precision", "no", "--dynamo_backend", "no"]
     command = [*(command if accelerate else [sys.executable]), *script, *args]
     return subprocess.run(
-        command, capture_output=True, text=True, env=env(), cwd=REPO, timeout=600, preexec_fn=preexec_fn
+        command, capture_output=True, text=True, env=recipe_env(), cwd=REPO, timeout=600, preexec_fn=preexec_fn
     )
-
-
-def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
-    return result
 
 
 def losses(out: Path) -> dict[int, float]:

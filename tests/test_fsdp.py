@@ -7,8 +7,6 @@ while its second sharded checkpoint is being written, then resumed from the firs
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -17,11 +15,19 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from uptrain_assets import tiny_llama, toy_documents, train_tokenizer, write_corpus
+from uptrain_assets import (
+    REPO,
+    ok,
+    recipe_env,
+    tiny_llama,
+    toy_documents,
+    train_tokenizer,
+    two_process_launch,
+    write_corpus,
+)
 
 from convert import convert_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "uptrain.py"
 INJECT = REPO / "tests" / "fault_inject.py"
 FSDP_CONFIG = REPO / "recipes" / "accelerate_fsdp_cpu.yaml"
@@ -45,18 +51,6 @@ RUN = [
 LOSS_TOLERANCE = 1e-5
 
 
-def env() -> dict:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "RANK", "WORLD_SIZE", "LOCAL_"))}
-    clean.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    return clean
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def fsdp(args: list[str], kill: dict | None = None) -> subprocess.CompletedProcess:
     script = [str(RECIPE)]
     if kill is not None:
@@ -65,19 +59,13 @@ def fsdp(args: list[str], kill: dict | None = None) -> subprocess.CompletedProce
         spec.parent.mkdir(parents=True, exist_ok=True)
         spec.write_text(json.dumps({"root": out, "kill": kill}))
         script = [str(INJECT), str(spec), str(RECIPE)]
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP_CONFIG)]
-    command += ["--num_processes", "2", "--main_process_port", str(free_port()), *script, *args, "grad_accum=1"]
-    return subprocess.run(command, capture_output=True, text=True, env=env(), cwd=REPO, timeout=600)
+    command = two_process_launch(FSDP_CONFIG, *script, *args, "grad_accum=1")
+    return subprocess.run(command, capture_output=True, text=True, env=recipe_env(), cwd=REPO, timeout=600)
 
 
 def one_process(args: list[str]) -> subprocess.CompletedProcess:
     command = [sys.executable, str(RECIPE), *args, "grad_accum=2"]
-    return subprocess.run(command, capture_output=True, text=True, env=env(), cwd=REPO, timeout=600)
-
-
-def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
-    return result
+    return subprocess.run(command, capture_output=True, text=True, env=recipe_env(), cwd=REPO, timeout=600)
 
 
 def losses(out: Path) -> dict[int, float]:
@@ -167,7 +155,12 @@ def test_the_7b_fsdp_config_parses_and_validates():
     """Every setting of recipes/configs/llama-7b-fsdp.yaml passes; the run stops at the missing model folder."""
     config = REPO / "recipes" / "configs" / "llama-7b-fsdp.yaml"
     result = subprocess.run(
-        [sys.executable, str(RECIPE), str(config)], capture_output=True, text=True, env=env(), cwd=REPO, timeout=300
+        [sys.executable, str(RECIPE), str(config)],
+        capture_output=True,
+        text=True,
+        env=recipe_env(),
+        cwd=REPO,
+        timeout=300,
     )
     assert result.returncode == 2
     assert result.stderr.strip() == "error: model folder 'runs/llama-2-7b-gqa8' does not exist", result.stderr

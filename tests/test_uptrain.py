@@ -6,27 +6,36 @@ Every run trains a 2-layer, 64-wide llama on a toy corpus, so a whole run costs 
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from uptrain_assets import hooked_command, mean_pool_kv, tiny_llama, toy_documents, train_tokenizer, write_corpus
+from uptrain_assets import (
+    REPO,
+    hooked_command,
+    kill_after_checkpoint,
+    mean_pool_kv,
+    ok,
+    recipe_env,
+    start_scenarios,
+    tiny_llama,
+    toy_documents,
+    train_tokenizer,
+    two_process_launch,
+    write_corpus,
+)
 
 import convert.uptrain as uptrain_lib
 from convert.uptrain.budget import plan_budget
 from convert.uptrain.checkpointing import fingerprint
 
-REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "uptrain.py"
 # Shared by the runs below; block 32 x global batch 4 = 128 tokens a step.
 BASE = [
@@ -62,12 +71,6 @@ def assets(tmp_path_factory) -> dict:
     }
 
 
-def recipe_env(**extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "RANK", "WORLD_SIZE", "LOCAL_"))}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", **extra)
-    return env
-
-
 def recipe_command(args: list[str]) -> list[str]:
     return [sys.executable, str(RECIPE), *args]
 
@@ -75,11 +78,6 @@ def recipe_command(args: list[str]) -> list[str]:
 def run_recipe(args: list[str], timeout: int = 600, hooks: str | None = None) -> subprocess.CompletedProcess:
     command = recipe_command(args) if hooks is None else hooked_command(args, hooks)
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=recipe_env(), cwd=REPO)
-
-
-def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
-    return result
 
 
 def rows(out: Path, kind: str) -> list[dict]:
@@ -91,27 +89,6 @@ def losses(out: Path) -> dict[int, float]:
     train = rows(out, "train")
     assert len({r["step"] for r in train}) == len(train), "a step was logged twice"
     return {r["step"]: r["loss"] for r in train}
-
-
-def logged_steps(out: Path) -> int:
-    """The last step in a metrics file being written (a half-written last line is skipped)."""
-    try:
-        text = (out / "metrics.jsonl").read_text()
-    except FileNotFoundError:
-        return 0
-    steps = [0]
-    for line in text.splitlines():
-        with contextlib.suppress(json.JSONDecodeError):
-            steps.append(json.loads(line)["step"])
-    return max(steps)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -155,29 +132,7 @@ def scenario_reference(assets, out):
 def scenario_kill_and_resume(assets, out):
     """The same run as the reference, slowed down, SIGKILLed after its step-6 checkpoint, then resumed."""
     args = [*BASE, *REFERENCE, f"model={assets['model']}", f"data={assets['corpus']}", f"output_dir={out}", "--quiet"]
-    out.mkdir(parents=True)
-    with open(out.parent / "killed.log", "w") as log:
-        proc = subprocess.Popen(
-            hooked_command(args, "after_step=lambda step: time.sleep(0.3)"),  # slow steps: the kill lands mid-run
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=REPO,
-            env=recipe_env(),
-        )
-        checkpoint = out / "checkpoints" / "step-000006" / "trainer_state.json"
-        deadline = time.time() + 400
-        while time.time() < deadline and proc.poll() is None:
-            if checkpoint.is_file() and logged_steps(out) >= 8:
-                break
-            time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)
-        killed = {
-            "returncode": proc.wait(60),
-            "checkpoint": checkpoint.is_file(),
-            "model": (out / "model").exists(),
-            "logged": logged_steps(out),
-            "log": (out.parent / "killed.log").read_text()[-3000:],
-        }
+    killed = kill_after_checkpoint(args, out)
     # as if a second kill had hit while the next checkpoint was being written
     (out / "checkpoints" / ".tmp-step-000012").mkdir()
     (out / "checkpoints" / ".tmp-step-000012" / "model.safetensors").write_bytes(b"partial")
@@ -185,17 +140,10 @@ def scenario_kill_and_resume(assets, out):
 
 
 def scenario_two_processes(assets, out):
-    launch = [
-        sys.executable,
+    # the installed-package route (the other runs use the recipes/uptrain.py launcher)
+    launch = two_process_launch(
+        REPO / "recipes/accelerate_ddp.yaml",
         "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(REPO / "recipes/accelerate_ddp.yaml"),
-        "--num_processes",
-        "2",
-        "--main_process_port",
-        str(free_port()),
-        "-m",  # the installed-package route (the other runs use the recipes/uptrain.py launcher)
         "convert.uptrain",
         *BASE,
         "max_steps=24",
@@ -205,7 +153,7 @@ def scenario_two_processes(assets, out):
         f"data={assets['corpus']}",
         f"output_dir={out}",
         "--quiet",
-    ]
+    )
     return subprocess.run(launch, capture_output=True, text=True, timeout=600, env=recipe_env(), cwd=REPO)
 
 
@@ -295,16 +243,7 @@ SCENARIOS = {  # the longest chains first
 @pytest.fixture(scope="module")
 def runs(assets, tmp_path_factory):
     """Start every scenario at once (3 at a time); `runs[name]` waits for one: (output folder, its result)."""
-    root = tmp_path_factory.mktemp("runs")
-    pool = ThreadPoolExecutor(max_workers=3)
-    futures = {name: pool.submit(job, assets, root / name / "run") for name, job in SCENARIOS.items()}
-
-    class Results:
-        def __getitem__(self, name):
-            return root / name / "run", futures[name].result(timeout=900)
-
-    yield Results()
-    pool.shutdown(wait=True, cancel_futures=True)
+    yield from start_scenarios(SCENARIOS, assets, tmp_path_factory.mktemp("runs"))
 
 
 @pytest.mark.slow  # trains: the runs fixture starts every scenario's subprocesses

@@ -5,25 +5,26 @@ from the original T5, and the inputs that cannot work refused by name."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
-import sys
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
-from test_uptrain import free_port, logged_steps, losses, ok, recipe_env, rows, run_recipe
+from test_uptrain import losses, rows, run_recipe
 from uptrain_assets import (
-    hooked_command,
+    REPO,
+    kill_after_checkpoint,
+    ok,
+    recipe_env,
+    start_scenarios,
     t5_tokenizer,
     tiny_llama,
     tiny_t5,
     toy_documents,
     train_tokenizer,
+    two_process_launch,
     write_corpus,
 )
 
@@ -31,7 +32,6 @@ from convert.span_corruption import SpanCorruption
 from convert.uptrain import make_settings
 from convert.uptrain.budget import plan_budget
 
-REPO = Path(__file__).resolve().parents[1]
 # block_size 32 is the encoder input: runs of 34 tokens give 32 inputs + 8 targets, 40 tokens a row.
 BASE = [
     "objective=span_corruption",
@@ -90,42 +90,17 @@ def scenario_reference(assets, out):
 def scenario_kill_and_resume(assets, out):
     """The reference run slowed down, SIGKILLed after its step-6 checkpoint, then resumed."""
     command = args(assets, out, *REFERENCE, "pretraining_tokens=72000")
-    out.mkdir(parents=True)
-    with open(out.parent / "killed.log", "w") as log:
-        proc = subprocess.Popen(
-            hooked_command(command, "after_step=lambda step: time.sleep(0.3)"),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=REPO,
-            env=recipe_env(),
-        )
-        checkpoint = out / "checkpoints" / "step-000006" / "trainer_state.json"
-        deadline = time.time() + 400
-        while time.time() < deadline and proc.poll() is None:
-            if checkpoint.is_file() and logged_steps(out) >= 8:
-                break
-            time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)
-        killed = {"returncode": proc.wait(60), "checkpoint": checkpoint.is_file(), "logged": logged_steps(out)}
-        killed["model"] = (out / "model").exists()
+    killed = kill_after_checkpoint(command, out)
     return killed, run_recipe([*command, "resume=auto"])
 
 
 def scenario_two_processes(assets, out):
-    launch = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(REPO / "recipes/accelerate_ddp.yaml"),
-        "--num_processes",
-        "2",
-        "--main_process_port",
-        str(free_port()),
+    launch = two_process_launch(
+        REPO / "recipes/accelerate_ddp.yaml",
         "-m",
         "convert.uptrain",
         *args(assets, out, "micro_batch_size=2", "grad_accum=1", "pretraining_tokens=72000"),
-    ]
+    )
     return subprocess.run(launch, capture_output=True, text=True, timeout=600, env=recipe_env(), cwd=REPO)
 
 
@@ -145,16 +120,7 @@ SCENARIOS = {
 
 @pytest.fixture(scope="module")
 def runs(assets, tmp_path_factory):
-    root = tmp_path_factory.mktemp("t5-runs")
-    pool = ThreadPoolExecutor(max_workers=3)
-    futures = {name: pool.submit(job, assets, root / name / "run") for name, job in SCENARIOS.items()}
-
-    class Results:
-        def __getitem__(self, name):
-            return root / name / "run", futures[name].result(timeout=900)
-
-    yield Results()
-    pool.shutdown(wait=True, cancel_futures=True)
+    yield from start_scenarios(SCENARIOS, assets, tmp_path_factory.mktemp("t5-runs"))
 
 
 @pytest.mark.slow  # trains

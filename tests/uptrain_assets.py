@@ -1,4 +1,5 @@
-"""Tiny, self-contained assets for the data and uptraining tests: a corpus, a BPE tokenizer, llama checkpoints.
+"""Tiny, self-contained assets for the data and uptraining tests: a corpus, a BPE tokenizer, llama checkpoints;
+and the process helpers the uptraining tests share (environment, launches, kills, scenario pools).
 
 Everything is built offline in well under a second: a seeded toy corpus with real structure (so a model can learn
 it), a byte-level BPE tokenizer trained on it with `tokenizers`, and llama models built from configs.
@@ -6,11 +7,21 @@ it), a byte-level BPE tokenizer trained on it with `tokenizers`, and llama model
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import random
+import signal
+import socket
+import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+
+REPO = Path(__file__).resolve().parents[1]
 
 SUBJECTS = ["the cat", "a dog", "my friend", "the old man", "a small bird", "the teacher", "our neighbour"]
 VERBS = ["sat on", "looked at", "walked to", "found", "liked", "painted", "waited near"]
@@ -149,3 +160,83 @@ def hooked_command(args: list[str], hooks: str) -> list[str]:
     """
     code = f"import sys, time\nfrom convert.uptrain import Hooks, main\nsys.exit(main(sys.argv[1:], Hooks({hooks})))"
     return [sys.executable, "-c", code, *args]
+
+
+def recipe_env(**extra: str) -> dict:
+    """This environment without a parent launch's accelerate variables, offline, one thread, this checkout first."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "RANK", "WORLD_SIZE", "LOCAL_"))}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", **extra)
+    return env
+
+
+def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return result
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_process_launch(config: Path, *program: str) -> list[str]:
+    """`accelerate launch` of `program` (a script or `-m module`, with its arguments) as 2 processes."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
+    return [*launch, "--num_processes", "2", "--main_process_port", str(free_port()), *program]
+
+
+def logged_steps(out: Path) -> int:
+    """The last step in a metrics file being written (a half-written last line is skipped)."""
+    try:
+        text = (out / "metrics.jsonl").read_text()
+    except FileNotFoundError:
+        return 0
+    steps = [0]
+    for line in text.splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            steps.append(json.loads(line)["step"])
+    return max(steps)
+
+
+def kill_after_checkpoint(command: list[str], out: Path, step: int = 6, logged: int = 8) -> dict:
+    """Run the uptraining `command` with slowed steps, SIGKILL it once the step-`step` checkpoint exists and `logged`
+    steps are in its metrics; what was left: exit code, checkpoint, final model, steps logged, the log's tail."""
+    out.mkdir(parents=True)
+    log_path = out.parent / "killed.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            hooked_command(command, "after_step=lambda step: time.sleep(0.3)"),  # slow steps: the kill lands mid-run
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            env=recipe_env(),
+        )
+        checkpoint = out / "checkpoints" / f"step-{step:06d}" / "trainer_state.json"
+        deadline = time.time() + 400
+        while time.time() < deadline and proc.poll() is None:
+            if checkpoint.is_file() and logged_steps(out) >= logged:
+                break
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        return {
+            "returncode": proc.wait(60),
+            "checkpoint": checkpoint.is_file(),
+            "model": (out / "model").exists(),
+            "logged": logged_steps(out),
+            "log": log_path.read_text()[-3000:],
+        }
+
+
+def start_scenarios(scenarios: dict, assets: dict, root: Path):
+    """Start every scenario(assets, output folder) at once, 3 at a time; yields `runs`, where `runs[name]` waits
+    for one: (its output folder, its result). For a module-scoped fixture: `yield from start_scenarios(...)`."""
+    pool = ThreadPoolExecutor(max_workers=3)
+    futures = {name: pool.submit(job, assets, root / name / "run") for name, job in scenarios.items()}
+
+    class Results:
+        def __getitem__(self, name: str):
+            return root / name / "run", futures[name].result(timeout=900)
+
+    yield Results()
+    pool.shutdown(wait=True, cancel_futures=True)
