@@ -141,7 +141,9 @@ class Conversion:
         # its headers and the untouched tensors start copying: the import then costs no wall time of its own.
         if array_pool(self.method) is None or self.options:
             self.methods = _import_in_background(method_module(self.method))
-        self.src = open_source(self.source, s.revision, s.allow_pickle, s.trust_remote_code, groups=self.groups)
+        self.src = open_source(
+            self.source, s.revision, s.allow_pickle, s.trust_remote_code, groups=self.groups, headers_only=s.dry_run
+        )
         check_groups(self.groups, self.src.shapes)
         self.template = modeling_template(self.src.family, self.groups, self.src.shapes.num_heads)
         if self.template:
@@ -182,6 +184,7 @@ class Conversion:
             kv_cache_bytes_per_token_before=kv_cache_bytes_per_token(s_in, s_in.num_kv_heads, out_st),
             kv_cache_bytes_per_token_after=kv_cache_bytes_per_token(s_in, self.groups, out_st),
             dry_run=self.settings.dry_run,
+            source_commit=src.commit,
         )
         report.output_model_type = src.raw_config["model_type"]
         if src.route is not None:  # a stock re-expression route: the source is another class than the output's
@@ -232,7 +235,7 @@ class Conversion:
             raw.pop("torch_dtype", None)
         write_text(tmp / "config.json", json.dumps(raw, indent=2, sort_keys=True) + "\n")
         copy_side_files(self.src.folder, tmp, SIDE_FILES)
-        write_text(tmp / "README.md", model_card(self.report, self.src.name))
+        write_text(tmp / "README.md", model_card(self.report, self.src))
         settings = {"seed": s.seed, "revision": s.revision, "max_shard_size": str(s.max_shard_size), **self.options}
         write_text(tmp / PROVENANCE, json.dumps(provenance(self.report, settings), indent=2) + "\n")
         if self.merger is not None:

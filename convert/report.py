@@ -4,12 +4,14 @@ weights."""
 from __future__ import annotations
 
 import datetime
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
+
+if TYPE_CHECKING:
+    from .source import Source
 
 PROVENANCE = "gqa_convert.json"
 
@@ -41,24 +43,35 @@ class Report:
     route: str = "as is"
     output_model_type: str = ""
     load_with: str = "AutoModelForCausalLM.from_pretrained(path): stock transformers, no remote code"
+    # The commit SOURCE's revision resolved to (a hub id, or a folder of the hub cache); None for other folders.
+    source_commit: str | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-def model_card(report: Report, source_name: str) -> str:
-    base = source_name if re.fullmatch(r"[\w.-]+/[\w.-]+", source_name) else Path(source_name).name
-    return f"""---
-base_model: {base}
-tags:
-- gqa-convert
-- grouped-query-attention
-library_name: transformers
----
+def model_card(report: Report, src: Source) -> str:
+    """README.md: metadata through huggingface_hub's ModelCard (base_model, the source's licence), then the text."""
+    from .hub import card
 
-# {base}, {report.kv_heads_after} KV heads
+    title = src.hub_id or Path(src.name).name
+    tags = ["gqa-convert", "grouped-query-attention"]
+    licence = card.source_license(src.folder, src.raw_config)
+    return card.model_card(_card_body(report, src, title), src.hub_id, licence, tags)
 
-Converted from `{source_name}` with [gqa-convert](https://pypi.org/project/gqa-convert/) {__version__}:
+
+def _origin(src: Source) -> str:
+    """Where the source came from, for the card: the hub repository at its commit, or the folder."""
+    if src.hub_id is None:
+        return f"`{src.name}`"
+    url = f"https://huggingface.co/{src.hub_id}"
+    return f"[`{src.hub_id}`]({url})" + (f" at commit [`{src.commit}`]({url}/tree/{src.commit})" if src.commit else "")
+
+
+def _card_body(report: Report, src: Source, title: str) -> str:
+    return f"""# {title}, {report.kv_heads_after} KV heads
+
+Converted from {_origin(src)} with [gqa-convert](https://pypi.org/project/gqa-convert/) {__version__}:
 multi-head / grouped-query attention with {report.kv_heads_before} KV heads became
 {"multi-query" if report.kv_heads_after == 1 else "grouped-query"} attention with {report.kv_heads_after} KV heads
 ({report.num_heads} query heads, head_dim {report.head_dim}).

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,11 +22,14 @@ from .families import (
     shapes_for,
 )
 from .families_mha import modeling_template, takes_shipped_route
+from .hub import HUB_ID, LEGAL_FILES, hub_origin
 from .shipped import shipped_note
 from .tensorio import DTYPES, FLOATING, TensorInfo, nbytes, read_header, read_pickle_header, read_tensor
 
 if TYPE_CHECKING:
     import torch
+
+    from .hub.remote import RemoteRepo
 
 # Files worth taking from a hub repo or copying beside the converted weights (tokenizer, generation settings).
 SIDE_FILES = [
@@ -44,6 +45,7 @@ SIDE_FILES = [
     "chat_template.jinja",
     "chat_template.json",
     "generation_config.json",
+    *LEGAL_FILES,  # the source's licence, notice and use policy apply to the output too
 ]
 SAFETENSORS_FILES = ["config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors"]
 PICKLE_FILES = ["pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*.bin"]
@@ -63,6 +65,8 @@ class Source:
     trust_remote_code: bool = False
     _config: Any = None
     route: reexpress.RouteInfo | None = None  # set when the checkpoint is read as a stock class (re-expression)
+    hub_id: str | None = None  # the hub repository it came from, when known (a hub id, or a hub cache snapshot)
+    commit: str | None = None  # the commit its revision resolved to
 
     @property
     def config(self) -> Any:
@@ -86,39 +90,58 @@ def resolve_source(source: str | Path, revision: str | None = None, allow_pickle
         if not path.is_dir():
             raise ConversionError(f"SOURCE {source} is a file: pass the folder that holds config.json")
         return path, str(source)
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)):
+    if not HUB_ID.fullmatch(str(source)):
         raise ConversionError(f"SOURCE {source} is neither an existing folder nor a hub id like 'org/model'")
     from huggingface_hub import snapshot_download
 
-    patterns = SAFETENSORS_FILES + SIDE_FILES + (PICKLE_FILES if allow_pickle else [])
+    from .hub.remote import hub_error
+
+    # README.md: the source's card, read for its licence (convert.hub.card), never copied
+    patterns = SAFETENSORS_FILES + SIDE_FILES + ["README.md"] + (PICKLE_FILES if allow_pickle else [])
     try:
         folder = snapshot_download(str(source), revision=revision, allow_patterns=patterns)
     except Exception as e:  # huggingface_hub has many error types: offline, missing repo, gated, network
-        hint = "it is not in the local hub cache" if os.environ.get("HF_HUB_OFFLINE") == "1" else "check the id"
-        raise ConversionError(f"could not fetch {source} from the hub ({type(e).__name__}: {e}); {hint}")
+        raise hub_error(str(source), e) from e
     return Path(folder), str(source)
 
 
-def _weight_files(folder: Path, allow_pickle: bool) -> tuple[list[Path], bool, dict[str, str] | None]:
+def _resolve_headers_only(source: str | Path, revision: str | None) -> "RemoteRepo | None":
+    """A hub id read without its weights (config.json and ranged header reads), or None: a folder, offline, or
+    pickle-only weights take `resolve_source`."""
+    if Path(source).expanduser().exists() or not HUB_ID.fullmatch(str(source)):
+        return None
+    from .hub.remote import open_remote
+
+    return open_remote(str(source), revision)
+
+
+def _weight_files(
+    folder: Path, allow_pickle: bool, remote: "RemoteRepo | None" = None
+) -> tuple[list[Path], bool, dict[str, str] | None]:
     """The weight shards of a folder in index order, whether they are pickles, and the index's weight map (None
-    for a single file); refuses pickle unless allowed."""
+    for a single file); refuses pickle unless allowed. With `remote`, the shards are the hub repository's (only
+    its index is in `folder`)."""
+
+    def present(path: Path) -> bool:
+        return remote.has(path.name) if remote is not None else path.is_file()
+
     for index_name, single, is_pickle in (
         ("model.safetensors.index.json", "model.safetensors", False),
         ("pytorch_model.bin.index.json", "pytorch_model.bin", True),
     ):
         index, one = folder / index_name, folder / single
-        if not index.exists() and not one.exists():
+        if not present(index) and not present(one):
             continue
         if is_pickle and not allow_pickle:
             raise ConversionError(
                 f"{folder} has only pickle weights ({single}), which can run code when loaded. Pass "
                 "--allow-pickle to load them with torch.load(weights_only=True), or convert them to safetensors"
             )
-        if not index.exists():
+        if not present(index):
             return [one], is_pickle, None
         weight_map = _read_index(index)
         files = list(dict.fromkeys(weight_map.values()))
-        missing = [f for f in files if not (folder / f).is_file()]
+        missing = [f for f in files if not present(folder / f)]
         if missing:
             raise ConversionError(
                 f"{index.name} names shard(s) that do not exist: {', '.join(missing)}. "
@@ -145,12 +168,19 @@ def _read_index(index: Path) -> dict[str, str]:
     return weight_map
 
 
-def _read_tensors(files: list[Path], is_pickle: bool, weight_map: dict[str, str] | None) -> dict[str, TensorInfo]:
+def _read_tensors(
+    files: list[Path], is_pickle: bool, weight_map: dict[str, str] | None, remote: "RemoteRepo | None" = None
+) -> dict[str, TensorInfo]:
     """Every tensor of every shard, each exactly once, and each where the index says it is: a tensor in two
-    shards, or one that the index and the headers disagree about, is refused before anything is written."""
+    shards, or one that the index and the headers disagree about, is refused before anything is written.
+    With `remote`, each safetensors header is read from the hub by ranged requests."""
     tensors: dict[str, TensorInfo] = {}
+    header = read_header
+    if remote is not None and not is_pickle:
+        remote.prefetch([f.name for f in files])
+        header = remote.read_header
     for f in files:
-        infos = read_pickle_header(f) if is_pickle else read_header(f)[0]
+        infos = read_pickle_header(f) if is_pickle else header(f)[0]
         twice = sorted(set(infos) & set(tensors))
         if twice:
             raise ConversionError(
@@ -210,13 +240,22 @@ def open_source(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     groups: int | None = None,
+    headers_only: bool = False,
 ) -> Source:
     """Resolve and open SOURCE; checks config, family, index, shard headers and head counts against weight shapes.
+
+    `headers_only` (inspect, --dry-run): a hub id is read without its weights, config.json and the shard headers
+    only (convert.hub.remote); the Source then has no tensor data to read.
 
     Sizes come from config.json itself (`config_view`): transformers loads only when a calibrated method asks for
     `Source.config`. A classic MHA family with a stock route (convert.reexpress) is read as that stock class, unless
     converting to `groups` KV heads takes the shipped-code route (`groups` None: inspecting, the stock route)."""
-    folder, name = resolve_source(source, revision, allow_pickle)
+    remote = _resolve_headers_only(source, revision) if headers_only else None
+    if remote is not None:
+        folder, name, origin = remote.folder, str(source), (remote.repo_id, remote.commit)
+    else:
+        folder, name = resolve_source(source, revision, allow_pickle)
+        origin = hub_origin(folder)
     raw = read_config(folder)
     model_type = raw.get("model_type")
     if not isinstance(model_type, str):
@@ -225,32 +264,36 @@ def open_source(
             "SOURCE must be a transformers model folder. Re-download config.json"
         )
     if reexpress.is_route_source(raw) and not takes_shipped_route(raw, groups):
-        src = _open_route(folder, name, raw, allow_pickle, trust_remote_code)
+        src = _open_route(folder, name, raw, allow_pickle, trust_remote_code, remote)
         if src is not None:
+            src.hub_id, src.commit = origin or (None, None)
             return src
     family = family_for(model_type)
     if hasattr(family, "config_view"):  # classic MHA rows read with their stock config class, never shipped code
         view = family.config_view(raw)
     else:
         view = config_view(raw, family, folder / "config.json")
-    files, is_pickle, weight_map = _weight_files(folder, allow_pickle)
-    tensors = _read_tensors(files, is_pickle, weight_map)
+    files, is_pickle, weight_map = _weight_files(folder, allow_pickle, remote)
+    tensors = _read_tensors(files, is_pickle, weight_map, remote)
     if hasattr(family, "for_keys"):  # tensor names with or without the base model's prefix
         family = family.for_keys(set(tensors))
     shapes = shapes_for(family, view)
     src = Source(folder, name, raw, family, shapes, tensors, is_pickle, trust_remote_code)
+    src.hub_id, src.commit = origin or (None, None)
     _check_weights(src)
     return src
 
 
-def _open_route(folder: Path, name: str, raw: dict, allow_pickle: bool, trust_remote_code: bool) -> Source | None:
+def _open_route(
+    folder: Path, name: str, raw: dict, allow_pickle: bool, trust_remote_code: bool, remote: "RemoteRepo | None"
+) -> Source | None:
     """The checkpoint as its stock route's class (a view: no tensor data read), or None when no route fits it."""
     source_config = load_config(folder, trust_remote_code)
     route = reexpress.route_for(raw, source_config)
     if route is None:
         return None
-    files, is_pickle, weight_map = _weight_files(folder, allow_pickle)
-    tensors = _read_tensors(files, is_pickle, weight_map)
+    files, is_pickle, weight_map = _weight_files(folder, allow_pickle, remote)
+    tensors = _read_tensors(files, is_pickle, weight_map, remote)
     target, tensors, info = reexpress.build_view(route, source_config, raw, tensors)
     family, config = family_for(route.target_type), reexpress.target_config_object(target)
     src = Source(folder, name, target, family, shapes_for(family, config), tensors, is_pickle, trust_remote_code)
@@ -320,7 +363,7 @@ def _allowed_shapes(name: str, s: Shapes, fam: Family) -> set[tuple[int, ...]]:
 
 def describe(source: str | Path, revision: str | None = None, allow_pickle: bool = False) -> dict:
     """What `gqa-convert inspect` prints: family, heads, head_dim, valid G and KV-cache bytes per token for each."""
-    src = open_source(source, revision, allow_pickle)
+    src = open_source(source, revision, allow_pickle, headers_only=True)
     s = src.shapes
     st = next((t.st for t in src.tensors.values() if t.st in FLOATING), "F32")
     notes = src.family.cache_notes(s, s.num_kv_heads, s.num_kv_heads, nbytes(st, ())) if src.family.cache_notes else []
@@ -334,6 +377,7 @@ def describe(source: str | Path, revision: str | None = None, allow_pickle: bool
     }
     return {
         "source": src.name,
+        "commit": src.commit,
         "model_type": src.route.source_model_type if src.route else src.raw_config["model_type"],
         "output_model_type": src.raw_config["model_type"],
         "route": src.route.route if src.route else "as is",

@@ -95,22 +95,33 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict]:
     nothing missing at the end)."""
     size = path.stat().st_size
     with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise _corrupt(path, "too short to be a safetensors file")
-        (hlen,) = struct.unpack("<Q", head)
-        if hlen < 2 or hlen > size - 8 or hlen > 100 << 20:
-            raise _corrupt(path, f"its header length field says {hlen} bytes, the file has {size}")
-        try:
-            header = json.loads(f.read(hlen), object_pairs_hook=_unique_keys)
-        except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as e:
-            raise _corrupt(path, f"its header is not valid JSON ({e})")
+        hlen = header_length(path, f.read(8), size)
+        return parse_header(path, f.read(hlen), size)
+
+
+def header_length(path: Path, head: bytes, size: int) -> int:
+    """The header length a safetensors file of `size` bytes declares in its first 8 bytes (`head`), checked."""
+    if len(head) < 8:
+        raise _corrupt(path, "too short to be a safetensors file")
+    (hlen,) = struct.unpack("<Q", head[:8])
+    if hlen < 2 or hlen > size - 8 or hlen > 100 << 20:
+        raise _corrupt(path, f"its header length field says {hlen} bytes, the file has {size}")
+    return hlen
+
+
+def parse_header(path: Path, raw: bytes, size: int) -> tuple[dict[str, TensorInfo], dict]:
+    """`read_header` on the header's bytes (`raw`, after the 8-byte length) of a file of `size` bytes at `path`:
+    a file on disk, or one on the hub read by ranged requests (convert.hub.remote)."""
+    try:
+        header = json.loads(raw, object_pairs_hook=_unique_keys)
+    except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as e:
+        raise _corrupt(path, f"its header is not valid JSON ({e})")
     if not isinstance(header, dict):
         raise _corrupt(path, "its header is not a JSON object")
     meta = header.pop("__metadata__", None) or {}
     if not isinstance(meta, dict):
         raise _corrupt(path, "its __metadata__ is not an object")
-    base = 8 + hlen
+    base = 8 + len(raw)
     infos, ranges = {}, []
     for name, h in header.items():
         info, start, stop = _entry(path, name, h, base)
