@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from .core import check_groups, kv_cache_bytes_per_token
 from .families import QK_NORM_FAMILIES, ConversionError, Shapes
 from .families_mha import modeling_template
+from .hub.publish import check_push, push_folder
 from .methods import array_pool, method_module
 from .output import (
     OutputLock,
@@ -73,6 +74,8 @@ class Settings:
     method_options: dict[str, Any] | None = None
     durable: bool = False
     write_modeling_code: bool = False
+    push_to_hub: str | None = None  # a hub repository to upload OUTPUT to once it is complete
+    public: bool = False  # a repository the push creates is private unless this is set
 
 
 class Conversion:
@@ -85,6 +88,7 @@ class Conversion:
     write   the shards, the config, tokenizer files, model card and provenance, all in the temporary folder
     verify  re-open the temporary folder as a checkpoint and compare it with the plan
     finish  (--fsync: put it on disk,) rename it to OUTPUT in one step
+    publish (--push-to-hub) upload OUTPUT; the token was checked in `open`, and a failed upload keeps OUTPUT
 
     Nothing outside the temporary folder and the lock file is written before `finish`; whatever fails, `clean_up`
     removes both and restores the torch thread count.
@@ -109,6 +113,7 @@ class Conversion:
         self.lock: OutputLock | None = None
         self.tmp: Path | None = None
         self.threads: int | None = None  # torch's thread count before this run changed it
+        self.token: str | None = None  # the hub token a push uses, checked before anything else
 
     def run(self) -> Report:
         self.open()
@@ -128,6 +133,7 @@ class Conversion:
             raise write_error(e, self.output, self.bytes_out, largest) from e
         finally:
             self.clean_up()
+        self.publish()
         return self.report
 
     # --- open ----------------------------------------------------------------------------------------------------
@@ -136,6 +142,8 @@ class Conversion:
         s = self.settings
         if s.dtype not in DTYPE_CHOICES:
             raise ConversionError(f"--dtype {s.dtype!r}: choose one of {', '.join(DTYPE_CHOICES)}")
+        if s.push_to_hub:  # a missing or rejected token must not cost a conversion
+            self.token = check_push(s.push_to_hub)
         # Mean and first pooling of a plain checkpoint need no torch (see numpy_pool). Any other conversion starts
         # torch and the merge methods loading on a thread now, while the checkpoint is checked and planned from
         # its headers and the untouched tensors start copying: the import then costs no wall time of its own.
@@ -185,6 +193,7 @@ class Conversion:
             kv_cache_bytes_per_token_after=kv_cache_bytes_per_token(s_in, self.groups, out_st),
             dry_run=self.settings.dry_run,
             source_commit=src.commit,
+            push_to_hub=self.settings.push_to_hub,
         )
         report.output_model_type = src.raw_config["model_type"]
         if src.route is not None:  # a stock re-expression route: the source is another class than the output's
@@ -277,6 +286,15 @@ class Conversion:
         if self.settings.durable:
             fsync_path(self.output.parent)  # the rename itself
 
+    # --- publish -------------------------------------------------------------------------------------------------
+
+    def publish(self) -> None:
+        s = self.settings
+        if s.push_to_hub and self.token is not None:
+            self.report.pushed = push_folder(
+                self.output, s.push_to_hub, self.token, private=not s.public, progress=s.progress
+            )
+
     def clean_up(self) -> None:
         """Runs whatever happened: the temporary folder (gone already after a successful finish), the lock, and
         torch's thread count."""
@@ -309,13 +327,16 @@ def convert_checkpoint(
     method_options: dict[str, Any] | None = None,
     durable: bool = False,
     write_modeling_code: bool = False,
+    push_to_hub: str | None = None,
+    public: bool = False,
 ) -> Report:
     """Convert the checkpoint at SOURCE (folder or hub id) to `num_kv_heads` KV heads, written at OUTPUT.
 
     The checkpoint and OUTPUT are checked before anything is written; OUTPUT appears only when complete and
     verified; SOURCE is never modified. A killed process leaves no OUTPUT (or the one it was replacing); `durable`
     (--fsync) also covers a power loss: every file is on disk before the rename (what `cp` and `save_pretrained`
-    do not wait for).
+    do not wait for). `push_to_hub`: upload OUTPUT to that hub repository once it is complete (private unless
+    `public`; the token is checked first, and a failed upload raises PublishError with OUTPUT kept).
     """
     settings = Settings(
         dtype=dtype,
@@ -330,6 +351,8 @@ def convert_checkpoint(
         method_options=method_options,
         durable=durable,
         write_modeling_code=write_modeling_code,
+        push_to_hub=push_to_hub,
+        public=public,
     )
     return Conversion(source, output, num_kv_heads, method, settings).run()
 

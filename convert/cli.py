@@ -65,6 +65,15 @@ def main() -> None:
     help="Where no stock transformers class can hold the KV heads (bloom, mpt, t5, gpt2/opt at 1 < G < H), write "
     "modeling code beside the weights; loading it then needs trust_remote_code=True.",
 )
+@click.option(
+    "--push-to-hub",
+    "push_to_hub",
+    metavar="REPO",
+    default=None,
+    help="Upload OUTPUT to this hub repository once it is complete (private when created; needs a token: "
+    "`hf auth login` or HF_TOKEN, checked before converting).",
+)
+@click.option("--public", is_flag=True, help="With --push-to-hub: create the repository public, not private.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar, only the result line.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option(
@@ -110,6 +119,8 @@ def convert(
     allow_pickle: bool,
     trust_remote_code: bool,
     write_modeling_code: bool,
+    push_to_hub: str | None,
+    public: bool,
     quiet: bool,
     as_json: bool,
     calibration_data: str | None,
@@ -152,6 +163,8 @@ def convert(
             method_options=options or None,
             durable=durable,
             write_modeling_code=write_modeling_code,
+            push_to_hub=push_to_hub,
+            public=public,
         )
     except ConversionError as e:
         _fail(e)
@@ -172,10 +185,14 @@ def _print_report(r: Any, quiet: bool) -> None:
         f"{r.source} ({r.model_type}): {r.kv_heads_before} -> {r.kv_heads_after} KV heads by {r.method}; "
         f"{what} {r.output}"
     )
+    if r.push_to_hub:
+        line += f"; {'would upload' if r.dry_run else 'uploaded'} to {r.pushed or r.push_to_hub}"
     if quiet and not r.dry_run:
         click.echo(line)
         return
     click.echo(line)
+    if r.source_commit:
+        click.echo(f"  source commit: {r.source_commit}")
     click.echo(
         f"  tensors: {r.tensors_total} total, {len(r.tensors_touched)} rewritten "
         f"(attention of every layer), the rest {_rest(r)}"
@@ -219,6 +236,8 @@ def inspect(source: str, revision: str | None, allow_pickle: bool, as_json: bool
         f"{info['source']}: {info['model_type']}, {info['layers']} layers, hidden {info['hidden_size']}, "
         f"{info['parameters'] / 1e6:.1f}M parameters ({info['dtype']})"
     )
+    if info.get("commit"):
+        click.echo(f"  commit {info['commit']}")
     click.echo(
         f"  heads {info['num_heads']}, KV heads {info['num_kv_heads']}, head_dim {info['head_dim']}, "
         f"rotary dims {info['rotary_dim']}"

@@ -45,6 +45,8 @@ class Report:
     load_with: str = "AutoModelForCausalLM.from_pretrained(path): stock transformers, no remote code"
     # The commit SOURCE's revision resolved to (a hub id, or a folder of the hub cache); None for other folders.
     source_commit: str | None = None
+    push_to_hub: str | None = None  # the hub repository OUTPUT is uploaded to (--push-to-hub)
+    pushed: str | None = None  # the URL of the commit that uploaded it
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -115,5 +117,5 @@ def provenance(report: Report, settings: dict[str, Any]) -> dict:
         "version": __version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "settings": settings,
-        **{k: v for k, v in report.as_dict().items() if k not in ("tensors_touched", "output")},
+        **{k: v for k, v in report.as_dict().items() if k not in ("tensors_touched", "output", "pushed")},
     }

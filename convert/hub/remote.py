@@ -86,12 +86,14 @@ def hub_error(repo_id: str, e: Exception) -> ConversionError:
     kind = type(e).__name__
     if constants.is_offline_mode():
         hint = "it is not in the local hub cache"
-    elif kind in ("GatedRepoError",) or "401" in str(e):
-        hint = "the repository is gated or private: accept its terms on the hub and log in (`hf auth login`)"
+    elif kind == "GatedRepoError":
+        hint = "the repository is gated: accept its terms on the hub, then log in (`hf auth login` or HF_TOKEN)"
     elif kind == "RevisionNotFoundError":
         hint = "check --revision (a branch, tag or commit of the repository)"
+    elif kind == "RepositoryNotFoundError":
+        hint = "check the id; a private repository also needs a login (`hf auth login` or HF_TOKEN)"
     else:
-        hint = "check the id"
+        hint = "check the id and the connection"
     first = str(e).strip().splitlines()[0] if str(e).strip() else kind
     return ConversionError(f"could not fetch {repo_id} from the hub ({kind}: {first}); {hint}")
 

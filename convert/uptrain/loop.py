@@ -22,6 +22,7 @@ import torch
 
 from convert.formatting import duration
 from convert.uptrain import checkpointing as ckpt
+from convert.uptrain import publishing
 from convert.uptrain.budget import lr_factor, plan_budget
 from convert.uptrain.data import global_batches, open_stream, prepare_data
 from convert.uptrain.model import (
@@ -83,6 +84,8 @@ class Uptraining:
         from transformers import AutoConfig, AutoTokenizer
 
         s, trust = self.s, self.s.trust_remote_code
+        if s.push_to_hub:  # a missing or rejected hub token must not cost a training run
+            self.token = publishing.check(s)
         check_model_folder(s.model, "model", trust)
         if s.teacher is not None:
             check_model_folder(s.teacher, "teacher", trust)
@@ -120,7 +123,7 @@ class Uptraining:
         done = Path(s.output_dir) / "model" / "training_summary.json"
         if s.resume == "auto" and done.is_file() and json.loads(done.read_text()).get("run") == self.run_id:
             self.say(f"{s.output_dir}: this run is already complete (model/ written); nothing to do")
-            return json.loads(done.read_text())
+            return publishing.publish(self, json.loads(done.read_text()))
         self.data = prepare_data(s, self.tokenizer)
         val = self.data["val_blocks"]
         if val is not None and len(val) < self.plan["num_processes"]:
@@ -369,7 +372,7 @@ class Uptraining:
         first, last = summary["initial_eval"], summary["final_eval"]
         ppl = f"validation perplexity {first['val_ppl']:.3f} -> {last['val_ppl']:.3f}, " if last else ""
         self.say(f"done: {final} ({ppl}{tokens:,} tokens, {duration(train_seconds)})")
-        return summary
+        return publishing.publish(self, summary)
 
 
 def uptrain(settings: Settings, options: Options | None = None, hooks: Hooks | None = None) -> Summary:
@@ -407,7 +410,7 @@ def main(argv: list[str] | None = None, hooks: Hooks | None = None) -> int:
         if is_main_rank():
             print(f"error: {e}", file=sys.stderr)
         return 2
-    except (TrainingError, ckpt.WriteError) as e:
+    except (TrainingError, ckpt.WriteError, publishing.PublishError) as e:
         if is_main_rank():
             print(f"error: {e}", file=sys.stderr)
         return 1

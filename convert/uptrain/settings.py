@@ -149,6 +149,9 @@ class Settings(BaseModel):
     keep_checkpoints: Count = Field(2, gt=0)
     resume: str = "never"  # never | auto (newest complete checkpoint in output_dir) | a checkpoint folder
     report_to: str = "auto"  # auto (tensorboard when installed) | none | tensorboard | wandb | ... (comma list)
+    # --- publishing (convert/hub/publish.py): model/ uploaded once the run is complete; the token checked first
+    push_to_hub: MaybeStr = None  # a hub repository, `org/name` or `name`
+    hub_private: bool = True  # a repository the push creates is private; an existing one keeps its visibility
 
     @field_validator("model", "output_dir", "data")
     @classmethod

@@ -1,0 +1,41 @@
+"""Uploading a finished run's model/ to the hub (`push_to_hub:`), from the main process once it is complete.
+
+The token is checked in `Uptraining.check`, before any compute. A complete run started again with the same
+settings (`resume: auto`) trains nothing and uploads again: the way to retry a failed upload.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from convert.hub.publish import PublishError, check_push, push_folder
+from convert.uptrain.settings import Settings, SettingsError
+
+if TYPE_CHECKING:
+    from convert.uptrain.loop import Uptraining
+    from convert.uptrain.report import Summary
+
+__all__ = ["PublishError", "check", "publish"]
+
+
+def check(s: Settings) -> str:
+    """The token the push will use; a settings error (exit 2, nothing computed) when there is none."""
+    try:
+        return check_push(s.push_to_hub)
+    except PublishError as e:
+        raise SettingsError(f"push_to_hub: {e}") from None
+
+
+def publish(run: Uptraining, summary: Summary) -> Summary:
+    """Upload model/ (main process only) and note the commit in the returned summary as `pushed`; a failed upload
+    raises PublishError (exit 1) with model/ kept."""
+    from convert.uptrain.loop import is_main_rank
+
+    s = run.s
+    if not s.push_to_hub or not is_main_rank():
+        return summary
+    model = Path(s.output_dir) / "model"
+    url = push_folder(model, s.push_to_hub, run.token, private=s.hub_private, message="Upload uptrained model")
+    run.say(f"uploaded {model} to {url}")
+    return {**summary, "pushed": url}
