@@ -226,3 +226,34 @@ def test_through_hf_endpoint_in_a_fresh_process(tmp_path):
         assert done.returncode == 0, done.stderr
         assert hub.repos["org/tiny-mqa"].files["model.safetensors"] == (out / "model.safetensors").read_bytes()
         assert hub.repos["org/tiny-mqa"].files["LICENSE.txt"] == LEGAL["LICENSE.txt"]
+
+
+@pytest.mark.slow  # trains a tiny model for two steps
+def test_uptraining_pushes_model_and_a_rerun_retries_a_failed_upload(hub, tmp_path, monkeypatch, capsys):
+    from uptrain_assets import tiny_llama, toy_documents, train_tokenizer, write_corpus
+
+    from convert.uptrain.loop import main as uptrain_main
+
+    docs = toy_documents(60)
+    model = tiny_llama(train_tokenizer(docs), tmp_path / "model-mqa")
+    (model / "LICENSE").write_text("the source's licence\n")
+    out = tmp_path / "run"
+    args = [f"model={model}", f"data={write_corpus(tmp_path / 'corpus.txt', docs)}", f"output_dir={out}"]
+    args += ["max_steps=2", "block_size=32", "micro_batch_size=2", "max_eval_blocks=2", "eval_every=0"]
+    args += ["save_every=0", "report_to=none", "resume=auto", "push_to_hub=me/uptrained", "--quiet", "--json"]
+    assert uptrain_main(args) == 2  # no token: refused before any compute
+    assert "error: push_to_hub: push to hub me/uptrained: no hub token" in capsys.readouterr().err
+    assert not out.exists()
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    hub.refuse_commits = True
+    assert uptrain_main(args) == 1  # trained and saved; the upload failed
+    err = capsys.readouterr().err
+    assert f"error: could not upload {out / 'model'} to the hub repository me/uptrained" in err
+    assert (out / "model" / "training_summary.json").is_file()
+    hub.refuse_commits = False
+    assert uptrain_main(args) == 0  # complete: nothing trained, only uploaded
+    summary = json.loads(capsys.readouterr().out)
+    repo = hub.repos["me/uptrained"]
+    assert repo.private and summary["pushed"].endswith(f"/me/uptrained/commit/{repo.refs['main']}")
+    files = {p.name: p.read_bytes() for p in (out / "model").iterdir()}
+    assert files == {k: v for k, v in repo.files.items() if k != ".gitattributes"} and "LICENSE" in files
