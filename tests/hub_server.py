@@ -4,10 +4,10 @@ publish one, with byte counts of what it sent.
 Reading: `GET /api/models/{repo}[/revision/{rev}]` (info: sha, siblings), `GET /api/models/{repo}/tree/{rev}`
 (the file list `snapshot_download` reads), `HEAD|GET /{repo}/resolve/{rev}/{path}` with `X-Repo-Commit`, `ETag`,
 `X-Linked-Etag`/`X-Linked-Size` for LFS files and `Range` honoured (206 + `Content-Range`).
-Publishing: `GET /api/whoami-v2`, `POST /api/repos/create`, `POST /api/validate-yaml`, `POST /api/models/{repo}/preupload/{rev}`
-(safetensors go by LFS, as .gitattributes has them on the hub), `POST /{repo}.git/info/lfs/objects/batch` and
-`PUT /lfs-upload/{oid}` (basic transfer), `POST /api/models/{repo}/commit/{rev}` (ndjson). Writes need
-`Authorization: Bearer <token>`.
+Publishing: `GET /api/whoami-v2`, `POST /api/repos/create`, `POST /api/validate-yaml`,
+`POST /api/models/{repo}/preupload/{rev}` (safetensors go by LFS, as .gitattributes has them on the hub),
+`POST /{repo}.git/info/lfs/objects/batch` and `PUT /lfs-upload/{oid}` (basic transfer),
+`POST /api/models/{repo}/commit/{rev}` (ndjson). Writes need `Authorization: Bearer <token>`.
 
 `weight_bytes_sent` counts every byte sent from inside the tensor data of a `.safetensors` file (past its header):
 what `inspect` and `--dry-run` must never ask for. The server stops by itself after `lifetime` seconds.

@@ -182,6 +182,8 @@ def test_push_to_hub_uploads_the_output_privately(hub, tmp_path, monkeypatch):
         "convert", str(src), str(tmp_path / "out3"), "-g", "2", "-q", "--push-to-hub", "me/open", "--public"
     )
     assert code == 0 and not hub.repos["me/open"].private
+    code, text = run_cli("convert", str(src), str(tmp_path / "o4"), "-g", "2", "--dry-run", "--push-to-hub", "me/dry")
+    assert code == 0 and "would upload to me/dry" in text and "me/dry" not in hub.repos
 
 
 def test_push_without_a_token_refuses_before_converting(hub, tmp_path, monkeypatch):
