@@ -10,10 +10,11 @@ from typing import Any
 
 import click
 
-from . import __version__
-from .families import ConversionError
-from .formatting import human_bytes
-from .methods import method_names  # the registry alone: no method, no torch is imported before copying starts
+from convert.errors import ConversionError, MissingExtra
+from convert.formatting import human_bytes
+from convert.methods import method_names  # the registry alone: no method, no torch is imported before copying starts
+from convert.pipeline.conversion import convert_checkpoint, describe
+from convert.version import __version__
 
 
 def _fail(error: Exception) -> None:
@@ -119,7 +120,6 @@ def convert(
     device: str | None,
 ) -> None:
     """Convert SOURCE (folder or hub id) into OUTPUT with NUM_KV_HEADS key/value heads."""
-    from .checkpoint import convert_checkpoint
 
     _keep_freed_memory()
 
@@ -206,7 +206,6 @@ def _print_report(r: Any, quiet: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def inspect(source: str, revision: str | None, allow_pickle: bool, as_json: bool) -> None:
     """Family, heads, KV heads, head_dim, valid --num-kv-heads values and their KV-cache bytes per token."""
-    from .checkpoint import describe
 
     try:
         info = describe(source, revision, allow_pickle)
@@ -281,7 +280,7 @@ def eval_(
     """Perplexity, KV-cache bytes per token and decode speed of MODELS, as one table with ratios to the first."""
     from transformers.utils import logging as hf_logging
 
-    from .compare import as_dicts, compare, format_table
+    from convert.eval.compare import as_dicts, compare, format_table
 
     hf_logging.disable_progress_bar()
     ctx = None
@@ -317,7 +316,7 @@ def eval_(
         click.echo(json.dumps(as_dicts(results), indent=2))
         return
     r0 = results[0]
-    if hasattr(r0, "scoring"):  # an encoder-decoder (convert/compare_seq2seq.py)
+    if hasattr(r0, "scoring"):  # an encoder-decoder (convert/eval/seq2seq.py)
         click.echo(f"{r0.scoring()}, text {data or 'pydoc_data topics (second half)'}")
         click.echo(f"decode: {new_tokens} new tokens from a fixed encoder output of each input length, greedy, cached")
         for r in results:
@@ -366,7 +365,7 @@ def demo(
 ) -> None:
     """Convert the real SmolLM2-135M (shipped on PyPI, offline) from 3 KV heads to NUM_KV_HEADS by mean pooling and
     by calibration, and show the three models side by side."""
-    from .demo import run_demo
+    from convert.demo import run_demo
 
     try:
         r = run_demo(output, num_kv_heads, windows, calibration_tokens, device, progress=not (quiet or as_json))
@@ -420,10 +419,9 @@ def uptrain(args: tuple[str, ...]) -> None:
     CONFIG is a YAML file or a shipped config name (e.g. smollm2-mqa-cpu); `--help` lists every setting. For
     several processes: `accelerate launch [options] -m convert.uptrain CONFIG.yaml ...`.
     """
-    from .extras import MissingExtra
 
     try:
-        from .uptrain import main as uptrain_main
+        from convert.uptrain import main as uptrain_main
     except MissingExtra as e:
         _fail(e)
     sys.exit(uptrain_main(list(args)))

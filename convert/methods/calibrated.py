@@ -26,10 +26,13 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import Tensor
 
-from ..families import Attention, ConversionError, output_shapes
-from .base import Method, permute_kv_heads
-from .grouping import similarity_order
-from .linalg import (
+from convert.errors import ConversionError
+from convert.families import Attention, output_shapes
+from convert.families.mha import MhaFamily
+from convert.figures import new_figure, save_figure
+from convert.methods.base import Method, permute_kv_heads
+from convert.methods.grouping import similarity_order
+from convert.methods.linalg import (
     LayerMath,
     correct_inputs,
     input_correction,
@@ -39,8 +42,9 @@ from .linalg import (
     second_moment,
     slow_share,
 )
-from .runner import LayerRunner, template_classes
-from .text import calibration_ids
+from convert.methods.runner import LayerRunner, template_classes
+from convert.methods.text import calibration_ids
+from convert.pipeline.merge import patched_config
 
 PLOT = "calibration_errors.png"
 # Relative error of an attention output that only rounding explains, by calibration dtype: below it the o refit is
@@ -311,8 +315,6 @@ def _configs(source: Any, groups: int) -> tuple[Any, dict]:
     """The merged model's config and the runner's class settings. A source whose output ships modeling code (or
     that is such an output) runs in the template's classes, from the package's own files: the original at its
     current KV count, the merged model at G."""
-    from ..core import patched_config
-    from ..families_mha import MhaFamily
 
     fam = source.family
     if not isinstance(fam, MhaFamily):
@@ -418,7 +420,6 @@ class Calibrated(Method):
 
 def plot_errors(rows: list[dict], path: Path, title: str = "") -> None:
     """PNG of the per-layer reconstruction errors (keys, values, attention output)."""
-    from ..figures import new_figure, save_figure
 
     rows = sorted(rows, key=lambda r: r["layer"])
     x = [r["layer"] for r in rows]
