@@ -31,6 +31,7 @@ from convert.families import Attention, output_shapes
 from convert.families.mha import MhaFamily
 from convert.figures import new_figure, save_figure
 from convert.methods.base import Method, permute_kv_heads
+from convert.methods.flags import CALIBRATION_DTYPES, GROUPINGS
 from convert.methods.grouping import similarity_order
 from convert.methods.linalg import (
     LayerMath,
@@ -67,13 +68,13 @@ class CalibratedOptions(BaseModel):
     calibration_data: str | None = None  # None: the builtin text; "random": random ids; else a data source
     calibration_tokens: int = Field(8192, ge=2)
     calibration_seq_len: int = Field(512, ge=1)
-    grouping: Literal["contiguous", "similarity"] = "contiguous"
+    grouping: Literal[GROUPINGS] = "contiguous"
     stream: Literal["both", "converted", "original"] = "both"
     drift: float = Field(0.2, ge=0, le=1)
     input_correction: float = Field(0.3, ge=0, le=1)
     refit_o: bool = True
     ridge: float = Field(0.04, ge=0)
-    calibration_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    calibration_dtype: Literal[CALIBRATION_DTYPES] = "float32"
     key_centering: Literal["global", "sequence", "none"] = "global"
     key_weighting: float = Field(0.5, ge=0, le=1)
     value_weighting: float = Field(0.5, ge=0, le=1)

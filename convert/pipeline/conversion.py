@@ -12,7 +12,6 @@ import json
 import shutil
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,9 +30,10 @@ from convert.pipeline.output import (
     temp_folder,
     write_error,
 )
-from convert.pipeline.planning import DTYPE_CHOICES, OutTensor, assign_shards, output_st, parse_size, plan_tensors
+from convert.pipeline.planning import OutTensor, assign_shards, output_st, parse_size, plan_tensors
 from convert.pipeline.report import PROVENANCE, Report, model_card, provenance
-from convert.pipeline.source import SIDE_FILES, Source, describe, open_source
+from convert.pipeline.settings import DTYPE_CHOICES, Settings
+from convert.pipeline.source import SIDE_FILES, Source, open_source
 from convert.pipeline.writing import (
     copy_side_files,
     numpy_layers,
@@ -55,40 +55,9 @@ from convert.routes.shipped import (
 if TYPE_CHECKING:  # torch loads on a background thread during a conversion (see Conversion.open)
     from convert.methods import Method
 
-# Names other modules and tests import from here.
-__all__ = [
-    "DTYPE_CHOICES",
-    "PROVENANCE",
-    "OutTensor",
-    "Report",
-    "assign_shards",
-    "convert_checkpoint",
-    "describe",
-    "open_source",
-    "plan_tensors",
-]
-_numpy_pool = numpy_pool
 
 # ---------------------------------------------------------------------------------------------------------------
 # Converting, phase by phase
-
-
-@dataclass(frozen=True)
-class Settings:
-    """The keyword options of `convert_checkpoint`."""
-
-    dtype: str = "keep"
-    revision: str | None = None
-    max_shard_size: str | int = "5GB"
-    overwrite: bool = False
-    dry_run: bool = False
-    allow_pickle: bool = False
-    trust_remote_code: bool = False
-    seed: int = 0
-    progress: bool = True
-    method_options: dict[str, Any] | None = None
-    durable: bool = False
-    write_modeling_code: bool = False
 
 
 class Conversion:

@@ -16,8 +16,6 @@ if TYPE_CHECKING:
 
     from convert.pipeline.source import Source
 
-DTYPE_CHOICES = ("keep", "float32", "float16", "bfloat16")
-
 
 @dataclass
 class OutTensor:

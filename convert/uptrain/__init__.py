@@ -22,7 +22,6 @@ except MissingExtra as e:
         raise SystemExit(2) from None
     raise
 
-from convert.errors import SettingsError, TrainingError, WriteError
 from convert.uptrain.loop import Hooks, main, uptrain
 from convert.uptrain.settings import Options, Settings, load_settings, make_settings
 from convert.uptrain.summary import Summary
@@ -31,10 +30,7 @@ __all__ = [
     "Hooks",
     "Options",
     "Settings",
-    "SettingsError",
     "Summary",
-    "TrainingError",
-    "WriteError",
     "load_settings",
     "main",
     "make_settings",

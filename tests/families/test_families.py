@@ -146,7 +146,8 @@ def test_cli_and_planning_do_not_import_torch(tmp_path):
     src = save(tiny_model("llama"), tmp_path / "src")
     code = (
         "import sys, convert.cli\n"
-        "from convert.pipeline.conversion import open_source, plan_tensors, assign_shards\n"
+        "from convert.pipeline.source import open_source\n"
+        "from convert.pipeline.planning import plan_tensors, assign_shards\n"
         f"src = open_source({str(src)!r})\n"
         "assign_shards(plan_tensors(src, 1, 'keep')[0], 10**9)\n"
         "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))[:5]\n"

@@ -114,8 +114,8 @@ def test_options_are_declared_with_bounds():
 def test_calibration_holds_no_layer_between_steps(tmp_path):
     """Layer by layer: after each layer's statistics and after its merge, every decoder layer of both skeletons is
     back on the meta device (only the calibration activations stay)."""
-    from convert.pipeline.conversion import open_source
     from convert.pipeline.merge import convert_layer
+    from convert.pipeline.source import open_source
 
     model = tiny_model("qwen2")
     src = open_source(save(model, tmp_path / "src"))

@@ -15,7 +15,9 @@ from safetensors import safe_open
 from convert import convert_checkpoint
 from convert.families import family_for, stock_kv_model_types
 from convert.io.safetensors import TensorInfo, float32_to, read_float32
-from convert.pipeline.conversion import _numpy_pool, open_source, plan_tensors
+from convert.pipeline.planning import plan_tensors
+from convert.pipeline.source import open_source
+from convert.pipeline.writing import numpy_pool
 from tests.helpers.tiny import save, tiny_model
 
 SPLIT = [t for t in stock_kv_model_types() if family_for(t).layout == "split"]
@@ -32,7 +34,7 @@ def _tensors(folder) -> dict[str, torch.Tensor]:
 
 def _numpy_path_taken(src, groups: int, method: str, dtype: str = "keep") -> bool:
     source = open_source(src)
-    return _numpy_pool(source, plan_tensors(source, groups, dtype)[0], method, dtype) is not None
+    return numpy_pool(source, plan_tensors(source, groups, dtype)[0], method, dtype) is not None
 
 
 def _assert_same_as_torch(src, out, groups: int, method: str, dtype: str) -> None:
@@ -122,7 +124,7 @@ def test_torch_does_what_numpy_cannot(case, tmp_path):
         source = open_source(save(model, src))
     method = case if case in ("random", "calibrated") else "mean"
     dtype = "float16" if case == "dtype" else "keep"
-    assert _numpy_pool(source, plan_tensors(source, 2, dtype)[0], method, dtype) is None
+    assert numpy_pool(source, plan_tensors(source, 2, dtype)[0], method, dtype) is None
 
 
 @pytest.mark.parametrize("st", ["BF16", "F16", "F32"])
