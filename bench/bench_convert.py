@@ -502,7 +502,7 @@ def main() -> int:
         [
             sys.executable,
             "-c",
-            "import torch, transformers, convert.checkpoint; "
+            "import torch, transformers, convert.pipeline.conversion; "
             "from transformers import AutoModelForCausalLM, LlamaForCausalLM",
         ],
         check=True,

@@ -19,10 +19,6 @@ if TYPE_CHECKING:  # torch is imported where tensors are touched: the table and 
 Getter = Callable[[str], "Tensor"]
 
 
-class ConversionError(ValueError):
-    """A bad input: the message names the problem and the fix."""
-
-
 @dataclass
 class Attention:
     """One layer's attention weights, per head, in float32.

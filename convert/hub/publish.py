@@ -9,12 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..families import ConversionError
-from . import HUB_ID
+from convert.errors import PublishError
+from convert.hub import HUB_ID
 
-
-class PublishError(ConversionError):
-    """A push to the hub that cannot start (no token, bad repository name) or that failed."""
+__all__ = ["PublishError", "check_push", "push_folder"]
 
 
 def check_push(repo_id: str) -> str:

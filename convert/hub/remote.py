@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..families import ConversionError
-from ..tensorio import TensorInfo, header_length, parse_header
+from convert.errors import ConversionError
+from convert.io.safetensors import TensorInfo, header_length, parse_header
 
 HEADER_THREADS = 8  # shards whose headers are fetched at once (two small requests each)
 
@@ -41,7 +41,7 @@ class RemoteRepo:
                 self._headers[name] = header
 
     def read_header(self, path: Path) -> tuple[dict[str, TensorInfo], dict]:
-        """`tensorio.read_header` for the shard `path` names (a path in the snapshot folder, never created)."""
+        """`convert.io.safetensors.read_header` for the shard `path` names (in the snapshot folder, never created)."""
         if path.name not in self._headers:
             self._headers[path.name] = self._fetch_header(path.name)
         return self._headers[path.name]

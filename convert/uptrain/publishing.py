@@ -9,8 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from convert.hub.publish import PublishError, check_push, push_folder
-from convert.uptrain.settings import Settings, SettingsError
+from convert.errors import PublishError, SettingsError
+from convert.hub.publish import check_push, push_folder
+from convert.uptrain.settings import Settings
 
 if TYPE_CHECKING:
     from convert.uptrain.loop import Uptraining
