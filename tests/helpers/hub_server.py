@@ -49,7 +49,23 @@ class Repo:
         return sha
 
 
-def header_end(data: bytes) -> int:
+class OnDisk:
+    """A file served from disk, never read whole: len() and slices like bytes (a benchmark's sparse 10 GB shard)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.size = path, path.stat().st_size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, part: slice) -> bytes:
+        start, stop, _ = part.indices(self.size)
+        with open(self.path, "rb") as f:
+            f.seek(start)
+            return f.read(max(0, stop - start))
+
+
+def header_end(data: bytes | OnDisk) -> int:
     """Where a safetensors file's tensor data starts (8 + the header length)."""
     return 8 + struct.unpack("<Q", data[:8])[0]
 
@@ -85,9 +101,10 @@ class FakeHub:
         self.server.shutdown()
         self.server.server_close()
 
-    def add_repo(self, repo_id: str, folder: Path, extra: dict[str, bytes] | None = None) -> str:
-        """Publish every file of `folder` (plus `extra`) as one commit of `repo_id`; its sha."""
-        files = {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+    def add_repo(self, repo_id: str, folder: Path, extra: dict[str, bytes] | None = None, on_disk: bool = False) -> str:
+        """Publish every file of `folder` (plus `extra`) as one commit of `repo_id`; its sha. `on_disk`: serve the
+        files from disk instead of memory (their hashes then stand in for content hashes)."""
+        files = {p.name: OnDisk(p) if on_disk else p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
         repo = self.repos[repo_id] = Repo({**files, **(extra or {})})
         return repo.commit("initial commit")
 
@@ -304,10 +321,11 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-def _tree_entry(name: str, data: bytes) -> dict:
+def _tree_entry(name: str, data: bytes | OnDisk) -> dict:
     """A file as the tree listing gives it: git blob oid and size, and the LFS pointer for weight files."""
     entry = {"type": "file", "path": name, "size": len(data)}
-    entry["oid"] = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+    content = f"{data.path}:{data.size}".encode() if isinstance(data, OnDisk) else data  # never hash GBs
+    entry["oid"] = hashlib.sha1(b"blob %d\0" % len(data) + content).hexdigest()
     if name.endswith(LFS_SUFFIXES):
-        entry["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
+        entry["lfs"] = {"oid": hashlib.sha256(content).hexdigest(), "size": len(data), "pointerSize": 134}
     return entry
