@@ -42,7 +42,7 @@ class Repo:
     def commit(self, summary: str) -> str:
         digest = hashlib.sha1(summary.encode() + str(len(self.commits)).encode())
         for name in sorted(self.files):
-            digest.update(name.encode() + hashlib.sha256(self.files[name]).digest())
+            digest.update(name.encode() + _tree_entry(name, self.files[name])["oid"].encode())
         sha = digest.hexdigest()
         self.commits.append(sha)
         self.refs["main"] = sha
