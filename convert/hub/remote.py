@@ -48,9 +48,14 @@ class RemoteRepo:
 
     def _fetch_header(self, name: str) -> tuple[dict[str, TensorInfo], dict]:
         path = self.folder / name
-        head, size = _read_range(self.repo_id, name, self.commit, 0, 8)
-        hlen = header_length(path, head, size)
-        raw, _ = _read_range(self.repo_id, name, self.commit, 8, hlen)
+        try:
+            head, size = _read_range(self.repo_id, name, self.commit, 0, 8)
+            hlen = header_length(path, head, size)
+            raw, _ = _read_range(self.repo_id, name, self.commit, 8, hlen)
+        except ConversionError:
+            raise
+        except Exception as e:  # huggingface_hub's HTTP errors, a dropped connection, a timeout
+            raise hub_error(f"{self.repo_id}/{name}", e) from e
         return parse_header(path, raw, size)
 
 

@@ -79,6 +79,7 @@ class FakeHub:
         self.weight_bytes_sent = 0
         self.requests: list[tuple[str, str]] = []
         self.lfs: dict[str, bytes] = {}
+        self.broken: set[str] = set()  # file names whose reads fail (500), as a hub having a bad moment
         self.refuse_commits = False  # set: every commit is refused (403), as a repository without write access
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
@@ -198,6 +199,9 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             repo, sha = found
             if name not in repo.files:
                 self.error(404, "EntryNotFound", f"{name} does not exist at {sha}")
+                return
+            if name in hub.broken:
+                self.error(500, "InternalError", "Internal Error - We're working hard to fix this as soon as possible!")
                 return
             data = repo.files[name]
             entry = _tree_entry(name, data)

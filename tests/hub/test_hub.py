@@ -101,6 +101,18 @@ def test_a_missing_repository_or_revision_is_one_error_line(hub, tmp_path):
     assert code == 2 and "check --revision" in out
 
 
+def test_a_shard_missing_or_unreadable_on_the_hub_is_one_error_line(hub, tmp_path):
+    src, _ = publish_source(hub, tmp_path)
+    shard = sorted(p.name for p in src.glob("*.safetensors"))[3]
+    hub.broken.add(shard)
+    code, out = run_cli("inspect", "org/tiny-llama")
+    assert code == 2 and out.startswith(f"error: could not fetch org/tiny-llama/{shard} from the hub (")
+    assert "500" in out and len(out.strip().splitlines()) == 1
+    del hub.repos["org/tiny-llama"].files[shard]
+    code, out = run_cli("inspect", "org/tiny-llama")
+    assert code == 2 and f"names shard(s) that do not exist: {shard}" in out
+
+
 # ------------------------------------------------------------------------------------------- a real conversion
 
 
