@@ -54,6 +54,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from tables import provenance  # bench/ is this script's folder, first on sys.path
+
 ROOT = Path(__file__).resolve().parent.parent
 ROWS = {
     "mean": ["--method", "mean"],
@@ -232,7 +234,7 @@ def main() -> int:
         "load_average_1m": os.getloadavg()[0],
     }
     if args.json:
-        out = {"meta": meta, "results": results, **extra}
+        out = {"provenance": provenance(), "meta": meta, "results": results, **extra}
         if args.uptrain:
             out["uptraining"] = uptraining
         print(json.dumps(out, indent=2))

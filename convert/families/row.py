@@ -102,7 +102,7 @@ class Family:
     kv_key: str = "num_key_value_heads"
     # What transformers' config class assumes when config.json omits a key (head_dim, the KV-head count,
     # partial_rotary_factor, falcon's flags). Absent here: derived as transformers does (head_dim = hidden / heads,
-    # KV heads = heads, rotary factor 1). tests/test_configs.py checks every row against the config classes.
+    # KV heads = heads, rotary factor 1). tests/families/test_configs.py checks every row against the config classes.
     defaults: Mapping[str, Any] = field(default_factory=dict)
     # Older spellings config.json may use for a key, tried after the key itself: key -> (alias, ...).
     names: Mapping[str, tuple[str, ...]] = field(default_factory=dict)

@@ -1,8 +1,8 @@
 """The table: one `Family` row per group of `model_type`s that share every fact the converter uses.
 
-Adding a family is adding a row here (and a tiny config in tests/tiny.py): the converter never branches on
+Adding a family is adding a row here (and a tiny config in tests/helpers/tiny.py): the converter never branches on
 `model_type`, it reads the row. `defaults` hold what the family's transformers config class assumes for keys a
-published config.json may omit; tests/test_configs.py checks them against the config classes themselves.
+published config.json may omit; tests/families/test_configs.py checks them against the config classes themselves.
 """
 
 from __future__ import annotations

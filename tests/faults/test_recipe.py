@@ -1,7 +1,7 @@
 """The uptraining recipe under faults: SIGKILL at seeded write events, a full disk, through the real launcher.
 
 Every run is a real `accelerate launch` (or `python recipes/uptrain.py`) subprocess on a 2-layer, 64-wide llama.
-Kills come from tests/fault_inject.py, a test-only wrapper around the unchanged recipe; see docs/dev/faults.md.
+Kills come from tests/helpers/fault_inject.py, a test-only wrapper around the unchanged recipe; see docs/dev/faults.md.
 """
 
 from __future__ import annotations

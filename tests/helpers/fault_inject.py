@@ -1,7 +1,7 @@
 """Test-only entry point: run a script with its file-system writes traced, and SIGKILL it at a chosen one.
 
-    python tests/fault_inject.py SPEC.json SCRIPT [ARGS...]
-    accelerate launch tests/fault_inject.py SPEC.json SCRIPT [ARGS...]
+    python tests/helpers/fault_inject.py SPEC.json SCRIPT [ARGS...]
+    accelerate launch tests/helpers/fault_inject.py SPEC.json SCRIPT [ARGS...]
 
 The script itself is untouched (no fault switches inside it): this wrapper patches the write primitives that the
 recipe, accelerate, transformers and matplotlib go through (`open`/`io.open` for writing, `os.replace`,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import site
 import subprocess
 import sys
 from pathlib import Path
@@ -36,8 +37,12 @@ def test_uptrain_from_an_installed_wheel(tmp_path):
     run(build, tmp_path, env)
     (wheel,) = wheels.glob("gqa_convert-*.whl")
     venv = tmp_path / "venv"
-    run([sys.executable, "-m", "venv", "--system-site-packages", venv], tmp_path, env)
+    run([sys.executable, "-m", "venv", venv], tmp_path, env)
     python, script = venv / "bin" / "python", venv / "bin" / "gqa-convert"
+    # The dependencies come from the environment running the tests (a venv or a system install alike), after the
+    # new venv's own site-packages, so that the wheel's copy of gqa-convert is the one imported.
+    purelib = run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], tmp_path, env)
+    (Path(purelib.stdout.strip()) / "tested-env.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     run([python, "-m", "pip", "install", "--no-deps", "--quiet", wheel], tmp_path, env)
 
     work = tmp_path / "elsewhere"  # no checkout here: only the installed package can answer
