@@ -16,7 +16,6 @@ beside the same command on the local folder. Written to bench/results/hub-<commi
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import subprocess
@@ -27,6 +26,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from tables import provenance  # noqa: E402  (bench/ is this script's folder, first on sys.path)
 
 from tests.helpers.hub_server import FakeHub  # noqa: E402
 
@@ -104,6 +105,18 @@ def build(folder: Path) -> None:
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
+def _headers(folder: Path) -> list[int]:
+    """Bytes outside tensor data in each file: whole non-weight files, and 8 + the header of each shard."""
+    sizes = []
+    for p in folder.iterdir():
+        if p.suffix == ".safetensors":
+            with open(p, "rb") as f:
+                sizes.append(8 + int.from_bytes(f.read(8), "little"))
+        else:
+            sizes.append(p.stat().st_size)
+    return sizes
+
+
 def run(command: list[str], env: dict) -> tuple[float, dict]:
     started = time.perf_counter()
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
@@ -147,23 +160,31 @@ def main() -> int:
                 "wall_s_local_folder": round(wall_local, 2),
                 "commit_recorded": (out.get("commit") or out.get("source_commit")) == sha,
             }
-    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
+    names = {"inspect": "`inspect org/Llama-2-7b-style`", "dry_run": "`convert ... -g 8 --dry-run` (after it)"}
     result = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": git.stdout.strip(),
+        "provenance": provenance(),
         "load1": os.getloadavg()[0],
         "cpus": os.cpu_count(),
         "repository": {"files": sorted(p.name for p in folder.iterdir()), "bytes": repo_bytes, "on_disk": disk_bytes},
-        "results": results,
-    }
-    out_file = REPO / "bench" / "results" / f"hub-{result['commit']}.json"
+        "commands": results,
+        "table": {  # rendered into docs/hub.md by bench/tables.py
+            "columns": ["command", "the hub sent", "of it, tensor data", "requests", "wall (hub)", "wall (folder)"],
+            "rows": [
+                [names[w], f"{r['bytes_sent']:,} B", f"{r['weight_bytes_sent']:,} B", r["requests"],
+                 f"{r['wall_s_hub']:.2f} s", f"{r['wall_s_local_folder']:.2f} s"]
+                for w, r in results.items()
+            ]
+            + [["a full download", f"{repo_bytes:,} B", f"{repo_bytes - sum(_headers(folder)):,} B", "", "", ""]],
+        },
+    }  # fmt: skip
+    out_file = REPO / "bench" / "results" / f"hub-{result['provenance']['commit']}.json"
     out_file.write_text(json.dumps(result, indent=2) + "\n")
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
     print(
         f"Llama-2-7B-sized repository: {repo_bytes / 1e9:.2f} GB in 2 shards (sparse: {disk_bytes / 1e6:.1f} MB on "
-        f"disk); commit {result['commit']}, load {result['load1']:.1f} on {result['cpus']} CPUs"
+        f"disk); commit {result['provenance']['commit']}, load {result['load1']:.1f} on {result['cpus']} CPUs"
     )
     print(f"{'command':<10}{'hub sent':>12}{'of weights':>12}{'requests':>10}{'wall hub':>10}{'wall local':>12}")
     for what, r in results.items():
