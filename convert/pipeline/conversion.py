@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from convert.errors import ConversionError
 from convert.families import QK_NORM_FAMILIES, Shapes
 from convert.families.mha import modeling_template
+from convert.hub import card
 from convert.hub.publish import check_push, push_folder
 from convert.io.safetensors import fsync_path, nbytes, sync_folder
 from convert.methods import array_pool, get_method, method_class, method_module, method_names
@@ -127,6 +128,8 @@ class Conversion:
             raise ConversionError(f"--dtype {s.dtype!r}: choose one of {', '.join(DTYPE_CHOICES)}")
         if s.push_to_hub:  # a missing or rejected token must not cost a conversion
             self.token = check_push(s.push_to_hub)
+        if not s.dry_run:
+            card.preload()
         # Mean and first pooling of a plain checkpoint need no torch (see numpy_pool). Any other conversion starts
         # torch and the merge methods loading on a thread now, while the checkpoint is checked and planned from
         # its headers and the untouched tensors start copying: the import then costs no wall time of its own.
