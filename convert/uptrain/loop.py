@@ -66,6 +66,11 @@ class Uptraining:
     def __init__(self, s: Settings, options: Options | None = None, hooks: Hooks | None = None):
         self.s, self.options, self.hooks = s, options or Options(), hooks or Hooks()
         self.chatter = sys.stderr if self.options.json else sys.stdout
+        self.token: str | None = None  # the hub token push_to_hub uses, checked in `check`
+
+    def publish(self, summary: Summary) -> Summary:
+        """push_to_hub: upload model/ of the complete run (main process; convert/uptrain/publishing.py)."""
+        return publishing.publish(self.s, self.token, summary, self.say, is_main_rank())
 
     def say(self, text: str) -> None:
         """Main process only; tqdm.write keeps the progress bar intact."""
@@ -120,7 +125,7 @@ class Uptraining:
         done = Path(s.output_dir) / "model" / "training_summary.json"
         if s.resume == "auto" and done.is_file() and json.loads(done.read_text()).get("run") == self.run_id:
             self.say(f"{s.output_dir}: this run is already complete (model/ written); nothing to do")
-            return publishing.publish(self, json.loads(done.read_text()))
+            return self.publish(json.loads(done.read_text()))
         self.data = prepare_data(s, self.tokenizer)
         val = self.data["val_blocks"]
         if val is not None and len(val) < self.plan["num_processes"]:
@@ -369,7 +374,7 @@ class Uptraining:
         first, last = summary["initial_eval"], summary["final_eval"]
         ppl = f"validation perplexity {first['val_ppl']:.3f} -> {last['val_ppl']:.3f}, " if last else ""
         self.say(f"done: {final} ({ppl}{tokens:,} tokens, {duration(train_seconds)})")
-        return publishing.publish(self, summary)
+        return self.publish(summary)
 
 
 def uptrain(settings: Settings, options: Options | None = None, hooks: Hooks | None = None) -> Summary:

@@ -6,16 +6,12 @@ settings (`resume: auto`) trains nothing and uploads again: the way to retry a f
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from convert.errors import PublishError, SettingsError
 from convert.hub.publish import check_push, push_folder
 from convert.uptrain.settings import Settings
-
-if TYPE_CHECKING:
-    from convert.uptrain.loop import Uptraining
-    from convert.uptrain.report import Summary
 
 __all__ = ["PublishError", "check", "publish"]
 
@@ -28,15 +24,12 @@ def check(s: Settings) -> str:
         raise SettingsError(f"push_to_hub: {e}") from None
 
 
-def publish(run: Uptraining, summary: Summary) -> Summary:
-    """Upload model/ (main process only) and note the commit in the returned summary as `pushed`; a failed upload
-    raises PublishError (exit 1) with model/ kept."""
-    from convert.uptrain.loop import is_main_rank
-
-    s = run.s
-    if not s.push_to_hub or not is_main_rank():
+def publish(s: Settings, token: str | None, summary: dict, say: Callable[[str], None], main: bool) -> dict:
+    """Upload output_dir/model (on the main process, `main`) and note the commit in the returned summary as
+    `pushed`; a failed upload raises PublishError (exit 1) with model/ kept."""
+    if not s.push_to_hub or not main:
         return summary
     model = Path(s.output_dir) / "model"
-    url = push_folder(model, s.push_to_hub, run.token, private=s.hub_private, message="Upload uptrained model")
-    run.say(f"uploaded {model} to {url}")
+    url = push_folder(model, s.push_to_hub, token, private=s.hub_private, message="Upload uptrained model")
+    say(f"uploaded {model} to {url}")
     return {**summary, "pushed": url}
