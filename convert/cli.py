@@ -52,7 +52,10 @@ def options_from(model: type) -> Callable:
             else:
                 kind = str
             show = f.default is not None
-            command = click.option(*names, type=kind, default=f.default, show_default=show, help=m["help"])(command)
+            option = click.option(
+                *names, type=kind, default=f.default, show_default=show, help=m["help"], metavar=m.get("metavar")
+            )
+            command = option(command)
         return command
 
     return decorate

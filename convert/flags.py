@@ -15,6 +15,8 @@ def flag(
     choices: Sequence[str] | Callable[[], Sequence[str]] | None = None,
     name: str | None = None,
     short: str | None = None,
+    metavar: str | None = None,
 ) -> Any:
     """A dataclass field that is also a command-line option: `--name` (default: the field name with dashes)."""
-    return field(default=default, metadata={"help": help, "choices": choices, "name": name, "short": short})
+    meta = {"help": help, "choices": choices, "name": name, "short": short, "metavar": metavar}
+    return field(default=default, metadata=meta)

@@ -36,8 +36,9 @@ class Settings:
     )
     push_to_hub: str | None = flag(
         None,
-        "Upload OUTPUT to this hub repository (REPO: org/name or name) once it is complete; created private. Needs "
+        "Upload OUTPUT to hub repository REPO (org/name or name) once it is complete; created private. Needs "
         "a hub token (`hf auth login` or HF_TOKEN), checked before converting.",
+        metavar="REPO",
     )
     public: bool = flag(False, "With --push-to-hub: create the repository public, not private.")
     progress: bool = True
