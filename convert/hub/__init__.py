@@ -4,7 +4,9 @@ module imports huggingface_hub only inside the functions that use it."""
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -26,3 +28,21 @@ def hub_origin(folder: Path) -> tuple[str, str] | None:
     None: a model passed as its cached folder keeps its provenance."""
     m = _SNAPSHOT.search(Path(folder).resolve().as_posix()) or _SNAPSHOT.search(Path(folder).as_posix())
     return (f"{m.group(1)}/{m.group(2)}", m.group(3)) if m else None
+
+
+@contextlib.contextmanager
+def hub_progress(enabled: bool) -> Iterator[None]:
+    """huggingface_hub's progress bars off for the block unless `enabled`, as they were afterwards (a library call
+    leaves no process-wide state changed). Imports huggingface_hub only when turning them off."""
+    if enabled:
+        yield
+        return
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    was_disabled = are_progress_bars_disabled()
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            enable_progress_bars()

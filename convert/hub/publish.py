@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from convert.errors import PublishError
-from convert.hub import HUB_ID
+from convert.hub import HUB_ID, hub_progress
 
 __all__ = ["PublishError", "check_push", "push_folder"]
 
@@ -42,27 +42,21 @@ def push_folder(
     """Upload every file of `folder` to `repo_id` as one commit, creating the repository (private unless `private`
     is False; an existing repository keeps its visibility); the commit's URL. `progress`: huggingface_hub's bars."""
     from huggingface_hub import HfApi
-    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
     api = HfApi(token=token)
-    was_disabled = are_progress_bars_disabled()
-    if not progress:
-        disable_progress_bars()
     try:
-        url = api.create_repo(repo_id, private=private, exist_ok=True)
-        info = api.upload_folder(
-            repo_id=url.repo_id,
-            folder_path=folder,
-            commit_message=message or f"Upload {Path(folder).name} with gqa-convert",
-        )
+        with hub_progress(progress):
+            url = api.create_repo(repo_id, private=private, exist_ok=True)
+            info = api.upload_folder(
+                repo_id=url.repo_id,
+                folder_path=folder,
+                commit_message=message or f"Upload {Path(folder).name} with gqa-convert",
+            )
     except Exception as e:  # network, permissions, quota, a rejected card: the folder is complete either way
         raise PublishError(
             f"could not upload {folder} to the hub repository {repo_id} ({type(e).__name__}: {_first_line(e)}). "
             f"The output is complete and kept in {folder}: upload it again with `hf upload {repo_id} {folder}`"
         ) from e
-    finally:
-        if not progress and not was_disabled:  # a library call leaves huggingface_hub as it found it
-            enable_progress_bars()
     return info.commit_url
 
 

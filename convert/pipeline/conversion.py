@@ -136,7 +136,13 @@ class Conversion:
         if array_pool(self.method) is None or self.options:
             self.methods = _import_in_background(method_module(self.method))
         self.src = open_source(
-            self.source, s.revision, s.allow_pickle, s.trust_remote_code, groups=self.groups, headers_only=s.dry_run
+            self.source,
+            s.revision,
+            s.allow_pickle,
+            s.trust_remote_code,
+            groups=self.groups,
+            headers_only=s.dry_run,
+            progress=s.progress,
         )
         check_groups(self.groups, self.src.shapes)
         self.template = modeling_template(self.src.family, self.groups, self.src.shapes.num_heads)

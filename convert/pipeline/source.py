@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from convert.errors import ConversionError
 from convert.families import FAMILIES, Family, Shapes, config_dtype, config_view, family_for, shapes_for
 from convert.families.mha import modeling_template, takes_shipped_route
-from convert.hub import HUB_ID, LEGAL_FILES, hub_origin
+from convert.hub import HUB_ID, LEGAL_FILES, hub_origin, hub_progress
 from convert.io.safetensors import DTYPES, FLOATING, TensorInfo, nbytes, read_header, read_pickle_header, read_tensor
 from convert.pipeline.merge import kv_cache_bytes_per_token, valid_groups
 from convert.routes import reexpress
@@ -75,7 +75,9 @@ class Source:
         return sum(t.nbytes for t in self.tensors.values())
 
 
-def resolve_source(source: str | Path, revision: str | None = None, allow_pickle: bool = False) -> tuple[Path, str]:
+def resolve_source(
+    source: str | Path, revision: str | None = None, allow_pickle: bool = False, progress: bool = True
+) -> tuple[Path, str]:
     """A local folder as it is, or a hub id downloaded (config, tokenizer and weights only) into the hub cache."""
     path = Path(source).expanduser()
     if path.exists():
@@ -91,7 +93,8 @@ def resolve_source(source: str | Path, revision: str | None = None, allow_pickle
     # README.md: the source's card, read for its licence (convert.hub.card), never copied
     patterns = SAFETENSORS_FILES + SIDE_FILES + ["README.md"] + (PICKLE_FILES if allow_pickle else [])
     try:
-        folder = snapshot_download(str(source), revision=revision, allow_patterns=patterns)
+        with hub_progress(progress):
+            folder = snapshot_download(str(source), revision=revision, allow_patterns=patterns)
     except Exception as e:  # huggingface_hub has many error types: offline, missing repo, gated, network
         raise hub_error(str(source), e) from e
     return Path(folder), str(source)
@@ -233,11 +236,12 @@ def open_source(
     trust_remote_code: bool = False,
     groups: int | None = None,
     headers_only: bool = False,
+    progress: bool = True,
 ) -> Source:
     """Resolve and open SOURCE; checks config, family, index, shard headers and head counts against weight shapes.
 
     `headers_only` (inspect, --dry-run): a hub id is read without its weights, config.json and the shard headers
-    only (convert.hub.remote); the Source then has no tensor data to read.
+    only (convert.hub.remote); the Source then has no tensor data to read. `progress`: the download's bars.
 
     Sizes come from config.json itself (`config_view`): transformers loads only when a calibrated method asks for
     `Source.config`. A classic MHA family with a stock route (convert.routes.reexpress) is read as that stock class,
@@ -246,7 +250,7 @@ def open_source(
     if remote is not None:
         folder, name, origin = remote.folder, str(source), (remote.repo_id, remote.commit)
     else:
-        folder, name = resolve_source(source, revision, allow_pickle)
+        folder, name = resolve_source(source, revision, allow_pickle, progress)
         origin = hub_origin(folder)
     raw = read_config(folder)
     model_type = raw.get("model_type")

@@ -121,8 +121,11 @@ def test_convert_from_the_hub_records_the_commit_and_carries_the_licence(hub, tm
 
     src, sha = publish_source(hub, tmp_path)
     out = tmp_path / "out"
-    code, text = run_cli("convert", "org/tiny-llama", str(out), "-g", "2", "-q", "--revision", "release")
-    assert code == 0, text
+    from huggingface_hub.utils import are_progress_bars_disabled
+
+    result = CliRunner().invoke(main, ["convert", "org/tiny-llama", str(out), "-g", "2", "-q", "--revision", "release"])
+    assert result.exit_code == 0, result.output
+    assert result.stderr == "" and not are_progress_bars_disabled()  # -q: no download bars, and they are back after
     assert hub.weight_bytes_sent == sum(
         p.stat().st_size - header_end(p.read_bytes()) for p in src.glob("*.safetensors")
     )
