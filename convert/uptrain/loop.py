@@ -37,6 +37,7 @@ from convert.uptrain.model import (
 from convert.uptrain.report import Metrics, Summary, describe_plan
 from convert.uptrain.seq2seq import check_objective, make_task, model_class
 from convert.uptrain.settings import SPAN_KEYS, Options, Settings, SettingsError
+from convert.uptrain.sharding import describe_wrap, fsdp_launch, set_wrap, wrap_classes
 
 
 class TrainingError(RuntimeError):
@@ -97,6 +98,10 @@ class Uptraining:
             skeleton = model_class(s).from_config(config, trust_remote_code=trust)
         check_modules(s, skeleton)
         self.total_params, self.teacher_params = count_params(skeleton), 0
+        self.wrap = self.teacher_wrap = None  # the block classes FSDP shards as units
+        if fsdp_launch() or s.fsdp_wrap:
+            self.wrap = wrap_classes(skeleton, s.fsdp_wrap)
+            self.wrap_text = describe_wrap(skeleton, self.wrap)
         del skeleton
         if s.teacher is not None:
             teacher_config = AutoConfig.from_pretrained(s.teacher, trust_remote_code=trust)
@@ -109,6 +114,8 @@ class Uptraining:
             with torch.device("meta"):
                 teacher = model_class(s).from_config(teacher_config, trust_remote_code=trust)
                 self.teacher_params = count_params(teacher)
+            if fsdp_launch():  # its own blocks: the original's class is not the converted one's (gpt_neox, phi)
+                self.teacher_wrap = wrap_classes(teacher, None, "teacher", launcher=False)
         self.plan = plan_budget(s, world_size())
         tokens = self.plan["tokens"]
         self.plan["alpha"] = tokens / s.pretraining_tokens if s.pretraining_tokens else None
@@ -179,6 +186,8 @@ class Uptraining:
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_factor(step, warmup, total, s.min_lr_ratio)
         )
+        if accel.distributed_type == DistributedType.FSDP:
+            set_wrap(accel, self.wrap)
         self.model, self.optimizer, self.scheduler = accel.prepare(model, optimizer, scheduler)
 
         self.teacher = None
@@ -187,6 +196,7 @@ class Uptraining:
             teacher.requires_grad_(False)
             teacher.eval()
             if accel.distributed_type == DistributedType.FSDP:
+                set_wrap(accel, self.teacher_wrap)
                 teacher = accel.prepare_model(teacher, evaluation_mode=True)  # sharded like the student
             else:
                 teacher = teacher.to(accel.device)
@@ -210,6 +220,11 @@ class Uptraining:
         resume = (str(self.resume_from), self.start_step) if self.resume_from is not None else None
         for line in describe_plan(s, plan, self.data, sizes, resume):
             self.say(line)
+        if accel.distributed_type == DistributedType.FSDP:
+            self.say(
+                f"  sharding    FSDP{accel.state.fsdp_plugin.fsdp_version} over {accel.num_processes} processes, "
+                f"one unit per block: {self.wrap_text}"
+            )
 
     # ------------------------------------------------------------------ 3. one optimizer step
     def train_step(self, step: int, batch: torch.Tensor) -> dict:

@@ -103,6 +103,7 @@ class Settings(BaseModel):
     save_dtype: Annotated[Dtype | None, BeforeValidator(_none_word)] = None  # default: the input checkpoint's
     mixed_precision: Annotated[Literal["no", "bf16", "fp16"] | None, BeforeValidator(_precision)] = None
     gradient_checkpointing: bool = False
+    fsdp_wrap: Names = []  # FSDP's unit: block class names; empty = the model's own (_no_split_modules)
     trust_remote_code: bool = False  # run the Python code a model folder ships (config.json `auto_map`)
     # --- data
     data: Annotated[str | list[str], BeforeValidator(_sources)]  # local files (globs ok) or a hub dataset name
