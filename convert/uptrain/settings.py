@@ -104,6 +104,10 @@ class Settings(BaseModel):
     mixed_precision: Annotated[Literal["no", "bf16", "fp16"] | None, BeforeValidator(_precision)] = None
     gradient_checkpointing: bool = False
     fsdp_wrap: Names = []  # FSDP's unit: block class names; empty = the model's own (_no_split_modules)
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = "sdpa"
+    torch_compile: bool = False  # torch.compile the model (inductor) through accelerate
+    optimizer: Literal["adamw", "adamw_8bit"] = "adamw"  # adamw is fused where the device supports it
+    peak_tflops: Annotated[MaybeFloat, Field(gt=0)] = None  # one device's peak, for MFU; default: known GPUs
     trust_remote_code: bool = False  # run the Python code a model folder ships (config.json `auto_map`)
     # --- data
     data: Annotated[str | list[str], BeforeValidator(_sources)]  # local files (globs ok) or a hub dataset name
@@ -267,6 +271,8 @@ RUN_KEYS = (
     "kd_temperature",
 )
 SPAN_KEYS = ("objective", "noise_density", "mean_span_length")  # in the fingerprint of span-corruption runs only
+# In the fingerprint only when changed from these defaults, so that older checkpoints still resume.
+OPTIONAL_RUN_KEYS = {"optimizer": "adamw", "attn_implementation": "sdpa"}
 
 
 class _Problems(ValueError):

@@ -102,3 +102,23 @@ def set_wrap(accelerator, names: list[str]) -> None:
     if policy is transformer_auto_wrap_policy:
         plugin.auto_wrap_policy = policy
         plugin.transformer_cls_names_to_wrap = list(names)
+
+
+def merge_shared_embeddings(model: torch.nn.Module) -> int:
+    """Make every embedding module that holds the input embedding's very weight that same module; how many.
+
+    T5 keeps three `nn.Embedding`s (shared, encoder.embed_tokens, decoder.embed_tokens) around one tied Parameter.
+    FSDP2 shards the input embedding as its own unit and refuses a Parameter seen by two units ("shared with a
+    parameter already managed by another FSDP group"); one module in three places is one unit. The math, the
+    state-dict keys and the saved checkpoint are unchanged."""
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(embed, "weight", None)
+    if weight is None:
+        return 0
+    merged = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent._modules.items()):
+            if child is not embed and isinstance(child, torch.nn.Embedding) and child.weight is weight:
+                setattr(parent, name, embed)
+                merged += 1
+    return merged
