@@ -24,7 +24,7 @@ from convert.formatting import duration
 from convert.uptrain import checkpointing as ckpt
 from convert.uptrain.budget import lr_factor, plan_budget
 from convert.uptrain.data import global_batches, open_stream, prepare_data
-from convert.uptrain.memory import device_peak_tflops, estimate_memory, mfu, peak_memory, rss_now
+from convert.uptrain.memory import checkpoint_bytes, device_peak_tflops, estimate_memory, mfu, peak_memory, rss_now
 from convert.uptrain.model import (
     check_model_folder,
     check_modules,
@@ -162,6 +162,9 @@ class Uptraining:
             gradient_checkpointing=s.gradient_checkpointing,
             optimizer_bytes_per_param=2 if s.optimizer == "adamw_8bit" else 8,
             baseline=0 if on_gpu else rss_now(),  # CUDA counts allocations; CPU the whole process
+            checkpoint_bytes=checkpoint_bytes(s.model),
+            teacher_checkpoint_bytes=checkpoint_bytes(s.teacher) if s.teacher else 0,
+            on_cpu=not on_gpu,
         )
         return None
 

@@ -4,7 +4,10 @@ The estimate is arithmetic on the config (no weights loaded): parameters x bytes
 AdamW's two moments (sharded by FSDP over the processes, whole under DDP or one process), the activations one
 micro-batch keeps for backward (all of them, or only each block's input under gradient checkpointing), the
 logits and their loss, and a teacher's weights and logits. On CPU the process's own baseline (the Python runtime,
-torch, the tokenized data: RSS measured when the plan is made) is added, since the measured peak is the RSS.
+torch, the tokenized data: RSS measured when the plan is made) is added, since the measured peak is the RSS,
+and so is loading: `from_pretrained` holds the whole model beside the memory-mapped checkpoint file it reads
+(the largest one), which for a model trained only in part, or one read from a single large file, can be the
+peak of the run.
 """
 
 from __future__ import annotations
@@ -50,15 +53,20 @@ class MemoryEstimate:
     activations_checkpointed: int
     logits: int
     teacher: int
+    loading: int  # CPU only: the peak while from_pretrained reads the checkpoint(s)
     gradient_checkpointing: bool
 
     @property
-    def total(self) -> int:
+    def training(self) -> int:
         acts = self.activations_checkpointed if self.gradient_checkpointing else self.activations
         return self.baseline + self.weights + self.gradients + self.optimizer + acts + self.logits + self.teacher
 
+    @property
+    def total(self) -> int:
+        return max(self.training, self.loading)
+
     def as_dict(self) -> dict:
-        return {**asdict(self), "total": self.total}
+        return {**asdict(self), "training": self.training, "total": self.total}
 
 
 def _dim(config, *names: str, default: int = 0) -> int:
@@ -112,6 +120,9 @@ def estimate_memory(
     gradient_checkpointing: bool,
     optimizer_bytes_per_param: int = 8,
     baseline: int = 0,
+    checkpoint_bytes: int = 0,
+    teacher_checkpoint_bytes: int = 0,
+    on_cpu: bool = True,
 ) -> MemoryEstimate:
     """Bytes per process of one run (see the module docstring); `row_tokens` is one training row's tokens."""
     shape, weight_bytes = shape_of(config), BYTES[model_dtype]
@@ -131,6 +142,12 @@ def estimate_memory(
     teacher = 0
     if teacher_params:
         teacher = teacher_params * weight_bytes // share + 2 * tokens * teacher_vocab * 4
+    # every process loads the whole model (FSDP shards it afterwards), beside the mapped pages of the file it reads
+    loading = 0
+    if on_cpu:
+        loading = baseline + total_params * weight_bytes + checkpoint_bytes
+        if teacher_params:
+            loading += teacher_params * weight_bytes + teacher_checkpoint_bytes
     return MemoryEstimate(
         baseline=baseline,
         weights=weights,
@@ -140,8 +157,18 @@ def estimate_memory(
         activations_checkpointed=checkpointed,
         logits=logits,
         teacher=teacher,
+        loading=loading,
         gradient_checkpointing=gradient_checkpointing,
     )
+
+
+def checkpoint_bytes(folder: str) -> int:
+    """The bytes of a checkpoint's largest weight file: the loader maps one file at a time (a 1.1B llama read
+    from 300 MB shards peaked well below its weights plus all its files, tests/test_memory.py)."""
+    from pathlib import Path
+
+    files = [*Path(folder).glob("*.safetensors")] or [*Path(folder).glob("*.bin")]
+    return max((p.stat().st_size for p in files), default=0)
 
 
 def peak_memory(device: torch.device) -> int:

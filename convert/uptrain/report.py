@@ -204,6 +204,8 @@ def describe_memory(m, processes: int, sharded: bool, device: str) -> str:
         parts.append(f"teacher {human_bytes(m.teacher)}")
     if m.baseline:
         parts.append(f"runtime and data {human_bytes(m.baseline)}")
+    if m.loading:
+        parts.append(f"loading peak {human_bytes(m.loading)}")
     how = f"{'FSDP-sharded' if sharded and processes > 1 else 'replicated'} over {processes} process" + (
         "es" if processes > 1 else ""
     )
