@@ -14,7 +14,6 @@ recipes/README.md, and, when it changes what a run computes, its name in `RUN_KE
 from __future__ import annotations
 
 import difflib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
@@ -194,8 +193,6 @@ class Settings(BaseModel):
             both = sorted(set(self.lora_modules) & set(self.kv_modules))
             if both:
                 problems.append(f"{', '.join(both)} cannot be both a LoRA target and fully trained (kv_modules)")
-            if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
-                problems.append("train=lora is not supported under FSDP here: launch it with DDP (accelerate_ddp.yaml)")
         if self.objective == "span_corruption":
             problems.extend(_span_problems(self))
         if self.resume not in ("never", "auto") and not Path(self.resume).is_dir():

@@ -13,8 +13,8 @@ import torch
 from convert.uptrain.settings import Settings, SettingsError
 
 INSTALL = {
-    "flash_attention_2": "pip install flash-attn --no-build-isolation (CUDA GPUs only)",
-    "flex_attention": "a torch with torch.nn.attention.flex_attention (2.5 or later)",
+    "flash_attention_2": "it needs a CUDA GPU and pip install flash-attn --no-build-isolation",
+    "flex_attention": "it needs a CUDA GPU and torch 2.5 or later (torch has no CPU kernel for its backward)",
 }
 
 
@@ -24,8 +24,8 @@ def attention_available(name: str) -> bool:
 
     if name == "flash_attention_2":
         return is_flash_attn_2_available() and torch.cuda.is_available()
-    if name == "flex_attention":
-        return is_torch_flex_attn_available()
+    if name == "flex_attention":  # its backward has no CPU kernel: training needs a GPU
+        return is_torch_flex_attn_available() and torch.cuda.is_available()
     return True
 
 
