@@ -187,7 +187,7 @@ def main() -> int:
 
     work = Path(args.work or tempfile.mkdtemp(prefix="gpu-check-"))
     work.mkdir(parents=True, exist_ok=True)
-    from convert import smollm2
+    from convert.demo import smollm2
 
     started = time.time()
     smol = smollm2.materialize()

@@ -22,7 +22,9 @@ import torch
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # Per token per block, the elements a block keeps for backward, in units of the hidden size and the MLP width
 # (q, k, v, the attention output, two norm inputs and outputs, the residual: about 10 H; the gate, up, activation
-# and product of a gated MLP: 4 I). Measured here on llama-style blocks in float32 (tests/test_memory.py).
+# and product of a gated MLP: 4 I), counted for llama-style blocks. tests/uptrain/test_memory.py checks the whole
+# estimate against the measured peak RSS, but with short rows whose activations are small: these two coefficients
+# are the least tested part.
 PER_HIDDEN, PER_INTERMEDIATE = 10, 4
 LOGIT_COPIES = 4  # logits, their float32 copy for the loss, log-softmax, the gradient of the logits
 # Dense peak TFLOP/s per device (bf16/fp16 tensor cores, and plain fp32) from the vendors' data sheets, matched
@@ -164,7 +166,7 @@ def estimate_memory(
 
 def checkpoint_bytes(folder: str) -> int:
     """The bytes of a checkpoint's largest weight file: the loader maps one file at a time (a 1.1B llama read
-    from 300 MB shards peaked well below its weights plus all its files, tests/test_memory.py)."""
+    from 300 MB shards peaked well below its weights plus all its files, tests/uptrain/test_memory.py)."""
     from pathlib import Path
 
     files = [*Path(folder).glob("*.safetensors")] or [*Path(folder).glob("*.bin")]

@@ -15,7 +15,7 @@ from collections import Counter
 
 import torch
 
-from convert.uptrain.settings import SettingsError
+from convert.errors import SettingsError
 
 LAUNCHER_KEY = "FSDP_TRANSFORMER_CLS_TO_WRAP"  # accelerate's variable, from fsdp_transformer_layer_cls_to_wrap
 

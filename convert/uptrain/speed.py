@@ -10,7 +10,8 @@ from collections.abc import Callable
 
 import torch
 
-from convert.uptrain.settings import Settings, SettingsError
+from convert.errors import SettingsError
+from convert.uptrain.settings import Settings
 
 INSTALL = {
     "flash_attention_2": "it needs a CUDA GPU and pip install flash-attn --no-build-isolation",
