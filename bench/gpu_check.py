@@ -177,11 +177,14 @@ def main() -> int:
         import torch
 
         if not torch.cuda.is_available():
-            print("error: --device cuda but torch sees no GPU: run on a GPU machine, or --device cpu (dry mode)")
+            print(
+                "error: --device cuda but torch sees no GPU: run on a GPU machine, or --device cpu (dry mode)",
+                file=sys.stderr,
+            )
             return 2
     data_dir = Path(args.data or Path(os.environ.get("GQA_DATA_DIR", REPO.parent / "shared" / "data")) / "wikitext-2")
     if not (data_dir / "valid.txt").is_file():
-        print(f"error: no valid.txt in {data_dir}: set GQA_DATA_DIR (the folder holding wikitext-2/)")
+        print(f"error: no valid.txt in {data_dir}: set GQA_DATA_DIR (the folder holding wikitext-2/)", file=sys.stderr)
         return 2
     import tempfile
 
