@@ -89,7 +89,7 @@ def step_calibration(smol: Path, work: Path, data: Path, size: dict, device: str
         result, seconds = sh(cmd)
         report[f"convert_{where}"] = {"command": " ".join(cmd), "seconds": seconds, "error": failed(result)}
         outs[where] = out
-    scored, rows = eval_json([str(p) for p in outs.values()], data, size, device)
+    scored, rows = eval_json([str(p) for p in outs.values()], data.with_name("validation.txt"), size, device)
     report["eval"] = scored
     if rows:
         ppl = {where: row["perplexity"] for where, row in zip(outs, rows)}
@@ -100,7 +100,9 @@ def step_calibration(smol: Path, work: Path, data: Path, size: dict, device: str
 
 
 def uptrain(model: Path, out: Path, data: Path, size: dict, steps: int, extra: list[str], launch: list[str]) -> dict:
-    args = [f"model={model}", f"data={data}", f"output_dir={out}", f"max_steps={steps}", f"block_size={size['block']}"]
+    """One recipe run on `data` (validated on the held-out file beside it, `validation.txt`)."""
+    args = [f"model={model}", f"data={data}", f"validation={data.with_name('validation.txt')}", f"output_dir={out}"]
+    args += [f"max_steps={steps}", f"block_size={size['block']}"]
     args += [f"micro_batch_size={size['micro']}", "lr=3e-4", "warmup_steps=2", "eval_every=0", "save_every=0"]
     args += ["max_eval_blocks=4", "report_to=none", "seed=0", "--quiet", *extra]
     cmd = [*launch, str(REPO / "recipes" / "uptrain.py"), *args]
@@ -194,10 +196,12 @@ def main() -> int:
 
     started = time.time()
     smol = smollm2.materialize()
-    data = data_dir / "valid.txt"
-    if device == "cpu":  # dry mode: a slice of the text keeps tokenizing and training short
-        data = work / "valid-head.txt"
-        data.write_text("\n".join((data_dir / "valid.txt").read_text(encoding="utf-8").splitlines()[:600]))
+    # the training text, and the held-out text the runs validate on (uptrain() finds it beside the training text)
+    lines = None if device == "cuda" else 600  # dry mode: slices keep tokenizing and training short
+    data = work / "train.txt"
+    for name, source in (("train.txt", "valid.txt"), ("validation.txt", "test.txt")):
+        text = (data_dir / source).read_text(encoding="utf-8")
+        (work / name).write_text(text if lines is None else "\n".join(text.splitlines()[:lines]), encoding="utf-8")
     mqa = work / "mqa"
     result, _ = sh(["gqa-convert", "convert", str(smol), str(mqa), "-g", "1"])
     report: dict = {
