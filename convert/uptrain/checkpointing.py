@@ -169,9 +169,13 @@ def save_output(accelerator, model, s: Settings, tokenizer, summary: dict, rows:
         result = accelerator.unwrap_model(model)
         config = AutoConfig.from_pretrained(s.model, trust_remote_code=s.trust_remote_code)
         if accelerator.distributed_type == DistributedType.FSDP:  # the wrapped weights are shards: rebuild
+            from convert.uptrain.model import choose_trainable
+
             result = model_class(s).from_config(
                 config, dtype=getattr(torch, s.model_dtype), trust_remote_code=s.trust_remote_code
             )
+            if s.train == "lora":  # the same adapters around it, so that the gathered keys fit, then merged below
+                result = choose_trainable(result, s)
             result.load_state_dict(state)
         if s.train == "lora":
             result = result.merge_and_unload()  # LoRA folded into the weights: a plain checkpoint

@@ -26,6 +26,7 @@ from convert.uptrain import checkpointing as ckpt
 from convert.uptrain import publishing
 from convert.uptrain.batches import global_batches, open_stream, prepare_data
 from convert.uptrain.budget import lr_factor, plan_budget
+from convert.uptrain.memory import checkpoint_bytes, device_peak_tflops, estimate_memory, mfu, peak_memory, rss_now
 from convert.uptrain.model import (
     check_model_folder,
     check_modules,
@@ -37,8 +38,10 @@ from convert.uptrain.model import (
     use_fsdp_on_cpu,
 )
 from convert.uptrain.seq2seq import check_objective, make_task, model_class
-from convert.uptrain.settings import SPAN_KEYS, Options, Settings, load_settings
-from convert.uptrain.summary import Metrics, Summary, describe_plan
+from convert.uptrain.settings import OPTIONAL_RUN_KEYS, SPAN_KEYS, Options, Settings, load_settings
+from convert.uptrain.sharding import describe_wrap, fsdp_launch, merge_shared_embeddings, set_wrap, wrap_classes
+from convert.uptrain.speed import check_optimizer, choose_attention, make_optimizer, optimizer_name
+from convert.uptrain.summary import Metrics, Summary, describe_memory, describe_plan
 
 
 @dataclass
@@ -98,10 +101,21 @@ class Uptraining:
             raise SettingsError(f"cannot read the tokenizer or config in {s.model!r}: {e}") from None
         check_objective(s, config, "model", s.model)
         self.task = make_task(s, config)
-        with torch.device("meta"):
-            skeleton = model_class(s).from_config(config, trust_remote_code=trust)
+        check_optimizer(s)
+
+        def skeleton_of(model_config, impl: str) -> torch.nn.Module:
+            with torch.device("meta"):
+                return model_class(s).from_config(model_config, trust_remote_code=trust, attn_implementation=impl)
+
+        self.attn = choose_attention(s, lambda impl: skeleton_of(config, impl))
+        skeleton = skeleton_of(config, self.attn)
         check_modules(s, skeleton)
-        self.total_params, self.teacher_params = count_params(skeleton), 0
+        self.total_params, self.teacher_params, teacher_vocab = count_params(skeleton), 0, 0
+        self.planned_trainable = count_params(choose_trainable(skeleton, s), trainable_only=True)
+        self.wrap = self.teacher_wrap = None  # the block classes FSDP shards as units
+        if fsdp_launch() or s.fsdp_wrap:
+            self.wrap = wrap_classes(skeleton, s.fsdp_wrap)
+            self.wrap_text = describe_wrap(skeleton, self.wrap)
         del skeleton
         if s.teacher is not None:
             teacher_config = AutoConfig.from_pretrained(s.teacher, trust_remote_code=trust)
@@ -111,16 +125,20 @@ class Uptraining:
                     f"teacher vocabulary ({teacher_config.vocab_size}) differs from the model's "
                     f"({config.vocab_size}): the teacher must be the original of the converted model"
                 )
-            with torch.device("meta"):
-                teacher = model_class(s).from_config(teacher_config, trust_remote_code=trust)
-                self.teacher_params = count_params(teacher)
+            self.teacher_attn = choose_attention(s, lambda impl: skeleton_of(teacher_config, impl), "teacher")
+            teacher = skeleton_of(teacher_config, self.teacher_attn)
+            self.teacher_params, teacher_vocab = count_params(teacher), teacher_config.vocab_size
+            if fsdp_launch():  # its own blocks: the original's class is not the converted one's (gpt_neox, phi)
+                self.teacher_wrap = wrap_classes(teacher, None, "teacher", launcher=False)
         self.plan = plan_budget(s, world_size())
         tokens = self.plan["tokens"]
         self.plan["alpha"] = tokens / s.pretraining_tokens if s.pretraining_tokens else None
-        self.plan["flops"] = 6 * self.total_params * tokens + 2 * self.teacher_params * tokens
+        self.plan["flops_per_token"] = 6 * self.total_params + 2 * self.teacher_params
+        self.plan["flops"] = self.plan["flops_per_token"] * tokens
         self.run_id = ckpt.fingerprint(s, self.plan)
         if s.objective != "causal_lm":  # causal runs keep the fingerprint their checkpoints already hold
             self.run_id.update({k: getattr(s, k) for k in SPAN_KEYS})
+        self.run_id.update({k: getattr(s, k) for k, default in OPTIONAL_RUN_KEYS.items() if getattr(s, k) != default})
         self.resume_from = ckpt.find_resume_point(s, self.run_id)
         done = Path(s.output_dir) / "model" / "training_summary.json"
         if s.resume == "auto" and done.is_file() and json.loads(done.read_text()).get("run") == self.run_id:
@@ -133,6 +151,26 @@ class Uptraining:
                 f"{len(val)} validation blocks cannot be shared by {self.plan['num_processes']} processes: "
                 f"raise max_eval_blocks or the validation data"
             )
+        on_gpu = torch.accelerator.is_available()
+        self.memory = estimate_memory(
+            config,
+            total_params=self.total_params,
+            trainable_params=self.planned_trainable,
+            teacher_params=self.teacher_params,
+            teacher_vocab=teacher_vocab,
+            model_dtype=s.model_dtype,
+            mixed_precision=s.mixed_precision,
+            micro_batch_size=s.micro_batch_size,
+            row_tokens=s.block_tokens,
+            processes=self.plan["num_processes"],
+            sharded=fsdp_launch(),
+            gradient_checkpointing=s.gradient_checkpointing,
+            optimizer_bytes_per_param=2 if s.optimizer == "adamw_8bit" else 8,
+            baseline=0 if on_gpu else rss_now(),  # CUDA counts allocations; CPU the whole process
+            checkpoint_bytes=checkpoint_bytes(s.model),
+            teacher_checkpoint_bytes=checkpoint_bytes(s.teacher) if s.teacher else 0,
+            on_cpu=not on_gpu,
+        )
         return None
 
     # ------------------------------------------------------------------ 2. accelerate, model, optimizer, state
@@ -154,6 +192,7 @@ class Uptraining:
             step_scheduler_with_optimizer=False,  # the schedule is per optimizer step, whatever the process count
             log_with=trackers or None,
             project_dir=str(Path(s.output_dir) / "logs"),
+            dynamo_backend="inductor" if s.torch_compile else None,
         )
         assert accel.num_processes == plan["num_processes"], "WORLD_SIZE and accelerate disagree"
         use_fsdp_on_cpu(accel)
@@ -163,7 +202,7 @@ class Uptraining:
             ckpt.clear_partial_checkpoints(s)
         accel.wait_for_everyone()
 
-        model = load_lm(s.model, s)
+        model = load_lm(s.model, s, self.attn)
         model.config.use_cache = False
         if s.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -171,27 +210,28 @@ class Uptraining:
         model.train()
         trainable = [p for p in model.parameters() if p.requires_grad]
         self.trainable_params = sum(p.numel() for p in trainable)
-        optimizer = torch.optim.AdamW(
-            [  # no weight decay on norms and biases
-                {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": s.weight_decay},
-                {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
-            ],
-            lr=s.lr,
-            betas=(s.adam_beta1, s.adam_beta2),
-            eps=s.adam_eps,
-        )
+        groups = [  # no weight decay on norms and biases
+            {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": s.weight_decay},
+            {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
+        ]
+        optimizer = make_optimizer(s, groups, accel.device)
         total, warmup = plan["total_steps"], plan["warmup_steps"]
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_factor(step, warmup, total, s.min_lr_ratio)
         )
+        if accel.distributed_type == DistributedType.FSDP:
+            merge_shared_embeddings(model)
+            set_wrap(accel, self.wrap)
         self.model, self.optimizer, self.scheduler = accel.prepare(model, optimizer, scheduler)
 
         self.teacher = None
         if s.teacher is not None:
-            teacher = load_lm(s.teacher, s)
+            teacher = load_lm(s.teacher, s, self.teacher_attn)
             teacher.requires_grad_(False)
             teacher.eval()
             if accel.distributed_type == DistributedType.FSDP:
+                merge_shared_embeddings(teacher)
+                set_wrap(accel, self.teacher_wrap)
                 teacher = accel.prepare_model(teacher, evaluation_mode=True)  # sharded like the student
             else:
                 teacher = teacher.to(accel.device)
@@ -215,6 +255,17 @@ class Uptraining:
         resume = (str(self.resume_from), self.start_step) if self.resume_from is not None else None
         for line in describe_plan(s, plan, self.data, sizes, resume):
             self.say(line)
+        self.say(
+            f"  kernels     attention {self.attn}, {optimizer_name(s, accel.device)}"
+            + (", torch.compile (inductor)" if s.torch_compile else "")
+        )
+        self.say(describe_memory(self.memory, plan["num_processes"], fsdp_launch(), accel.device.type))
+        self.peak_tflops = device_peak_tflops(accel.device, s.mixed_precision, s.peak_tflops)
+        if accel.distributed_type == DistributedType.FSDP:
+            self.say(
+                f"  sharding    FSDP{accel.state.fsdp_plugin.fsdp_version} over {accel.num_processes} processes, "
+                f"one unit per block: {self.wrap_text}"
+            )
 
     # ------------------------------------------------------------------ 3. one optimizer step
     def train_step(self, step: int, batch: torch.Tensor) -> dict:
@@ -321,6 +372,8 @@ class Uptraining:
                 speed = steps_measured * plan["tokens_per_step"] / (now - measured_from[0]) if steps_measured else None
                 row = {"kind": "train", "step": step, "tokens": step * plan["tokens_per_step"], **row}
                 row["tokens_per_s"] = speed  # keeps its place among the keys
+                row["peak_memory_mib"] = peak_memory(self.accelerator.device) / 2**20
+                row["mfu"] = mfu(plan["flops_per_token"], speed, self.peak_tflops, plan["num_processes"])
                 self.metrics.log(row)
                 bar.update(1)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{speed or 0:.0f}", refresh=False)
@@ -360,6 +413,8 @@ class Uptraining:
             "trainable_params": self.trainable_params,
             "teacher_params": self.teacher_params,
             "flops_estimate": plan["flops"],
+            "memory_estimate": self.memory.as_dict(),
+            "peak_memory_mib": max((r["peak_memory_mib"] for r in train_rows), default=None),
             "train_seconds": train_seconds,
             "tokens_per_s": (tokens - self.start_step * plan["tokens_per_step"])
             / max(time.time() - self.session_start, 1e-9),

@@ -81,11 +81,14 @@ def count_params(model: torch.nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-def load_lm(path: str, s: Settings) -> torch.nn.Module:
+def load_lm(path: str, s: Settings, attn_implementation: str = "sdpa") -> torch.nn.Module:
     """The model (or teacher) in the Auto class of the objective: causal LM, or seq-to-seq for span corruption."""
 
     return model_class(s).from_pretrained(
-        path, dtype=getattr(torch, s.model_dtype), trust_remote_code=s.trust_remote_code
+        path,
+        dtype=getattr(torch, s.model_dtype),
+        trust_remote_code=s.trust_remote_code,
+        attn_implementation=attn_implementation,
     )
 
 

@@ -14,7 +14,6 @@ recipes/README.md, and, when it changes what a run computes, its name in `RUN_KE
 from __future__ import annotations
 
 import difflib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
@@ -101,6 +100,11 @@ class Settings(BaseModel):
     save_dtype: Annotated[Dtype | None, BeforeValidator(_none_word)] = None  # default: the input checkpoint's
     mixed_precision: Annotated[Literal["no", "bf16", "fp16"] | None, BeforeValidator(_precision)] = None
     gradient_checkpointing: bool = False
+    fsdp_wrap: Names = []  # FSDP's unit: block class names; empty = the model's own (_no_split_modules)
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = "sdpa"
+    torch_compile: bool = False  # torch.compile the model (inductor) through accelerate
+    optimizer: Literal["adamw", "adamw_8bit"] = "adamw"  # adamw is fused where the device supports it
+    peak_tflops: Annotated[MaybeFloat, Field(gt=0)] = None  # one device's peak, for MFU; default: known GPUs
     trust_remote_code: bool = False  # run the Python code a model folder ships (config.json `auto_map`)
     # --- data
     data: Annotated[str | list[str], BeforeValidator(_sources)]  # local files (globs ok) or a hub dataset name
@@ -190,8 +194,6 @@ class Settings(BaseModel):
             both = sorted(set(self.lora_modules) & set(self.kv_modules))
             if both:
                 problems.append(f"{', '.join(both)} cannot be both a LoRA target and fully trained (kv_modules)")
-            if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
-                problems.append("train=lora is not supported under FSDP here: launch it with DDP (accelerate_ddp.yaml)")
         if self.objective == "span_corruption":
             problems.extend(_span_problems(self))
         if self.resume not in ("never", "auto") and not Path(self.resume).is_dir():
@@ -265,6 +267,8 @@ RUN_KEYS = (
     "kd_temperature",
 )
 SPAN_KEYS = ("objective", "noise_density", "mean_span_length")  # in the fingerprint of span-corruption runs only
+# In the fingerprint only when changed from these defaults, so that older checkpoints still resume.
+OPTIONAL_RUN_KEYS = {"optimizer": "adamw", "attn_implementation": "sdpa"}
 
 
 class _Problems(ValueError):

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, TypedDict
 
 from convert.figures import new_figure, save_figure
-from convert.formatting import duration, human_count
+from convert.formatting import duration, human_bytes, human_count
 from convert.text.span_corruption import SpanCorruption
 
 
@@ -30,6 +30,8 @@ class Summary(TypedDict):
     trainable_params: int
     teacher_params: int
     flops_estimate: float
+    memory_estimate: dict[str, Any]  # bytes per process by part (convert.uptrain.memory.MemoryEstimate)
+    peak_memory_mib: float | None  # the main process's measured peak: RSS on CPU, max allocated on CUDA
     train_seconds: float
     tokens_per_s: float
     final_train_loss: float | None
@@ -180,3 +182,32 @@ def describe_plan(s, plan: dict, data: dict, sizes: dict, resume: tuple[str, int
         where, step = resume
         lines.append(f"  resume      from {where} (step {step}, {step * plan['tokens_per_step']:,} tokens)")
     return lines
+
+
+def describe_memory(m, processes: int, sharded: bool, device: str) -> str:
+    """The plan's memory line: the estimate per process, by part."""
+    acts = (
+        f"activations {human_bytes(m.activations)} ({human_bytes(m.activations_checkpointed)} with "
+        f"gradient checkpointing)"
+        if not m.gradient_checkpointing
+        else f"activations {human_bytes(m.activations_checkpointed)} checkpointed ({human_bytes(m.activations)} "
+        f"without)"
+    )
+    parts = [
+        f"weights {human_bytes(m.weights)}",
+        f"gradients {human_bytes(m.gradients)}",
+        f"optimizer {human_bytes(m.optimizer)}",
+        acts,
+        f"logits {human_bytes(m.logits)}",
+    ]
+    if m.teacher:
+        parts.append(f"teacher {human_bytes(m.teacher)}")
+    if m.baseline:
+        parts.append(f"runtime and data {human_bytes(m.baseline)}")
+    if m.loading:
+        parts.append(f"loading peak {human_bytes(m.loading)}")
+    how = f"{'FSDP-sharded' if sharded and processes > 1 else 'replicated'} over {processes} process" + (
+        "es" if processes > 1 else ""
+    )
+    unit = "RSS" if device == "cpu" else f"{device} memory"
+    return f"  memory      ~{human_bytes(m.total)} {unit} per process ({how}): " + ", ".join(parts)

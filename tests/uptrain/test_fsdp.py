@@ -151,9 +151,17 @@ def test_the_fsdp_result_loads_with_from_pretrained(runs):
     assert logits.shape == (1, 3, model.config.vocab_size) and torch.isfinite(logits).all()
 
 
-def test_the_7b_fsdp_config_parses_and_validates():
-    """Every setting of recipes/configs/llama-7b-fsdp.yaml passes; the run stops at the missing model folder."""
-    config = REPO / "recipes" / "configs" / "llama-7b-fsdp.yaml"
+@pytest.mark.parametrize(
+    ("name", "folder"),
+    [
+        ("llama-7b-fsdp", "runs/llama-2-7b-gqa8"),
+        ("pythia-1.4b-phi-fsdp", "runs/pythia-1.4b-gqa4"),
+        ("t5-base-mqa-fsdp", "runs/t5-base-mqa"),
+    ],
+)
+def test_the_example_fsdp_configs_parse_and_validate(name, folder):
+    """Every setting of the example configs passes; the run stops at the missing model folder."""
+    config = REPO / "recipes" / "configs" / f"{name}.yaml"
     result = subprocess.run(
         [sys.executable, str(RECIPE), str(config)],
         capture_output=True,
@@ -163,4 +171,4 @@ def test_the_7b_fsdp_config_parses_and_validates():
         timeout=300,
     )
     assert result.returncode == 2
-    assert result.stderr.strip() == "error: model folder 'runs/llama-2-7b-gqa8' does not exist", result.stderr
+    assert result.stderr.strip() == f"error: model folder '{folder}' does not exist", result.stderr
