@@ -33,15 +33,9 @@ import sys
 import time
 from pathlib import Path
 
+from convert.serving.vllm_eval import parse_memory
+
 ROOT = Path(__file__).resolve().parents[1]
-UNITS = {"KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
-
-
-def parse_bytes(text: str) -> int:
-    for unit, size in UNITS.items():
-        if text.endswith(unit):
-            return int(float(text[: -len(unit)]) * size)
-    return int(text)
 
 
 def ints(text: str) -> list[int]:
@@ -170,7 +164,7 @@ def main() -> None:
     p.add_argument("--contexts", type=ints, default=[128, 512])
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=1, help="runs per grid point (the median is kept)")
-    p.add_argument("--kv-memory", type=parse_bytes, default=parse_bytes("256MiB"), help="fixed KV cache memory")
+    p.add_argument("--kv-memory", type=parse_memory, default=parse_memory("256MiB"), help="fixed KV cache memory")
     p.add_argument("--work", type=Path, default=Path("/tmp/gqa-bench-serving"))
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
