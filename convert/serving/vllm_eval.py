@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import importlib.util
+import json
 import math
 import os
 import re
@@ -74,6 +75,13 @@ def window_starts(length: int, window: int, stride: int, max_windows: int | None
     return starts if max_windows is None else starts[:max_windows]
 
 
+def stored_dtype(path: str) -> str:
+    """The dtype config.json names (`dtype`, or the older `torch_dtype`), else vLLM's "auto"."""
+    config = json.loads((Path(path) / "config.json").read_text())
+    dtype = config.get("dtype") or config.get("torch_dtype")
+    return dtype if dtype in ("float32", "float16", "bfloat16") else "auto"
+
+
 def evaluate_vllm(
     path: str,
     ids: list[int],
@@ -87,12 +95,14 @@ def evaluate_vllm(
 ) -> VllmEval:
     """One model through vLLM: its perplexity on `ids`, its cache at `kv_memory` bytes, its decode speed."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine here: its cache config readable
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout is the table or the JSON
     from vllm import LLM, SamplingParams
 
     stride = stride or window
     starts = window_starts(len(ids), window, stride, max_windows)
     llm = LLM(
         model=path,
+        dtype=stored_dtype(path),  # as stored: vLLM's "auto" would serve a float32 checkpoint in half precision
         trust_remote_code=trust_remote_code,
         skip_tokenizer_init=True,  # the ids are ours: the same tokens every engine scores
         kv_cache_memory_bytes=kv_memory,
