@@ -25,6 +25,7 @@ class Route:
     output_model_type: str  # what the converter writes
     shipped: bool = False  # modeling code shipped with the output (--write-modeling-code)
     positions_key: str = "max_position_embeddings"
+    heads: int = H  # query heads of the source (H)
     extra: dict = field(default_factory=dict)
 
 
@@ -91,6 +92,17 @@ ROUTES = [
         "gqa_bloom",
         shipped=True,
         positions_key="",
+    ),
+    # 6 heads: ALiBi slopes of a head count that is not a power of 2 (interleaved, as in bloom-176b's 112 heads)
+    Route(
+        "bloom-shipped-6-heads",
+        "bloom",
+        dict(hidden_size=6 * D, n_layer=LAYERS, n_head=6),
+        3,
+        "gqa_bloom",
+        shipped=True,
+        positions_key="",
+        heads=6,
     ),
     Route(
         "mpt-shipped",
