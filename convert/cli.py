@@ -213,6 +213,19 @@ def inspect(source: str, revision: str | None, allow_pickle: bool, as_json: bool
     is_flag=True,
     help="Let transformers run modeling code shipped with a model (outputs written with --write-modeling-code).",
 )
+@click.option(
+    "--engine",
+    type=click.Choice(["transformers", "vllm"]),
+    default="transformers",
+    show_default=True,
+    help="Run the models in transformers, or serve them in vLLM (installed here: docs/serving.md).",
+)
+@click.option(
+    "--kv-memory",
+    default="1GiB",
+    show_default=True,
+    help="--engine vllm: the KV cache memory, whose token count is reported (e.g. 512MiB, 2GiB).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def eval_(
     models: tuple[str, ...],
@@ -225,6 +238,8 @@ def eval_(
     device: str,
     tokenizer: str | None,
     trust_remote_code: bool,
+    engine: str,
+    kv_memory: str,
     as_json: bool,
 ) -> None:
     """Perplexity, KV-cache bytes per token and decode speed of MODELS, as one table with ratios to the first."""
@@ -244,6 +259,10 @@ def eval_(
     for m in models:
         if not (Path(m) / "config.json").is_file():
             _fail(ValueError(f"MODEL {m} is not a model folder (no config.json): pass converted or original folders"))
+    if engine == "vllm":
+        options = dict(data=data, window=window, stride=stride, max_windows=max_windows or None, contexts=ctx)
+        options.update(new_tokens=new_tokens, tokenizer=tokenizer, trust_remote_code=trust_remote_code)
+        return _eval_vllm(list(models), options, kv_memory, as_json)
     try:
         results = compare(
             list(models),
@@ -281,6 +300,28 @@ def eval_(
         )
         click.echo(f"decode: {new_tokens} new tokens after each context, greedy, with cache")
     click.echo(format_table(results))
+
+
+def _eval_vllm(models: list[str], options: dict, kv_memory: str, as_json: bool) -> None:
+    """`eval --engine vllm`: the same measurements as vLLM serves the models (convert/serving/vllm_eval.py)."""
+    from convert.serving import vllm_eval
+
+    try:
+        memory = vllm_eval.parse_memory(kv_memory)
+        vllm_eval.require_vllm()
+        results = vllm_eval.compare_vllm(models, kv_memory=memory, **options)
+    except (ValueError, OSError) as e:
+        _fail(e)
+    if as_json:
+        click.echo(json.dumps(vllm_eval.as_dicts(results), indent=2))
+        return
+    r0 = results[0]
+    click.echo(
+        f"vLLM: perplexity {r0.windows} windows x {r0.window} tokens, stride {r0.stride}, {r0.tokens} tokens "
+        f"scored, text {options['data'] or 'pydoc_data topics (second half)'}"
+    )
+    click.echo("decode: batch 1 after each context, greedy, timed from vLLM's first to last token")
+    click.echo(vllm_eval.format_table(results))
 
 
 @main.command()

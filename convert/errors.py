@@ -32,3 +32,7 @@ class WriteError(RuntimeError):
 
 class MissingExtra(ImportError):
     """A part of gqa-convert was used whose optional dependencies are not installed."""
+
+
+class MissingEngine(ValueError):
+    """The serving engine asked for (`eval --engine vllm`) is not installed in this environment."""

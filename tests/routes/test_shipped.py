@@ -142,6 +142,7 @@ def test_source_code_is_never_copied(tmp_path: Path) -> None:
     written = json.loads((tmp_path / "out" / "config.json").read_text())
     assert written["auto_map"] == {
         "AutoConfig": "configuration_gqa_opt.GQAOPTConfig",
+        "AutoModel": "modeling_gqa_opt.GQAOPTModel",  # what vLLM's Transformers backend builds
         "AutoModelForCausalLM": "modeling_gqa_opt.GQAOPTForCausalLM",
     }
     assert written["model_type"] == "gqa_opt" and written["num_key_value_heads"] == 2
@@ -280,3 +281,46 @@ def test_loads_in_a_fresh_process(tmp_path: Path) -> None:
         torch.testing.assert_close(torch.load(folder + ".logits.pt"), here)
     refused = [line for line in run("0") if line.startswith(("loaded", "refused"))]
     assert len(refused) == 4 and all(line.startswith("refused") and "trust_remote_code" in line for line in refused)
+
+
+@pytest.mark.parametrize("kind", list(CONFIGS))
+def test_auto_model_is_the_shipped_base_model(kind: str, tmp_path: Path) -> None:
+    """`AutoModel` (what vLLM's Transformers backend builds) loads the shipped base model with G-head attention:
+    its hidden states are the causal LM's last hidden states, and it loads every tensor of the checkpoint's body."""
+    from transformers import AutoModel
+
+    build(kind).save_pretrained(tmp_path / "src")
+    convert(tmp_path / "src", tmp_path / "out", 2)
+    lm = load(tmp_path / "out")
+    base, info = AutoModel.from_pretrained(
+        tmp_path / "out", trust_remote_code=True, attn_implementation="eager", output_loading_info=True
+    )
+    assert type(base).__name__.startswith("GQA") and not info["missing_keys"]
+    attention = [m for m in base.modules() if type(m).__name__.endswith("Attention")]
+    assert attention and all(m.num_key_value_heads == 2 for m in attention)
+    x = ids()
+    with torch.no_grad():
+        want = lm(x, output_hidden_states=True).hidden_states[-1]
+        torch.testing.assert_close(base.eval()(x).last_hidden_state, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["bloom", "mpt"])
+def test_alibi_outputs_refuse_vllm_without_the_plugin(kind: str, tmp_path: Path) -> None:
+    """Under vLLM's Transformers backend ("vllm" attention) an ALiBi model whose vLLM attention layer has no
+    slopes (no gqa-convert plugin) refuses to run, naming the install, instead of attending without ALiBi."""
+    from types import SimpleNamespace
+
+    build(kind).save_pretrained(tmp_path / "src")
+    convert(tmp_path / "src", tmp_path / "out", 2)
+    sys.path.insert(0, str(tmp_path / "out"))
+    try:
+        from gqa_attention import implementation
+    finally:
+        sys.path.remove(str(tmp_path / "out"))
+    module = SimpleNamespace(config=SimpleNamespace(_attn_implementation="vllm"))
+    module.attn = SimpleNamespace(impl=SimpleNamespace(alibi_slopes=None))  # what the bare backend builds
+    with pytest.raises(ValueError, match=r"gqa-convert\[serve\]"):
+        implementation(module, per_head_bias=True)
+    module.attn.impl.alibi_slopes = torch.ones(H)  # what the plugin builds
+    assert implementation(module, per_head_bias=True) == "vllm"
+    assert implementation(module) == "vllm"  # gpt2, opt: no bias, nothing to check

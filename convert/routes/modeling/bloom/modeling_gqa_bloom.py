@@ -10,16 +10,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers import BloomForCausalLM
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.bloom.modeling_bloom import BloomAttention, BloomModel, BloomPreTrainedModel, dropout_add
 
 from .configuration_gqa_bloom import GQABloomConfig
-from .gqa_attention import attend
+from .gqa_attention import eager_gqa_attention, implementation
 
 
 class GQABloomAttention(BloomAttention):
     def __init__(self, config: GQABloomConfig, layer_idx: int | None = None):
         super().__init__(config, layer_idx=layer_idx)
-        self.config = config  # attend() reads the attention implementation from it
+        self.config = config  # implementation() reads the attention implementation from it
         self.is_causal = True
         self.num_key_value_heads = config.num_key_value_heads
         self.num_key_value_groups = self.num_heads // self.num_key_value_heads
@@ -45,7 +46,11 @@ class GQABloomAttention(BloomAttention):
             k, v = layer_past.update(k, v, self.layer_idx)  # G heads in the cache
         bias = alibi.view(batch, self.num_heads, 1, -1)  # per query head
         dropout = self.attention_dropout.p if self.training else 0.0
-        out, weights = attend(self, q, k, v, attention_mask, self.inv_norm_factor, dropout, position_bias=bias)
+        # looked up here, in forward, where vLLM's Transformers backend finds the call it serves
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation(self, True), eager_gqa_attention)
+        out, weights = attention_interface(
+            self, q, k, v, attention_mask, scaling=self.inv_norm_factor, dropout=dropout, position_bias=bias
+        )  # [batch, q, H, d] (vLLM: [tokens, H * d])
         out = self.dense(out.reshape(batch, seq, -1))
         return dropout_add(out, residual, self.hidden_dropout, self.training), weights
 
@@ -53,6 +58,7 @@ class GQABloomAttention(BloomAttention):
 class GQABloomModel(BloomModel):
     config_class = GQABloomConfig
     _supports_sdpa = True  # the attention goes through transformers' interface, ALiBi as a position bias
+    _supports_attention_backend = True  # vLLM's Transformers backend (with the gqa-convert plugin for ALiBi)
 
     def __init__(self, config: GQABloomConfig):
         super().__init__(config)
@@ -60,10 +66,15 @@ class GQABloomModel(BloomModel):
             block.self_attention = GQABloomAttention(config, layer_idx=i)
         self.post_init()
 
+    def forward(self, input_ids=None, inputs_embeds=None, position_ids=None, **kwargs):
+        # ALiBi needs no positions; vLLM's Transformers backend passes them to every model it serves
+        return super().forward(input_ids, inputs_embeds=inputs_embeds, **kwargs)
+
 
 class GQABloomForCausalLM(BloomForCausalLM):
     config_class = GQABloomConfig
     _supports_sdpa = True
+    _supports_attention_backend = True
 
     def __init__(self, config: GQABloomConfig):
         # BloomForCausalLM.__init__ would build a stock BloomModel, which refuses sdpa: the same three steps here

@@ -50,6 +50,30 @@ def eager_gqa_attention(
     return out, weights
 
 
+def implementation(module: torch.nn.Module, per_head_bias: bool = False) -> str:
+    """The attention implementation the config names ("eager" when unset), checked for this module's bias.
+
+    A per-query-head additive bias (ALiBi) goes in as `position_bias`, which eager and sdpa take. vLLM's
+    Transformers backend ("vllm") takes no bias: there ALiBi lives in vLLM's attention layer, which the
+    gqa-convert vLLM plugin builds with the slopes (`pip install gqa-convert[serve]`); without it the served
+    model would silently attend without ALiBi, so it is refused here.
+    """
+    impl = module.config._attn_implementation or "eager"
+    if per_head_bias and impl == "vllm":
+        layer = getattr(module, "attn", None)  # the vLLM attention layer the backend attaches to this module
+        if getattr(getattr(layer, "impl", None), "alibi_slopes", None) is None:
+            raise ValueError(
+                "this ALiBi model needs the gqa-convert vLLM plugin, which gives vLLM's attention the ALiBi "
+                "slopes: pip install gqa-convert[serve] (or pip install --no-deps gqa-convert) in vLLM's environment"
+            )
+    elif per_head_bias and impl not in ("eager", "sdpa"):
+        raise ValueError(
+            f"attn_implementation={impl!r} cannot add this model's ALiBi bias per query head: "
+            "load it with attn_implementation='sdpa' or 'eager'"
+        )
+    return impl
+
+
 def attend(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -64,18 +88,11 @@ def attend(
     """Run the attention implementation the config names (eager here; sdpa, flash, ... from transformers).
 
     `module.num_key_value_groups` (H / G) tells every implementation how many query heads share a KV head.
-    Returns [batch, q, H, d] and the weights where the implementation gives them.
+    Returns [batch, q, H, d] and the weights where the implementation gives them. (The decoder-only templates
+    look the implementation up in their own `forward`, where vLLM's Transformers backend finds the call.)
     """
-    impl = module.config._attn_implementation or "eager"
+    impl = implementation(module, per_head_bias=position_bias is not None)
     if position_bias is not None:
         kwargs["position_bias"] = position_bias
-        if impl not in ("eager", "sdpa"):
-            raise ValueError(
-                f"attn_implementation={impl!r} cannot add this model's ALiBi bias per query head: "
-                "load it with attn_implementation='sdpa' or 'eager'"
-            )
-    if impl == "eager":
-        function = eager_gqa_attention
-    else:
-        function = ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager_gqa_attention)
+    function = ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager_gqa_attention)
     return function(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)

@@ -7,11 +7,12 @@ tensor names included, is GPT-2's own. The cache holds G heads. Written by gqa-c
 from __future__ import annotations
 
 import torch
-from transformers import GPT2LMHeadModel
+from transformers import GPT2LMHeadModel, GPT2Model
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.gpt2.modeling_gpt2 import Conv1D, GPT2Attention
 
 from .configuration_gqa_gpt2 import GQAGPT2Config
-from .gqa_attention import attend
+from .gqa_attention import eager_gqa_attention, implementation
 
 
 class GQAGPT2Attention(GPT2Attention):
@@ -32,9 +33,28 @@ class GQAGPT2Attention(GPT2Attention):
             k, v = cache.update(k, v, self.layer_idx)  # G heads in the cache
         dropout = self.attn_dropout.p if self.training else 0.0
         kwargs.pop("use_cache", None)
-        out, weights = attend(self, q, k, v, attention_mask, self.scaling, dropout, **kwargs)
-        out = out.reshape(*out.shape[:-2], -1).contiguous()
+        # looked up here, in forward, where vLLM's Transformers backend finds the call it serves
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation(self), eager_gqa_attention)
+        out, weights = attention_interface(
+            self, q, k, v, attention_mask, scaling=self.scaling, dropout=dropout, **kwargs
+        )  # [batch, q, H, d] (vLLM: [tokens, H * d])
+        out = out.reshape(*hidden_states.shape[:-1], -1).contiguous()
         return self.resid_dropout(self.c_proj(out)), weights
+
+
+class GQAGPT2Model(GPT2Model):
+    """The base model (AutoModel), which vLLM's Transformers backend serves under its own LM head."""
+
+    config_class = GQAGPT2Config
+    # GPT-2's own patterns ("attn.bias") also match "c_attn.bias" where a loader searches them unanchored (vLLM
+    # does, and would drop that real weight): the old causal-mask buffers, anchored
+    _keys_to_ignore_on_load_unexpected = [r"\.attn\.bias$", r"\.crossattention\.bias$"]
+
+    def __init__(self, config: GQAGPT2Config):
+        super().__init__(config)
+        for i, block in enumerate(self.h):
+            block.attn = GQAGPT2Attention(config, layer_idx=i)
+        self.post_init()
 
 
 class GQAGPT2LMHeadModel(GPT2LMHeadModel):

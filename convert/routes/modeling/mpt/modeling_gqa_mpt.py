@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import MptForCausalLM
+from transformers import MptForCausalLM, MptModel
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.mpt.modeling_mpt import MptAttention
 
 from .configuration_gqa_mpt import GQAMptConfig
-from .gqa_attention import attend
+from .gqa_attention import eager_gqa_attention, implementation
 
 
 class GQAMptAttention(MptAttention):
     def __init__(self, config: GQAMptConfig, layer_idx: int | None = None):
         super().__init__(config, layer_idx=layer_idx)
-        self.config = config  # attend() reads the attention implementation from it
+        self.config = config  # implementation() reads the attention implementation from it
         self.num_key_value_heads = config.num_key_value_heads
         self.num_key_value_groups = self.n_heads // self.num_key_value_heads
         kv = self.num_key_value_heads * self.head_dim
@@ -40,12 +41,46 @@ class GQAMptAttention(MptAttention):
             bias = position_bias[None, :, :, max(0, position_bias.size(2) - k.shape[2]) :]
         mask = None if attention_mask is None else ~attention_mask  # MPT's mask: True where attention is blocked
         dropout = self.attn_dropout_p if self.training else 0.0
-        out, weights = attend(self, q, k, v, mask, self.softmax_scale, dropout, position_bias=bias)
-        return self.out_proj(out.reshape(*out.shape[:-2], -1)), weights
+        # looked up here, in forward, where vLLM's Transformers backend finds the call it serves
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation(self, True), eager_gqa_attention)
+        out, weights = attention_interface(
+            self, q, k, v, mask, scaling=self.softmax_scale, dropout=dropout, position_bias=bias
+        )  # [batch, q, H, d] (vLLM: [tokens, H * d])
+        return self.out_proj(out.reshape(*hidden_states.shape[:-1], -1)), weights
+
+
+class GQAMptModel(MptModel):
+    """The base model (AutoModel), which vLLM's Transformers backend serves (with the gqa-convert plugin)."""
+
+    config_class = GQAMptConfig
+    _supports_attention_backend = True  # the attention goes through transformers' interface
+
+    def __init__(self, config: GQAMptConfig):
+        super().__init__(config)
+        for i, block in enumerate(self.blocks):
+            block.attn = GQAMptAttention(config, layer_idx=i)
+        self.post_init()
+
+    def forward(self, input_ids=None, inputs_embeds=None, position_ids=None, **kwargs):
+        # ALiBi needs no positions; vLLM's Transformers backend passes them to every model it serves
+        if self.config._attn_implementation == "vllm":
+            return self.forward_in_vllm(input_ids, inputs_embeds)
+        return super().forward(input_ids, inputs_embeds=inputs_embeds, **kwargs)
+
+    def forward_in_vllm(self, input_ids, inputs_embeds) -> tuple[torch.Tensor]:
+        """The layers without a mask or bias: vLLM's attention holds the causal mask, the ALiBi slopes, the cache.
+
+        (MptModel.forward builds a boolean mask from transformers' mask function, which has none for vLLM.)
+        """
+        hidden = self.wte(input_ids) if inputs_embeds is None else inputs_embeds
+        for block in self.blocks:
+            hidden = block(hidden, position_bias=None, attention_mask=None)[0]
+        return (self.norm_f(hidden),)
 
 
 class GQAMptForCausalLM(MptForCausalLM):
     config_class = GQAMptConfig
+    _supports_attention_backend = True
 
     def __init__(self, config: GQAMptConfig):
         super().__init__(config)

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import OPTForCausalLM
+from transformers import OPTForCausalLM, OPTModel
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.opt.modeling_opt import OPTAttention
 
 from .configuration_gqa_opt import GQAOPTConfig
-from .gqa_attention import attend
+from .gqa_attention import eager_gqa_attention, implementation
 
 
 class GQAOPTAttention(OPTAttention):
@@ -35,9 +36,25 @@ class GQAOPTAttention(OPTAttention):
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)  # G heads in the cache
         dropout = self.dropout if self.training else 0.0
-        out, weights = attend(self, q, k, v, attention_mask, 1.0, dropout, **kwargs)
-        out = out.reshape(*out.shape[:-2], -1).contiguous()
+        # looked up here, in forward, where vLLM's Transformers backend finds the call it serves
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation(self), eager_gqa_attention)
+        out, weights = attention_interface(
+            self, q, k, v, attention_mask, scaling=1.0, dropout=dropout, **kwargs
+        )  # [batch, q, H, d] (vLLM: [tokens, H * d])
+        out = out.reshape(*hidden_states.shape[:-1], -1).contiguous()
         return self.out_proj(out), weights
+
+
+class GQAOPTModel(OPTModel):
+    """The base model (AutoModel), which vLLM's Transformers backend serves under its own LM head."""
+
+    config_class = GQAOPTConfig
+
+    def __init__(self, config: GQAOPTConfig):
+        super().__init__(config)
+        for i, layer in enumerate(self.decoder.layers):
+            layer.self_attn = GQAOPTAttention(config, layer_idx=i)
+        self.post_init()
 
 
 class GQAOPTForCausalLM(OPTForCausalLM):
