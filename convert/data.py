@@ -373,9 +373,11 @@ class PackedStream:
             ds = ds.shard(num_shards=self.parts, index=self.part)
         if self.source is not None:
             ds.load_state_dict(self.source)
-        for example in ds:
+        # ds.iter, not iter(ds): inside a DataLoader worker, iter(ds) would split the shards among the workers
+        # behind our back; the parts here are chosen explicitly (and the same with or without workers)
+        for batch in ds.iter(batch_size=1):
             self.source = ds.state_dict()
-            text = example["text"]
+            text = batch["text"][0]
             if text is None or not str(text).strip():
                 continue  # not a document (and not counted, as in `iter_texts`)
             index = self.documents

@@ -7,12 +7,15 @@ they skip with a reason, except when `GQA_REQUIRE_DATA=1` (set by `.ci/run`), wh
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 REQUIRE_DATA = os.environ.get("GQA_REQUIRE_DATA") == "1"
+# uptraining's token cache: one per test session (inherited by the runs' subprocesses), never the user's
+os.environ.setdefault("GQA_CACHE_DIR", tempfile.mkdtemp(prefix="gqa-test-cache-"))
 
 
 def need(condition: bool, reason: str) -> None:
