@@ -384,7 +384,8 @@ class PackedStream:
             self.documents += 1
             if self.holdout and held_out(index, self.holdout):
                 continue
-            if not by_shard and index % self.parts != self.part:
+            trained = index - int(index * self.holdout)  # this document's place among the training ones
+            if not by_shard and trained % self.parts != self.part:
                 continue  # another part's document: read, but neither tokenized nor packed here
             yield text
 

@@ -170,6 +170,9 @@ def prepare_data(s: Settings, tokenizer, rank: int = 0, world: int = 1) -> dict:
         data.update(rows=None, open_train=opens, train_tokens=None)
         data["holdout"] = 0.0 if separate_validation(s) else s.validation_fraction
     else:
+        import datasets
+
+        datasets.disable_progress_bars()  # the cache's filter and map
         sources, documents, tokens = [], 0, 0
         for k, spec in enumerate(specs):
             cached = cached_source(s, spec, tokenizer, rank, world, k, specs)

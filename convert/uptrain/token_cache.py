@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,13 +92,18 @@ class CachedTokens:
         self.__post_init__()
 
 
+def _writer() -> str:
+    """A name for this writer's temporary files (processes and threads alike)."""
+    return f"{os.getpid()}-{threading.get_ident()}"
+
+
 def _tokenize(batch: dict, tokenizer) -> dict:
     return {"input_ids": tokenizer(batch["text"], add_special_tokens=False, verbose=False)["input_ids"]}
 
 
 def _write_part(docs, index: int, shards: int, tokenizer, eos: int, final: Path, num_proc: int | None) -> None:
     """Tokenize part `index` of `shards` of `docs` (a `datasets.Dataset` with column `text`) into `final`."""
-    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
+    tmp = final.with_name(f".tmp-{final.name}-{_writer()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     part = docs.shard(num_shards=shards, index=index, contiguous=True)
@@ -162,7 +168,7 @@ def ensure(
                 docs = open_docs()
             _write_part(docs, index, world, tokenizer, eos, final, num_proc)
             built.append(index)
-    done_tmp = entry / f".tmp-complete-{os.getpid()}.json"
+    done_tmp = entry / f".tmp-complete-{_writer()}.json"
     done_tmp.write_text(json.dumps({"parts": world}))
     os.replace(done_tmp, complete)
     return CachedTokens(entry, hit=False, built=built)
