@@ -4,6 +4,7 @@ with threads here; tests/test_uptrain.py runs the real `accelerate launch` ones.
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -118,7 +119,7 @@ def test_n_processes_gather_exactly_the_rows_of_one(docs, tokenizer, tmp_path):
     """Each rank's rows of a step, micro-batch after micro-batch, are the global batch's slices it always took."""
     path = write_corpus(tmp_path / "corpus.txt", docs)
     code = tmp_path / "code.jsonl"
-    code.write_text("".join('{"body": "%s"}\n' % d.replace("the", "a") for d in docs[:120]))
+    code.write_text("".join(json.dumps({"body": d.replace("the", "a")}) + "\n" for d in docs[:120]))
     mix = [{"source": str(path), "weight": 0.7}, {"source": str(code), "weight": 0.3, "text_column": "body"}]
     for data_setting in (str(path), mix):
         s = settings(tmp_path, data_setting)
@@ -160,7 +161,7 @@ def test_stream_parts_split_the_documents(docs, tokenizer, tmp_path):
     path = write_corpus(tmp_path / "corpus.txt", docs)
     shards = [tmp_path / f"shard-{i}.jsonl" for i in range(2)]
     for i, shard in enumerate(shards):
-        shard.write_text("".join('{"text": "%s"}\n' % d for d in docs[i::2]))
+        shard.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[i::2]))
 
     def read(source, part, parts, holdout=0.0):
         stream = td.PackedStream(
