@@ -199,18 +199,31 @@ def logged_steps(out: Path) -> int:
     return max(steps)
 
 
-def kill_after_checkpoint(command: list[str], out: Path, step: int = 6, logged: int = 8) -> dict:
-    """Run the uptraining `command` with slowed steps, SIGKILL it once the step-`step` checkpoint exists and `logged`
+SLOW_STEPS = "after_step=lambda step: time.sleep(0.3)"  # slow steps: a kill lands mid-run
+
+
+def hooked_script(folder: Path, hooks: str = SLOW_STEPS) -> Path:
+    """`hooked_command`'s program as a script file, for `accelerate launch` (which runs files, not `-c`)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    script = folder / "hooked_uptrain.py"
+    script.write_text(hooked_command([], hooks)[2] + "\n")
+    return script
+
+
+def kill_after_checkpoint(command: list[str], out: Path, step: int = 6, logged: int = 8, hooked: bool = True) -> dict:
+    """Run the uptraining `command` with slowed steps (`hooked=False`: `command` slows itself, e.g. a launch of
+    `hooked_script`), SIGKILL it and every process it started once the step-`step` checkpoint exists and `logged`
     steps are in its metrics; what was left: exit code, checkpoint, final model, steps logged, the log's tail."""
     out.mkdir(parents=True)
     log_path = out.parent / "killed.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
-            hooked_command(command, "after_step=lambda step: time.sleep(0.3)"),  # slow steps: the kill lands mid-run
+            hooked_command(command, SLOW_STEPS) if hooked else command,
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=REPO,
             env=recipe_env(),
+            start_new_session=True,  # its own process group: the launcher, its ranks and their data workers
         )
         checkpoint = out / "checkpoints" / f"step-{step:06d}" / "trainer_state.json"
         deadline = time.time() + 400
@@ -218,7 +231,7 @@ def kill_after_checkpoint(command: list[str], out: Path, step: int = 6, logged: 
             if checkpoint.is_file() and logged_steps(out) >= logged:
                 break
             time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)  # as a lost node: every process at once
         return {
             "returncode": proc.wait(60),
             "checkpoint": checkpoint.is_file(),
