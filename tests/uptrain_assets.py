@@ -210,9 +210,25 @@ def hooked_script(folder: Path, hooks: str = SLOW_STEPS) -> Path:
     return script
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (torchrun starts each rank in a session of its own, so no process group holds
+    them all), from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 def kill_after_checkpoint(command: list[str], out: Path, step: int = 6, logged: int = 8, hooked: bool = True) -> dict:
     """Run the uptraining `command` with slowed steps (`hooked=False`: `command` slows itself, e.g. a launch of
-    `hooked_script`), SIGKILL it and every process it started once the step-`step` checkpoint exists and `logged`
+    `hooked_script`), SIGKILL it and every process below it once the step-`step` checkpoint exists and `logged`
     steps are in its metrics; what was left: exit code, checkpoint, final model, steps logged, the log's tail."""
     out.mkdir(parents=True)
     log_path = out.parent / "killed.log"
@@ -223,7 +239,6 @@ def kill_after_checkpoint(command: list[str], out: Path, step: int = 6, logged: 
             stderr=subprocess.STDOUT,
             cwd=REPO,
             env=recipe_env(),
-            start_new_session=True,  # its own process group: the launcher, its ranks and their data workers
         )
         checkpoint = out / "checkpoints" / f"step-{step:06d}" / "trainer_state.json"
         deadline = time.time() + 400
@@ -231,7 +246,9 @@ def kill_after_checkpoint(command: list[str], out: Path, step: int = 6, logged: 
             if checkpoint.is_file() and logged_steps(out) >= logged:
                 break
             time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGKILL)  # as a lost node: every process at once
+        for pid in [proc.pid, *descendants(proc.pid)]:  # as a lost node: every process, all but at once
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         return {
             "returncode": proc.wait(60),
             "checkpoint": checkpoint.is_file(),
