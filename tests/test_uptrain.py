@@ -519,6 +519,37 @@ def test_bad_data(recipe, assets, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_bad_mixtures(recipe, assets, tmp_path, capsys):
+    """A bad mixture is refused before any compute with one error line naming the entry and the fix."""
+    corpus, jsonl = assets["corpus"], assets["jsonl"]
+    common = [f"model={assets['model']}", "max_steps=1", f"output_dir={tmp_path / 'out'}"]
+
+    def refused(data: str, *extra: str) -> str:
+        err = fails(recipe, capsys, [*common, f"data={data}", *extra])
+        assert err.count("error: ") == 1 and len(err.strip().splitlines()) == 1, err
+        return err
+
+    err = refused(f"[{{source: {corpus}, weight: 1}}, {{source: {jsonl}, weight: 0, text_column: body}}]")
+    assert "data[1] weight must be positive, got 0: drop the source or give it a share above 0" in err
+    err = refused(f"[{{source: {corpus}, weight: -2}}]")
+    assert "data[0] weight must be positive, got -2" in err
+    err = refused(f"[{{source: {corpus}}}, {{source: {tmp_path / 'missing.jsonl'}, weight: 1}}]")
+    assert "data[1] (" in err and "missing.jsonl' does not exist" in err
+    err = refused(f"[{{source: {corpus}}}, {{source: {jsonl}, weight: 1}}]")  # jsonl's text is in `body`
+    assert "data[1] (" in err and "text column 'text' not found" in err and "id, body" in err
+    assert "(on that entry of data:)" in err
+    err = refused(f"[{{source: {corpus}, weigth: 1}}]")
+    assert "data[0] has unknown key(s) weigth: a mixture entry takes source, weight" in err
+    err = refused("[{weight: 1}]")
+    assert "data[0] names no source" in err
+    err = refused(f"[{{source: {corpus}}}, {{source: {jsonl}, text_column: body}}]", "validation_split=test")
+    assert "validation_split cannot apply to a mixture" in err
+    three = f"[{{source: {corpus}, weight: 5}}, {{source: {corpus}, weight: 3}}, {{source: {corpus}, weight: 2}}]"
+    err = refused(three, "micro_batch_size=1", "grad_accum=1")
+    assert "needs at least 2 rows a batch" in err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize(
     "budget, message",
     [

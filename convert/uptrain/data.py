@@ -7,6 +7,7 @@ cache misses; streaming, every process packs only its part of the stream (`loade
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 from collections.abc import Callable, Iterator
@@ -31,19 +32,25 @@ def _where(specs: list[SourceSpec], k: int) -> str:
     return f"data[{k}] ({specs[k].describe()}): " if len(specs) > 1 else ""
 
 
-def open_source(s: Settings, spec: SourceSpec, streaming: bool, k: int = 0, specs: list | None = None):
-    """`load_text_dataset` of one source; a mixture's errors name the entry and where to fix it."""
+def open_source(s: Settings, spec: SourceSpec, streaming: bool):
+    """`load_text_dataset` of one source."""
+    return textdata.load_text_dataset(
+        spec.source,
+        config=spec.config,
+        split=spec.split,
+        text_column=spec.text_column,
+        streaming=streaming,
+        txt_documents=s.txt_documents,
+    )
+
+
+@contextlib.contextmanager
+def naming(specs: list[SourceSpec], k: int):
+    """A mixture's data errors name the entry, and where to fix a text column."""
     try:
-        return textdata.load_text_dataset(
-            spec.source,
-            config=spec.config,
-            split=spec.split,
-            text_column=spec.text_column,
-            streaming=streaming,
-            txt_documents=s.txt_documents,
-        )
+        yield
     except textdata.DataError as e:
-        if specs is None or len(specs) == 1:
+        if len(specs) == 1:
             raise
         fix = " (on that entry of data:)" if "text_column" in str(e) else ""
         raise textdata.DataError(f"{_where(specs, k)}{e}{fix}") from None
@@ -113,18 +120,18 @@ def cache_key(s: Settings, spec: SourceSpec, tokenizer, fingerprint: Any) -> dic
     }
 
 
-def cached_source(s: Settings, spec: SourceSpec, tokenizer, rank: int, world: int, k: int, specs: list):
+def cached_source(s: Settings, spec: SourceSpec, tokenizer, rank: int, world: int):
     """One in-memory source through the token cache: hit, or this process's part tokenized (and waited for)."""
     files = textdata.local_files(spec.source)
     ds = None
     if files is not None:
         fingerprint: Any = token_cache.files_fingerprint(files)
     else:  # a hub or folder dataset: datasets fingerprints its prepared Arrow files
-        ds = open_source(s, spec, False, k, specs)
+        ds = open_source(s, spec, False)
         fingerprint = ds._fingerprint
 
     def open_docs():
-        return _documents_for_cache(s, spec, ds if ds is not None else open_source(s, spec, False, k, specs))
+        return _documents_for_cache(s, spec, ds if ds is not None else open_source(s, spec, False))
 
     root = Path(s.data_cache) if s.data_cache else token_cache.default_root()
     cpus = max(1, (os.cpu_count() or 1) // world)
@@ -160,8 +167,10 @@ def prepare_data(s: Settings, tokenizer, rank: int = 0, world: int = 1) -> dict:
     if s.streaming:  # look at the first block only; training packs the stream as it goes
         opens = []
         for k, spec in enumerate(specs):
-            texts, _, open_train = load_documents(s, "train", spec)
-            first = next(textdata.pack_blocks(textdata.tokenize_documents(texts(), tokenizer), s.block_size, eos), None)
+            with naming(specs, k):
+                texts, _, open_train = load_documents(s, "train", spec)
+                packed = textdata.pack_blocks(textdata.tokenize_documents(texts(), tokenizer), s.block_size, eos)
+                first = next(packed, None)
             if first is None:
                 raise SettingsError(
                     f"{_where(specs, k)}training data {names[k]} holds fewer tokens than one block ({s.block_size})"
@@ -175,7 +184,8 @@ def prepare_data(s: Settings, tokenizer, rank: int = 0, world: int = 1) -> dict:
         datasets.disable_progress_bars()  # the cache's filter and map
         sources, documents, tokens = [], 0, 0
         for k, spec in enumerate(specs):
-            cached = cached_source(s, spec, tokenizer, rank, world, k, specs)
+            with naming(specs, k):
+                cached = cached_source(s, spec, tokenizer, rank, world)
             if cached.documents == 0:
                 raise SettingsError(f"{_where(specs, k)}training data {names[k]} holds no text")
             if cached.blocks(s.block_size) == 0:
@@ -198,7 +208,8 @@ def prepare_data(s: Settings, tokenizer, rank: int = 0, world: int = 1) -> dict:
         val, val_names = [], []
         val_specs = specs[:1] if separate_validation(s) else specs  # else each source's held-out documents
         for k, spec in enumerate(val_specs):
-            val_texts, val_name, _ = load_documents(s, "validation", spec)
+            with naming(specs, k):
+                val_texts, val_name, _ = load_documents(s, "validation", spec)
             w = weights[k]  # a mixture's validation: each source's share of max_eval_blocks, rounded up
             share = s.max_eval_blocks if len(val_specs) == 1 else -(-s.max_eval_blocks * w.numerator // w.denominator)
             stream = textdata.pack_blocks(textdata.tokenize_documents(val_texts(), tokenizer), s.block_size, eos)
