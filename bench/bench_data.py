@@ -62,7 +62,7 @@ def settings(model: Path, work: Path, files: list[str], **extra):
 
 def delivery(model, tokenizer, work, files, workers: int, batches: int) -> float:
     """Tokens/s the streamed path hands one process, batches taken as fast as they come (after the first)."""
-    from convert.uptrain.data import prepare_data, stream_batches
+    from convert.uptrain.batches import prepare_data, stream_batches
     from convert.uptrain.loader import make_loader
 
     s = settings(model, work, files, streaming=True, num_workers=workers)
@@ -79,8 +79,8 @@ def delivery(model, tokenizer, work, files, workers: int, batches: int) -> float
 
 def shares(model, tokenizer, work, files, world: int) -> dict:
     """The largest fraction of the documents one of `world` processes tokenizes: cache build and stream parts."""
-    from convert import data as textdata
-    from convert.uptrain import data as updata
+    from convert.text import sources as textdata
+    from convert.uptrain import batches as updata
     from convert.uptrain import token_cache
 
     seen: dict[str, int] = {}
@@ -107,7 +107,14 @@ def shares(model, tokenizer, work, files, world: int) -> dict:
 
     def part_documents(part: int) -> int:
         stream = textdata.PackedStream(
-            lambda: textdata.load_text_dataset(files, streaming=True), tokenizer, 512, 16, 0, 0.05, part=part, parts=world
+            lambda: textdata.load_text_dataset(files, streaming=True),
+            tokenizer,
+            512,
+            16,
+            0,
+            0.05,
+            part=part,
+            parts=world,
         )
         return sum(1 for _ in stream._epoch_documents())
 
@@ -123,7 +130,7 @@ def shares(model, tokenizer, work, files, world: int) -> dict:
 
 
 def cache_ratio(model, tokenizer, work, files) -> dict:
-    from convert.uptrain.data import prepare_data
+    from convert.uptrain.batches import prepare_data
 
     s = settings(model, work / "warm", files, max_eval_blocks=1)
     started = time.perf_counter()
@@ -156,7 +163,7 @@ MINIMAL = r"""
 import json, sys, time, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from convert.uptrain.settings import make_settings
-from convert.uptrain.data import prepare_data, step_batches
+from convert.uptrain.batches import prepare_data, step_batches
 model_dir, steps, cfg = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
 torch.manual_seed(0)
 s = make_settings(cfg)
@@ -183,7 +190,10 @@ def minimal_loop(model, work, files, steps: int) -> dict:
     cfg.update(block_size=256, micro_batch_size=2, max_eval_blocks=1, data_cache=str(work / "cache"))
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     done = subprocess.run(
-        [sys.executable, "-c", MINIMAL, str(model), str(steps), json.dumps(cfg)], env=env, capture_output=True, text=True
+        [sys.executable, "-c", MINIMAL, str(model), str(steps), json.dumps(cfg)],
+        env=env,
+        capture_output=True,
+        text=True,
     )
     if done.returncode != 0:
         raise SystemExit(f"error: the minimal loop failed:\n{done.stderr[-3000:]}")
@@ -200,7 +210,7 @@ def main() -> int:
     import datasets
     from transformers import AutoTokenizer
 
-    from convert import smollm2
+    from convert.demo import smollm2
 
     datasets.disable_progress_bars()
     files = corpus()

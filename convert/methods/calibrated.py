@@ -26,10 +26,14 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import Tensor
 
-from ..families import Attention, ConversionError, output_shapes
-from .base import Method, permute_kv_heads
-from .grouping import similarity_order
-from .linalg import (
+from convert.errors import ConversionError
+from convert.families import Attention, output_shapes
+from convert.families.mha import MhaFamily
+from convert.figures import new_figure, save_figure
+from convert.methods.base import Method, permute_kv_heads
+from convert.methods.flags import CALIBRATION_DTYPES, GROUPINGS
+from convert.methods.grouping import similarity_order
+from convert.methods.linalg import (
     LayerMath,
     correct_inputs,
     input_correction,
@@ -39,8 +43,9 @@ from .linalg import (
     second_moment,
     slow_share,
 )
-from .runner import LayerRunner, template_classes
-from .text import calibration_ids
+from convert.methods.runner import LayerRunner, template_classes
+from convert.methods.text import calibration_ids
+from convert.pipeline.merge import patched_config
 
 PLOT = "calibration_errors.png"
 # Relative error of an attention output that only rounding explains, by calibration dtype: below it the o refit is
@@ -63,13 +68,13 @@ class CalibratedOptions(BaseModel):
     calibration_data: str | None = None  # None: the builtin text; "random": random ids; else a data source
     calibration_tokens: int = Field(8192, ge=2)
     calibration_seq_len: int = Field(512, ge=1)
-    grouping: Literal["contiguous", "similarity"] = "contiguous"
+    grouping: Literal[GROUPINGS] = "contiguous"
     stream: Literal["both", "converted", "original"] = "both"
     drift: float = Field(0.2, ge=0, le=1)
     input_correction: float = Field(0.3, ge=0, le=1)
     refit_o: bool = True
     ridge: float = Field(0.04, ge=0)
-    calibration_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    calibration_dtype: Literal[CALIBRATION_DTYPES] = "float32"
     key_centering: Literal["global", "sequence", "none"] = "global"
     key_weighting: float = Field(0.5, ge=0, le=1)
     value_weighting: float = Field(0.5, ge=0, le=1)
@@ -311,8 +316,6 @@ def _configs(source: Any, groups: int) -> tuple[Any, dict]:
     """The merged model's config and the runner's class settings. A source whose output ships modeling code (or
     that is such an output) runs in the template's classes, from the package's own files: the original at its
     current KV count, the merged model at G."""
-    from ..core import patched_config
-    from ..families_mha import MhaFamily
 
     fam = source.family
     if not isinstance(fam, MhaFamily):
@@ -418,7 +421,6 @@ class Calibrated(Method):
 
 def plot_errors(rows: list[dict], path: Path, title: str = "") -> None:
     """PNG of the per-layer reconstruction errors (keys, values, attention output)."""
-    from ..figures import new_figure, save_figure
 
     rows = sorted(rows, key=lambda r: r["layer"])
     x = [r["layer"] for r in rows]

@@ -27,7 +27,7 @@ class SourceSpec:
     text_column: str
 
     def describe(self) -> str:
-        from convert import data as textdata
+        from convert.text import sources as textdata
 
         return textdata.describe_source(self.source, self.config, self.split)
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from convert import data as textdata
+from convert.text import sources as textdata
 
 FORMAT = 1  # bump when the layout of an entry changes
 MIN_DOCS_PER_PROCESS = 5_000  # below this a pool of tokenizing processes costs more than it saves
