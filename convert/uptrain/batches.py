@@ -59,7 +59,7 @@ def naming(specs: list[SourceSpec], k: int):
 
 
 def load_documents(
-    s: Settings, part: str, spec: SourceSpec | None = None
+    s: Settings, part: str, spec: SourceSpec | None = None, lazy: bool = False
 ) -> tuple[Callable[[], Iterator[str]], str, Callable[[], Any]]:
     """The documents of the training or the validation part of one source, as a fresh iterator each call."""
     spec = spec or mixture.source_specs(s)[0]
@@ -72,10 +72,10 @@ def load_documents(
     def open_dataset():
         return open_source(s, spec, s.streaming)
 
-    ds = open_dataset()
+    ds = None if lazy else open_dataset()  # lazy: only the name is wanted (the token cache may hit)
 
     def texts() -> Iterator[str]:
-        stream = textdata.iter_texts(ds)
+        stream = textdata.iter_texts(ds if ds is not None else open_dataset())
         if not separate:  # carve the held-out documents out of the training source
             stream = textdata.carve(stream, s.validation_fraction, part)
         return stream
@@ -86,9 +86,9 @@ def load_documents(
     return texts, name, open_dataset
 
 
-def _documents_for_cache(s: Settings, spec: SourceSpec, ds):
-    """The training documents of an in-memory source as a `datasets.Dataset`: blank ones dropped, the held-out
-    ones carved out by position (the same documents `iter_texts` + `carve` give)."""
+def _documents_for_cache(s: Settings, spec: SourceSpec, ds, part: str = "train"):
+    """The training (or held-out) documents of an in-memory source as a `datasets.Dataset`: blank ones dropped,
+    carved by position (the same documents `iter_texts` + `carve` give)."""
 
     def nonblank(batch: dict) -> list[bool]:
         keep = []
@@ -100,17 +100,18 @@ def _documents_for_cache(s: Settings, spec: SourceSpec, ds):
 
     docs = ds.filter(nonblank, batched=True, desc=None)
     if not separate_validation(s) and s.validation_fraction > 0:
-        fraction = s.validation_fraction
+        fraction, want = s.validation_fraction, part == "validation"
         docs = docs.filter(
-            lambda _, idx: [not textdata.held_out(i, fraction) for i in idx], with_indices=True, batched=True, desc=None
+            lambda _, idx: [textdata.held_out(i, fraction) == want for i in idx], with_indices=True, batched=True
         )
     return docs
 
 
-def cache_key(s: Settings, spec: SourceSpec, tokenizer, fingerprint: Any) -> dict:
+def cache_key(s: Settings, spec: SourceSpec, tokenizer, fingerprint: Any, part: str = "train") -> dict:
     """What decides a source's packed token stream (see token_cache.py: not the block size)."""
     return {
         "format": token_cache.FORMAT,
+        "part": part,
         "source": spec.source,
         "fingerprint": fingerprint,
         "config": spec.config,
@@ -122,8 +123,9 @@ def cache_key(s: Settings, spec: SourceSpec, tokenizer, fingerprint: Any) -> dic
     }
 
 
-def cached_source(s: Settings, spec: SourceSpec, tokenizer, rank: int, world: int):
-    """One in-memory source through the token cache: hit, or this process's part tokenized (and waited for)."""
+def cached_source(s: Settings, spec: SourceSpec, tokenizer, rank: int, world: int, part: str = "train"):
+    """One in-memory source (its training or held-out documents) through the token cache: hit, or this process's
+    share tokenized (and the others' waited for)."""
     files = textdata.local_files(spec.source)
     ds = None
     if files is not None:
@@ -133,13 +135,29 @@ def cached_source(s: Settings, spec: SourceSpec, tokenizer, rank: int, world: in
         fingerprint = ds._fingerprint
 
     def open_docs():
-        return _documents_for_cache(s, spec, ds if ds is not None else open_source(s, spec, False))
+        return _documents_for_cache(s, spec, ds if ds is not None else open_source(s, spec, False), part)
 
     root = Path(s.data_cache) if s.data_cache else token_cache.default_root()
     cpus = max(1, (os.cpu_count() or 1) // world)
     num_proc = min(cpus, 8) if cpus > 1 else None
-    key = cache_key(s, spec, tokenizer, fingerprint)
+    key = cache_key(s, spec, tokenizer, fingerprint, part)
     return token_cache.ensure(key, root, open_docs, tokenizer, rank, world, num_proc)
+
+
+def _validation_blocks(s: Settings, spec: SourceSpec, tokenizer, rank: int, world: int, count: int):
+    """The first `count` validation blocks of a source (fewer if it holds fewer) and their description: from the
+    token cache in memory (the held-out part cached whole, once), packed from the stream when streaming."""
+    texts, name, _ = load_documents(s, "validation", spec, lazy=not s.streaming)
+    if s.streaming:
+        eos = textdata.eos_token_id(tokenizer)
+        stream = textdata.pack_blocks(textdata.tokenize_documents(texts(), tokenizer), s.block_size, eos)
+        return torch.tensor(list(itertools.islice(stream, count)), dtype=torch.long).view(-1, s.block_size), name
+    if separate_validation(s):
+        source = s.validation if s.validation is not None else spec.source
+        split = s.validation_split if s.validation_split is not None else spec.split
+        spec = SourceSpec(source, 1.0, spec.config, split, spec.text_column)
+    cached = cached_source(s, spec, tokenizer, rank, world, "validation")
+    return cached.rows(list(range(min(count, cached.blocks(s.block_size)))), s.block_size), name
 
 
 def prepare_data(s: Settings, tokenizer, rank: int = 0, world: int = 1) -> dict:
@@ -210,22 +228,19 @@ def prepare_data(s: Settings, tokenizer, rank: int = 0, world: int = 1) -> dict:
         val, val_names = [], []
         val_specs = specs[:1] if separate_validation(s) else specs  # else each source's held-out documents
         for k, spec in enumerate(val_specs):
-            with naming(specs, k):
-                val_texts, val_name, _ = load_documents(s, "validation", spec)
             w = weights[k]  # a mixture's validation: each source's share of max_eval_blocks, rounded up
             share = s.max_eval_blocks if len(val_specs) == 1 else -(-s.max_eval_blocks * w.numerator // w.denominator)
-            stream = textdata.pack_blocks(textdata.tokenize_documents(val_texts(), tokenizer), s.block_size, eos)
-            got = list(itertools.islice(stream, share))
-            if not got:
+            with naming(specs, k):
+                got, val_name = _validation_blocks(s, spec, tokenizer, rank, world, share)
+            if len(got) == 0:
                 raise SettingsError(
                     f"{_where(specs, k)}validation data {val_name} (validation_fraction={s.validation_fraction}) holds "
                     f"fewer tokens than one block ({s.block_size}): raise validation_fraction, give a validation "
                     f"source, or lower block_size"
                 )
-            val.extend(got)
+            val.append(got)
             val_names.append(val_name)
-        val = val[: s.max_eval_blocks]
-        data.update(val_blocks=torch.tensor(val, dtype=torch.long), val_name="; ".join(val_names))
+        data.update(val_blocks=torch.cat(val)[: s.max_eval_blocks], val_name="; ".join(val_names))
     return data
 
 

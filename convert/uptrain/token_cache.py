@@ -8,8 +8,8 @@ then EOS), and blocks of any size are cut from it as they are read, exactly as `
 
 An entry is written in `shards` contiguous parts of the documents. Process `r` of `N` tokenizes part `r` (with
 `datasets.map(batched=True, num_proc=...)`), then visits the other parts' locks in turn: a part still being
-written holds its lock, so a process waits exactly until every part is there, and a part whose writer died is
-written by the next process that finds it missing. Each part is `tokens.npy` (int32, memory-mapped when read, so
+written holds its lock, so a process waits exactly until every part is there; a part whose writer died (or
+whose owner did not claim it within `OWNER_GRACE_S`) is written by the next process that finds it missing. Each part is `tokens.npy` (int32, memory-mapped when read, so
 the corpus never has to fit in memory) and `meta.json`, written to a temporary folder and renamed into place.
 """
 
@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,7 @@ import torch
 from convert.text import sources as textdata
 
 FORMAT = 1  # bump when the layout of an entry changes
+OWNER_GRACE_S = 300  # how long a process waits for another part's owner to claim it before writing it itself
 MIN_DOCS_PER_PROCESS = 5_000  # below this a pool of tokenizing processes costs more than it saves
 
 
@@ -107,6 +109,12 @@ def _write_part(docs, index: int, shards: int, tokenizer, eos: int, final: Path,
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     part = docs.shard(num_shards=shards, index=index, contiguous=True)
+    if len(part) == 0:  # nothing to tokenize (a tiny held-out part)
+        np.save(tmp / "tokens.npy", np.empty(0, dtype=np.int32))
+        (tmp / "meta.json").write_text(json.dumps({"documents": 0, "tokens": 0, "part": [index, shards]}))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        return
     tokenized = part.map(
         _tokenize,
         batched=True,
@@ -160,13 +168,21 @@ def ensure(
     eos = textdata.eos_token_id(tokenizer)
     docs, built = None, []
     for index in [(rank + i) % world for i in range(world)]:  # own part first, then wait on the others
-        final = entry / f"part-{index:05d}-of-{world:05d}"
-        with FileLock(str(entry / f"part-{index:05d}-of-{world:05d}.lock")):
+        name = f"part-{index:05d}-of-{world:05d}"
+        final, claim = entry / name, entry / f"{name}.claimed"
+        lock = FileLock(str(entry / f"{name}.lock"))
+        if index != rank:  # its owner may not have started yet: give it OWNER_GRACE_S to claim its part
+            deadline = time.monotonic() + OWNER_GRACE_S
+            while not claim.exists() and not (final / "meta.json").is_file() and time.monotonic() < deadline:
+                time.sleep(0.05)
+        with lock:  # held by a writer until its part is complete (released by the kernel if it dies)
+            if index == rank:
+                claim.touch()
             if (final / "meta.json").is_file():
                 continue
             if docs is None:
                 docs = open_docs()
-            _write_part(docs, index, world, tokenizer, eos, final, num_proc)
+            _write_part(docs, index, world, tokenizer, eos, final, num_proc)  # ours, or an orphan's
             built.append(index)
     done_tmp = entry / f".tmp-complete-{_writer()}.json"
     done_tmp.write_text(json.dumps({"parts": world}))

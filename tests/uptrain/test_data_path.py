@@ -79,10 +79,10 @@ def test_each_process_tokenizes_its_part_and_every_process_reads_the_same_blocks
     path = write_corpus(tmp_path / "corpus.txt", docs)
     s = settings(tmp_path, str(path))
     prepared = prepare_as(world, s, tokenizer)
-    training = len(docs) - sum(td.held_out(i, 0.05) for i in range(len(docs)))  # 285
-    assert sum(counted.values()) == training  # tokenized once in all
+    # the 285 training documents and the 15 held out, each cached in parts: tokenized once in all, 1/N each
+    assert sum(counted.values()) == len(docs)
     assert sorted(counted) == [f"rank-{r}" for r in range(world)]
-    assert max(counted.values()) - min(counted.values()) <= 1  # 1/N each
+    assert max(counted.values()) - min(counted.values()) <= 2
     want = packed_today(path, tokenizer, 0.05, 32)
     for data in prepared:
         rows = data["rows"][0]
