@@ -143,11 +143,14 @@ def cache_ratio(model, tokenizer, work, files) -> dict:
     return {"cold_s": cold_s, "warm_s": warm_s, "warm_over_cold": warm_s / cold_s}
 
 
+BLOCK, MICRO = 128, 2  # SmolLM2's training steps here: 2 blocks of 128 tokens (a loaded 2-core CPU is slow)
+
+
 def recipe(model, work, files, name: str, steps: int, *extra: str) -> dict:
     """The recipe on one process: its tokens/s from the end of step 1 and its data wait fraction."""
     out = work / name
     args = [f"model={model}", f"output_dir={out}", "data=[" + ",".join(files) + "]", f"max_steps={steps}"]
-    args += ["block_size=256", "micro_batch_size=2", "eval_every=0", "save_every=0", "max_eval_blocks=1"]
+    args += [f"block_size={BLOCK}", f"micro_batch_size={MICRO}", "eval_every=0", "save_every=0", "max_eval_blocks=1"]
     args += ["report_to=none", f"data_cache={work / 'cache'}", "lr=1e-5", "warmup_steps=0", "--quiet", *extra]
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     done = subprocess.run([sys.executable, "-m", "convert.uptrain", *args], env=env, capture_output=True, text=True)
@@ -187,7 +190,7 @@ print(json.dumps({"tokens_per_s": (steps - 1) * ids.numel() / (time.perf_counter
 
 def minimal_loop(model, work, files, steps: int) -> dict:
     cfg = {"model": str(model), "output_dir": str(work / "minimal"), "data": files, "max_steps": steps}
-    cfg.update(block_size=256, micro_batch_size=2, max_eval_blocks=1, data_cache=str(work / "cache"))
+    cfg.update(block_size=BLOCK, micro_batch_size=MICRO, max_eval_blocks=1, data_cache=str(work / "cache"))
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     done = subprocess.run(
         [sys.executable, "-c", MINIMAL, str(model), str(steps), json.dumps(cfg)],
@@ -202,7 +205,7 @@ def minimal_loop(model, work, files, steps: int) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=8, help="training steps per recipe run (the first is not timed)")
+    parser.add_argument("--steps", type=int, default=5, help="training steps per recipe run (the first is not timed)")
     parser.add_argument("--batches", type=int, default=40, help="batches timed per delivery measurement")
     parser.add_argument("--out", type=Path, default=None, help="results JSON (default bench/results/data-COMMIT.json)")
     args = parser.parse_args()
