@@ -166,7 +166,7 @@ def _entry(path: Path, name: str, h: Any, base: int) -> tuple[TensorInfo, int, i
     return info, start, stop
 
 
-def _read_into(info: TensorInfo, buf) -> None:
+def read_into(info: TensorInfo, buf) -> None:
     """Fill `buf` (a writable byte buffer of info.nbytes) with the tensor's bytes."""
     with open(info.file, "rb") as f:
         f.seek(info.offset)
@@ -182,7 +182,7 @@ def read_tensor(info: TensorInfo) -> "Tensor":
     if info.offset < 0:
         return _pickle_tensor(info)
     buf = torch.empty(info.nbytes, dtype=torch.uint8)
-    _read_into(info, buf.numpy())
+    read_into(info, buf.numpy())
     return buf.view(info.dtype).reshape(info.shape)
 
 
@@ -203,7 +203,7 @@ def read_stored(info: TensorInfo) -> "np.ndarray":
     import numpy as np
 
     raw = np.empty(info.nbytes, dtype=np.uint8)
-    _read_into(info, raw)
+    read_into(info, raw)
     return raw.view(np.uint16 if info.st == "BF16" else _numpy_float(info.st))
 
 

@@ -139,7 +139,7 @@ class Calibrator:
         self.model_type = source.raw_config.get("model_type")
         interleaved, self.qk_norm_family = family_traits(source.family)
         self.pairs = rotary_pairs(source.shapes.rotary_dim, interleaved)
-        new_config, classes = _configs(source, groups)
+        new_config, classes = merged_configs(source, groups)
         # A shipped-code source (gqa_<x>) is read with the template's config class: `source.config` would need the
         # checkpoint's own code, so it must not be evaluated as a default.
         base_config = classes["source_config"] if "source_config" in classes else source.config  # noqa: SIM401
@@ -312,7 +312,7 @@ def position_limit(raw: dict) -> int:
     return 1 << 30
 
 
-def _configs(source: Any, groups: int) -> tuple[Any, dict]:
+def merged_configs(source: Any, groups: int) -> tuple[Any, dict]:
     """The merged model's config and the runner's class settings. A source whose output ships modeling code (or
     that is such an output) runs in the template's classes, from the package's own files: the original at its
     current KV count, the merged model at G."""

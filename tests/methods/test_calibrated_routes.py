@@ -13,7 +13,7 @@ import torch
 from click.testing import CliRunner
 
 from convert.cli import main
-from convert.methods.calibrated import _configs
+from convert.methods.calibrated import merged_configs
 from convert.methods.runner import LayerRunner
 from convert.pipeline.conversion import convert_checkpoint
 from convert.pipeline.source import open_source
@@ -58,7 +58,7 @@ def test_runner_embeds_as_the_model_does(route, tmp_path):
     model = build(kind)
     model.save_pretrained(tmp_path)
     src = open_source(tmp_path, groups=groups)
-    new_config, classes = _configs(src, groups)
+    new_config, classes = merged_configs(src, groups)
     runner = LayerRunner(src, new_config, torch.float32, **classes)
     x = ids()
     (got,) = runner.embed(x)

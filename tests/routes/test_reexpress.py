@@ -400,8 +400,8 @@ def test_the_view_reads_nothing_and_renamed_tensors_are_copied_raw(tmp_path, mon
     model = source_model("gptj")
     model.save_pretrained(tmp_path / "src")
     reads: list = []
-    real = tensorio._read_into
-    monkeypatch.setattr(tensorio, "_read_into", lambda info, buf: (reads.append(info), real(info, buf)))
+    real = tensorio.read_into
+    monkeypatch.setattr(tensorio, "read_into", lambda info, buf: (reads.append(info), real(info, buf)))
     src = open_source(tmp_path / "src")
     plan, _ = plan_tensors(src, 2, "keep")
     assert reads == []
