@@ -9,8 +9,9 @@ then EOS), and blocks of any size are cut from it as they are read, exactly as `
 An entry is written in `shards` contiguous parts of the documents. Process `r` of `N` tokenizes part `r` (with
 `datasets.map(batched=True, num_proc=...)`), then visits the other parts' locks in turn: a part still being
 written holds its lock, so a process waits exactly until every part is there; a part whose writer died (or
-whose owner did not claim it within `OWNER_GRACE_S`) is written by the next process that finds it missing. Each part is `tokens.npy` (int32, memory-mapped when read, so
-the corpus never has to fit in memory) and `meta.json`, written to a temporary folder and renamed into place.
+whose owner did not claim it within `OWNER_GRACE_S`) is written by the next process that finds it missing. Each
+part is `tokens.npy` (int32, memory-mapped when read, so the corpus never has to fit in memory) and `meta.json`,
+written to a temporary folder and renamed into place.
 """
 
 from __future__ import annotations
@@ -108,7 +109,8 @@ def _write_part(docs, index: int, shards: int, tokenizer, eos: int, final: Path,
     tmp = final.with_name(f".tmp-{final.name}-{_writer()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    part = docs.shard(num_shards=shards, index=index, contiguous=True)
+    start, end = len(docs) * index // shards, len(docs) * (index + 1) // shards  # contiguous, possibly empty
+    part = docs.select(range(start, end))
     if len(part) == 0:  # nothing to tokenize (a tiny held-out part)
         np.save(tmp / "tokens.npy", np.empty(0, dtype=np.int32))
         (tmp / "meta.json").write_text(json.dumps({"documents": 0, "tokens": 0, "part": [index, shards]}))
