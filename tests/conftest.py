@@ -7,6 +7,7 @@ they skip with a reason, except when `GQA_REQUIRE_DATA=1` (set by `.ci/run`), wh
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,9 @@ import torch
 
 from convert.demo import smollm2
 from tests.helpers.resources import need
+
+# uptraining's token cache: one per test session (inherited by the runs' subprocesses), never the user's
+os.environ.setdefault("GQA_CACHE_DIR", tempfile.mkdtemp(prefix="gqa-test-cache-"))
 
 
 @pytest.fixture(scope="session")

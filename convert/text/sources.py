@@ -313,6 +313,9 @@ def pack_blocks(token_docs: Iterable[Sequence[int]], block_size: int, eos_id: in
 class PackedStream:
     """Packed blocks from a streamed corpus, epoch after epoch, resumable without replaying what was read.
 
+    With `parts` > 1 it packs only part `part` of the corpus: whole shards when the source's shard count divides
+    `parts` and nothing is held out, else every `parts`-th document (the others are read, not tokenized).
+
     Documents (minus the held-out ones, when `holdout` > 0) pass a seeded shuffle buffer (reseeded every epoch),
     are tokenized and packed with EOS after each one, exactly like `pack_blocks`. `state()` is everything needed
     to continue from the current block: the epoch, the dataset's own position (`IterableDataset.state_dict`),
@@ -328,11 +331,14 @@ class PackedStream:
         seed: int,
         holdout: float = 0.0,
         state: dict | None = None,
+        part: int = 0,
+        parts: int = 1,
     ):
         if block_size < 2:
             raise DataError(f"block_size must be at least 2, got {block_size}")
         self.open_dataset, self.tokenizer, self.eos = open_dataset, tokenizer, eos_token_id(tokenizer)
         self.block_size, self.buffer_size, self.seed, self.holdout = block_size, buffer_size, seed, holdout
+        self.part, self.parts = part, parts  # this stream reads part `part` of `parts` (processes x workers)
         self.epoch, self.documents, self.buffer, self.tokens, self.source = 0, 0, [], [], None
         self.draining = False  # the epoch's documents are all read; the shuffled buffer is being emptied
         self.rng = random.Random(self._epoch_seed())
@@ -360,17 +366,25 @@ class PackedStream:
     def _epoch_documents(self) -> Iterator[str]:
         """The rest of this epoch's documents, from the saved position of the source."""
         ds = self.open_dataset()
+        by_shard = self.parts > 1 and not self.holdout and ds.num_shards % self.parts == 0
+        if by_shard:  # whole shards per part: a part reads only its own files
+            ds = ds.shard(num_shards=self.parts, index=self.part)
         if self.source is not None:
             ds.load_state_dict(self.source)
-        for example in ds:
+        # ds.iter, not iter(ds): inside a DataLoader worker, iter(ds) would split the shards among the workers
+        # behind our back; the parts here are chosen explicitly (and the same with or without workers)
+        for batch in ds.iter(batch_size=1):
             self.source = ds.state_dict()
-            text = example["text"]
+            text = batch["text"][0]
             if text is None or not str(text).strip():
                 continue  # not a document (and not counted, as in `iter_texts`)
             index = self.documents
             self.documents += 1
             if self.holdout and held_out(index, self.holdout):
                 continue
+            trained = index - int(index * self.holdout)  # this document's place among the training ones
+            if not by_shard and trained % self.parts != self.part:
+                continue  # another part's document: read, but neither tokenized nor packed here
             yield text
 
     def _pack(self, text: str) -> Iterator[list[int]]:

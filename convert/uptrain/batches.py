@@ -1,19 +1,26 @@
-"""The run's text: documents of the training and validation parts, packed into blocks, and batches by step.
+"""The run's text: each source's documents, tokenized once into the on-disk cache (or streamed), validation
+blocks, and what the plan reports about them. `loader.py` turns this into the rows of each step.
 
-The order of the training blocks is a pure function of (seed, step), so a resumed run reads exactly the batches
-an uninterrupted run would have read.
+In memory, every process reads the token cache (`token_cache.py`), tokenizing only its part of a source when the
+cache misses; streaming, every process packs only its part of the stream (`loader.StreamBatches`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from convert.errors import SettingsError
+from convert.errors import DataError, SettingsError
 from convert.text import sources as textdata
+from convert.uptrain import mixture, token_cache
+from convert.uptrain.loader import Rows, StepBatches, StreamBatches
+from convert.uptrain.mixture import SourceSpec
 from convert.uptrain.seq2seq import VALIDATION_SEED, span_rows
 from convert.uptrain.settings import Settings
 
@@ -23,82 +30,217 @@ def separate_validation(s: Settings) -> bool:
     return s.validation is not None or s.validation_split is not None
 
 
-def load_documents(s: Settings, part: str) -> tuple[Callable[[], Iterator[str]], str, Callable[[], Any]]:
-    """The documents of the training or the validation part, as a fresh iterator each call."""
+def _where(specs: list[SourceSpec], k: int) -> str:
+    return f"data[{k}] ({specs[k].describe()}): " if len(specs) > 1 else ""
+
+
+def open_source(s: Settings, spec: SourceSpec, streaming: bool):
+    """`load_text_dataset` of one source."""
+    return textdata.load_text_dataset(
+        spec.source,
+        config=spec.config,
+        split=spec.split,
+        text_column=spec.text_column,
+        streaming=streaming,
+        txt_documents=s.txt_documents,
+    )
+
+
+@contextlib.contextmanager
+def naming(specs: list[SourceSpec], k: int):
+    """A mixture's data errors name the entry, and where to fix a text column."""
+    try:
+        yield
+    except DataError as e:
+        if len(specs) == 1:
+            raise
+        fix = " (on that entry of data:)" if "text_column" in str(e) else ""
+        raise DataError(f"{_where(specs, k)}{e}{fix}") from None
+
+
+def load_documents(
+    s: Settings, part: str, spec: SourceSpec | None = None, lazy: bool = False
+) -> tuple[Callable[[], Iterator[str]], str, Callable[[], Any]]:
+    """The documents of the training or the validation part of one source, as a fresh iterator each call."""
+    spec = spec or mixture.source_specs(s)[0]
     separate = separate_validation(s)
     if part == "validation" and separate:
-        source = s.validation if s.validation is not None else s.data
-        split = s.validation_split if s.validation_split is not None else s.data_split
-    else:
-        source, split = s.data, s.data_split
+        source = s.validation if s.validation is not None else spec.source
+        split = s.validation_split if s.validation_split is not None else spec.split
+        spec = SourceSpec(source, 1.0, spec.config, split, spec.text_column)
 
     def open_dataset():
-        return textdata.load_text_dataset(
-            source,
-            config=s.data_config,
-            split=split,
-            text_column=s.text_column,
-            streaming=s.streaming,
-            txt_documents=s.txt_documents,
-        )
+        return open_source(s, spec, s.streaming)
 
-    ds = open_dataset()
+    ds = None if lazy else open_dataset()  # lazy: only the name is wanted (the token cache may hit)
 
     def texts() -> Iterator[str]:
-        stream = textdata.iter_texts(ds)
+        stream = textdata.iter_texts(ds if ds is not None else open_dataset())
         if not separate:  # carve the held-out documents out of the training source
             stream = textdata.carve(stream, s.validation_fraction, part)
         return stream
 
-    name = textdata.describe_source(source, s.data_config, split)
+    name = spec.describe()
     if part == "validation" and not separate:
         name = f"{s.validation_fraction:g} of the documents of {name}, held out"
     return texts, name, open_dataset
 
 
-def prepare_data(s: Settings, tokenizer) -> dict:
-    """Training blocks (all in memory, or a stream), validation blocks, and what the plan reports about them."""
+def _documents_for_cache(s: Settings, spec: SourceSpec, ds, part: str = "train"):
+    """The training (or held-out) documents of an in-memory source as a `datasets.Dataset`: blank ones dropped,
+    carved by position (the same documents `iter_texts` + `carve` give)."""
+
+    def nonblank(batch: dict) -> list[bool]:
+        keep = []
+        for text in batch["text"]:
+            if text is not None and not isinstance(text, str):
+                raise DataError(f"the text column holds {type(text).__name__} values, not strings")
+            keep.append(bool(text and text.strip()))
+        return keep
+
+    docs = ds.filter(nonblank, batched=True, desc=None)
+    if not separate_validation(s) and s.validation_fraction > 0:
+        fraction, want = s.validation_fraction, part == "validation"
+        docs = docs.filter(
+            lambda _, idx: [textdata.held_out(i, fraction) == want for i in idx], with_indices=True, batched=True
+        )
+    return docs
+
+
+def cache_key(s: Settings, spec: SourceSpec, tokenizer, fingerprint: Any, part: str = "train") -> dict:
+    """What decides a source's packed token stream (see token_cache.py: not the block size)."""
+    return {
+        "format": token_cache.FORMAT,
+        "part": part,
+        "source": spec.source,
+        "fingerprint": fingerprint,
+        "config": spec.config,
+        "split": spec.split,
+        "text_column": spec.text_column,
+        "txt_documents": s.txt_documents,
+        "held_out": 0.0 if separate_validation(s) else s.validation_fraction,
+        "tokenizer": token_cache.tokenizer_digest(tokenizer),
+    }
+
+
+def cached_source(s: Settings, spec: SourceSpec, tokenizer, rank: int, world: int, part: str = "train"):
+    """One in-memory source (its training or held-out documents) through the token cache: hit, or this process's
+    share tokenized (and the others' waited for)."""
+    files = textdata.local_files(spec.source)
+    ds = None
+    if files is not None:
+        fingerprint: Any = token_cache.files_fingerprint(files)
+    else:  # a hub or folder dataset: datasets fingerprints its prepared Arrow files
+        ds = open_source(s, spec, False)
+        fingerprint = ds._fingerprint
+
+    def open_docs():
+        return _documents_for_cache(s, spec, ds if ds is not None else open_source(s, spec, False), part)
+
+    root = Path(s.data_cache) if s.data_cache else token_cache.default_root()
+    cpus = max(1, (os.cpu_count() or 1) // world)
+    num_proc = min(cpus, 8) if cpus > 1 else None
+    key = cache_key(s, spec, tokenizer, fingerprint, part)
+    return token_cache.ensure(key, root, open_docs, tokenizer, rank, world, num_proc)
+
+
+def _validation_blocks(s: Settings, spec: SourceSpec, tokenizer, rank: int, world: int, count: int):
+    """The first `count` validation blocks of a source (fewer if it holds fewer) and their description: from the
+    token cache in memory (the held-out part cached whole, once), packed from the stream when streaming."""
+    texts, name, _ = load_documents(s, "validation", spec, lazy=not s.streaming)
+    if s.streaming:
+        eos = textdata.eos_token_id(tokenizer)
+        stream = textdata.pack_blocks(textdata.tokenize_documents(texts(), tokenizer), s.block_size, eos)
+        return torch.tensor(list(itertools.islice(stream, count)), dtype=torch.long).view(-1, s.block_size), name
+    if separate_validation(s):
+        source = s.validation if s.validation is not None else spec.source
+        split = s.validation_split if s.validation_split is not None else spec.split
+        spec = SourceSpec(source, 1.0, spec.config, split, spec.text_column)
+    cached = cached_source(s, spec, tokenizer, rank, world, "validation")
+    return cached.rows(list(range(min(count, cached.blocks(s.block_size)))), s.block_size), name
+
+
+def prepare_data(s: Settings, tokenizer, rank: int = 0, world: int = 1) -> dict:
+    """Training sources (cached in memory, or streams), validation blocks, and what the plan reports."""
     if s.objective == "span_corruption":
         return prepare_span_data(s, tokenizer)
     eos = textdata.eos_token_id(tokenizer)
-    train_texts, train_name, open_train = load_documents(s, "train")
-    data: dict[str, Any] = {"train_name": train_name, "eos": eos, "tokenizer": tokenizer}
-    if s.streaming:  # look at the first block only; training packs the stream as it goes
-        tokens = textdata.tokenize_documents(train_texts(), tokenizer)
-        first = next(textdata.pack_blocks(tokens, s.block_size, eos), None)
-        if first is None:
-            raise SettingsError(f"training data {train_name} holds fewer tokens than one block ({s.block_size})")
-        data.update(
-            train_blocks=None,
-            open_train=open_train,
-            train_tokens=None,
-            holdout=0.0 if separate_validation(s) else s.validation_fraction,
+    specs = mixture.source_specs(s)
+    weights = mixture.exact_weights([spec.weight for spec in specs])
+    if len(specs) > 1 and s.validation_split is not None and s.validation is None:
+        raise SettingsError(
+            "validation_split cannot apply to a mixture: give validation: SOURCE, or leave both unset to hold out "
+            "validation_fraction of every source"
         )
+    rows = s.micro_batch_size * s.grad_accum * (1 if s.streaming else world)
+    problem = mixture.quota_problem(rows, weights)
+    if problem:
+        raise SettingsError(problem)
+    names = [spec.describe() for spec in specs]
+    train_name = (
+        names[0]
+        if len(specs) == 1
+        else f"a mixture of {len(specs)} sources: " + ", ".join(f"{n} ({float(w):.3g})" for n, w in zip(names, weights))
+    )
+    data: dict[str, Any] = {"train_name": train_name, "eos": eos, "tokenizer": tokenizer, "weights": weights}
+    data["sources"] = [{"name": n, "weight": float(w)} for n, w in zip(names, weights)]
+    if s.streaming:  # look at the first block only; training packs the stream as it goes
+        opens = []
+        for k, spec in enumerate(specs):
+            with naming(specs, k):
+                texts, _, open_train = load_documents(s, "train", spec)
+                packed = textdata.pack_blocks(textdata.tokenize_documents(texts(), tokenizer), s.block_size, eos)
+                first = next(packed, None)
+            if first is None:
+                raise SettingsError(
+                    f"{_where(specs, k)}training data {names[k]} holds fewer tokens than one block ({s.block_size})"
+                )
+            opens.append(open_train)
+        data.update(rows=None, open_train=opens, train_tokens=None)
+        data["holdout"] = 0.0 if separate_validation(s) else s.validation_fraction
     else:
-        docs = list(train_texts())
-        if not docs:
-            raise SettingsError(f"training data {train_name} holds no text")
-        blocks = list(textdata.pack_blocks(textdata.tokenize_documents(docs, tokenizer), s.block_size, eos))
-        if not blocks:
-            tokens = textdata.count_tokens(docs, tokenizer)
-            raise SettingsError(
-                f"training data {train_name} holds {tokens} tokens, fewer than one block ({s.block_size}): "
-                f"give more text or lower block_size"
-            )
-        data.update(train_blocks=torch.tensor(blocks, dtype=torch.long), train_documents=len(docs))
-        data["train_tokens"] = data["train_blocks"].numel()
+        import datasets
+
+        datasets.disable_progress_bars()  # the cache's filter and map
+        sources, documents, tokens = [], 0, 0
+        for k, spec in enumerate(specs):
+            with naming(specs, k):
+                cached = cached_source(s, spec, tokenizer, rank, world)
+            if cached.documents == 0:
+                raise SettingsError(f"{_where(specs, k)}training data {names[k]} holds no text")
+            if cached.blocks(s.block_size) == 0:
+                raise SettingsError(
+                    f"{_where(specs, k)}training data {names[k]} holds {cached.tokens} tokens, fewer than one block "
+                    f"({s.block_size}): give more text or lower block_size"
+                )
+            sources.append(Rows(cached, s.block_size))
+            documents, tokens = documents + cached.documents, tokens + cached.blocks(s.block_size) * s.block_size
+            data["sources"][k]["cache"] = {
+                "hit": cached.hit,
+                "folder": str(cached.folder),
+                "parts": cached.shards,
+                "tokenized_here": cached.built,
+            }
+        data.update(rows=sources, train_documents=documents, train_tokens=tokens)
 
     data["val_blocks"] = None
     if separate_validation(s) or s.validation_fraction > 0:
-        val_texts, val_name, _ = load_documents(s, "validation")
-        stream = textdata.pack_blocks(textdata.tokenize_documents(val_texts(), tokenizer), s.block_size, eos)
-        val = list(itertools.islice(stream, s.max_eval_blocks))
-        if not val:
-            raise SettingsError(
-                f"validation data {val_name} (validation_fraction={s.validation_fraction}) holds fewer tokens than "
-                f"one block ({s.block_size}): raise validation_fraction, give a validation source, or lower block_size"
-            )
-        data.update(val_blocks=torch.tensor(val, dtype=torch.long), val_name=val_name)
+        val, val_names = [], []
+        val_specs = specs[:1] if separate_validation(s) else specs  # else each source's held-out documents
+        for k, spec in enumerate(val_specs):
+            w = weights[k]  # a mixture's validation: each source's share of max_eval_blocks, rounded up
+            share = s.max_eval_blocks if len(val_specs) == 1 else -(-s.max_eval_blocks * w.numerator // w.denominator)
+            with naming(specs, k):
+                got, val_name = _validation_blocks(s, spec, tokenizer, rank, world, share)
+            if len(got) == 0:
+                raise SettingsError(
+                    f"{_where(specs, k)}validation data {val_name} (validation_fraction={s.validation_fraction}) holds "
+                    f"fewer tokens than one block ({s.block_size}): raise validation_fraction, give a validation "
+                    f"source, or lower block_size"
+                )
+            val.append(got)
+            val_names.append(val_name)
+        data.update(val_blocks=torch.cat(val)[: s.max_eval_blocks], val_name="; ".join(val_names))
     return data
 
 
@@ -130,35 +272,36 @@ def prepare_span_data(s: Settings, tokenizer) -> dict:
     return data
 
 
-def open_stream(s: Settings, data: dict, state: dict | None) -> textdata.PackedStream:
-    """The streamed training corpus, at the position a checkpoint stored (or at its start)."""
-    return textdata.PackedStream(
-        data["open_train"], data["tokenizer"], s.block_size, s.shuffle_buffer, s.seed, data["holdout"], state=state
+def step_batches(s: Settings, data: dict, rank: int, procs: int) -> StepBatches:
+    """In memory: this process's rows of any step (a pure function of seed and step)."""
+    sources = data["rows"] if data.get("rows") is not None else [Rows(tensor=data["train_blocks"])]
+    weights = data.get("weights") or mixture.exact_weights([1.0])
+    return StepBatches(sources, weights, s.seed, s.micro_batch_size, s.grad_accum, rank, procs)
+
+
+def stream_batches(
+    s: Settings, data: dict, rank: int, procs: int, start_step: int, states: dict | None
+) -> StreamBatches:
+    """Streaming: this process's rows of every step from its stream parts (one per worker), resumable."""
+    parts = procs * max(s.num_workers, 1)
+
+    def open_part(part: int, source_states: list | None) -> list[textdata.PackedStream]:
+        return [
+            textdata.PackedStream(
+                opener,
+                data["tokenizer"],
+                s.block_size,
+                s.shuffle_buffer,
+                s.seed + k,
+                data["holdout"],
+                state=source_states[k] if source_states else None,
+                part=part,
+                parts=parts,
+            )
+            for k, opener in enumerate(data["open_train"])
+        ]
+
+    rows = s.micro_batch_size * s.grad_accum
+    return StreamBatches(
+        open_part, data["weights"], rows, rank, s.num_workers, start_step, s.save_every, s.seed, states
     )
-
-
-def global_batches(s: Settings, data: dict, global_batch: int, start_step: int) -> Iterator[torch.Tensor]:
-    """Global batches of `global_batch` blocks from `start_step` on; the same on every process.
-
-    In memory: each epoch visits the blocks in a permutation seeded by (seed, epoch), so the batch of a step
-    depends on nothing but the step. Streaming: `data["stream"]`, a `PackedStream` (seeded shuffle buffer,
-    packing on the fly) that a checkpoint stores the position of, so a resumed run reads on from there.
-    """
-    if data["train_blocks"] is not None:
-        blocks = data["train_blocks"]
-        n = len(blocks)
-        orders: dict[int, torch.Tensor] = {}
-        for step in itertools.count(start_step):
-            rows = []
-            for g in range(step * global_batch, (step + 1) * global_batch):
-                epoch = g // n
-                if epoch not in orders:
-                    orders.clear()
-                    orders[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(s.seed * 100_003 + epoch))
-                rows.append(orders[epoch][g % n])
-            yield blocks[torch.stack(rows)]
-        return
-
-    blocks = data["stream"].blocks()
-    while True:
-        yield torch.tensor([next(blocks) for _ in range(global_batch)], dtype=torch.long)

@@ -123,8 +123,15 @@ def writing(what: str, s: Settings, *temporary: Path):
         ) from None
 
 
-def save_checkpoint(accelerator, s: Settings, step: int, trainer_state: dict, stream) -> Path:
-    """`save_state` into a temporary folder, renamed into place when complete; keep the newest K."""
+def data_state_file(folder: Path, rank: int) -> Path:
+    return folder / f"data_state-{rank:05d}.json"
+
+
+def save_checkpoint(accelerator, s: Settings, step: int, trainer_state: dict, streams: dict | None) -> Path:
+    """`save_state` into a temporary folder, renamed into place when complete; keep the newest K.
+
+    `streams` is this process's position in its stream parts (streaming only): each process writes its own.
+    """
     root = checkpoint_dir(s)
     final, tmp = root / f"{CHECKPOINT_PREFIX}{step:06d}", root / f".tmp-{CHECKPOINT_PREFIX}{step:06d}"
     if accelerator.is_main_process:
@@ -133,11 +140,11 @@ def save_checkpoint(accelerator, s: Settings, step: int, trainer_state: dict, st
     accelerator.wait_for_everyone()
     with writing(f"checkpoint {final.name}", s, tmp):
         accelerator.save_state(str(tmp))
+        if streams is not None:  # every process's position in its own parts of the stream
+            data_state_file(tmp, accelerator.process_index).write_text(json.dumps(streams))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with writing(f"checkpoint {final.name}", s, tmp):
-            if stream is not None:  # the position in a streamed corpus (the same on every process)
-                (tmp / "stream_state.json").write_text(json.dumps(stream.state()))
             (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
         discard(final)
         os.replace(tmp, final)
@@ -147,13 +154,21 @@ def save_checkpoint(accelerator, s: Settings, step: int, trainer_state: dict, st
     return final
 
 
-def load_checkpoint(accelerator, path: Path) -> tuple[dict, dict | None]:
-    """Restore model, optimizer, scheduler and RNG; the trainer state and the stream position, if any."""
+def load_checkpoint(accelerator, path: Path, streaming: bool = False) -> tuple[dict, dict | None]:
+    """Restore model, optimizer, scheduler and RNG; the trainer state and this process's stream parts' states."""
     accelerator.load_state(str(path))
-    stream = path / "stream_state.json"
-    return json.loads((path / "trainer_state.json").read_text()), (
-        json.loads(stream.read_text()) if stream.is_file() else None
-    )
+    trainer = json.loads((path / "trainer_state.json").read_text())
+    if not streaming:
+        return trainer, None
+    mine = data_state_file(path, accelerator.process_index)
+    saved = json.loads(mine.read_text()) if mine.is_file() else None
+    if saved is None or saved["num_processes"] != accelerator.num_processes:
+        taken = len(list(path.glob("data_state-*.json")))
+        raise SettingsError(
+            f"{path} holds the stream positions of {taken} processes, not {accelerator.num_processes}: a streamed "
+            f"run resumes on the number of processes it started with"
+        )
+    return trainer, {int(part): state for part, state in saved["parts"].items()}
 
 
 def save_output(accelerator, model, s: Settings, tokenizer, summary: dict, rows: list[dict]) -> Path:

@@ -23,9 +23,10 @@ import torch
 from convert.errors import DataError, PublishError, SettingsError, TrainingError
 from convert.formatting import duration
 from convert.uptrain import checkpointing as ckpt
-from convert.uptrain import publishing
-from convert.uptrain.batches import global_batches, open_stream, prepare_data
+from convert.uptrain import mixture, publishing
+from convert.uptrain.batches import prepare_data, step_batches, stream_batches
 from convert.uptrain.budget import lr_factor, plan_budget
+from convert.uptrain.loader import make_loader
 from convert.uptrain.memory import checkpoint_bytes, device_peak_tflops, estimate_memory, mfu, peak_memory, rss_now
 from convert.uptrain.model import (
     check_model_folder,
@@ -38,7 +39,7 @@ from convert.uptrain.model import (
     use_fsdp_on_cpu,
 )
 from convert.uptrain.seq2seq import check_objective, make_task, model_class
-from convert.uptrain.settings import OPTIONAL_RUN_KEYS, SPAN_KEYS, Options, Settings, load_settings
+from convert.uptrain.settings import OPTIONAL_RUN_KEYS, SPAN_KEYS, STREAM_KEYS, Options, Settings, load_settings
 from convert.uptrain.sharding import describe_wrap, fsdp_launch, merge_shared_embeddings, set_wrap, wrap_classes
 from convert.uptrain.speed import check_optimizer, choose_attention, make_optimizer, optimizer_name
 from convert.uptrain.summary import Metrics, Summary, describe_memory, describe_plan
@@ -61,6 +62,11 @@ def world_size() -> int:
 
 def is_main_rank() -> bool:
     return os.environ.get("RANK", "0") == "0"
+
+
+def process_rank() -> int:
+    """This process's index among `world_size()`, read before any setup (the data is prepared before it)."""
+    return int(os.environ.get("RANK", "0"))
 
 
 class Uptraining:
@@ -139,12 +145,14 @@ class Uptraining:
         if s.objective != "causal_lm":  # causal runs keep the fingerprint their checkpoints already hold
             self.run_id.update({k: getattr(s, k) for k in SPAN_KEYS})
         self.run_id.update({k: getattr(s, k) for k, default in OPTIONAL_RUN_KEYS.items() if getattr(s, k) != default})
+        if s.streaming:  # a stream is split per worker: its batches depend on num_workers
+            self.run_id.update({k: getattr(s, k) for k in STREAM_KEYS})
         self.resume_from = ckpt.find_resume_point(s, self.run_id)
         done = Path(s.output_dir) / "model" / "training_summary.json"
         if s.resume == "auto" and done.is_file() and json.loads(done.read_text()).get("run") == self.run_id:
             self.say(f"{s.output_dir}: this run is already complete (model/ written); nothing to do")
             return self.publish(json.loads(done.read_text()))
-        self.data = prepare_data(s, self.tokenizer)
+        self.data = prepare_data(s, self.tokenizer, process_rank(), world_size())
         val = self.data["val_blocks"]
         if val is not None and len(val) < self.plan["num_processes"]:
             raise SettingsError(
@@ -237,12 +245,16 @@ class Uptraining:
                 teacher = teacher.to(accel.device)
             self.teacher = teacher
 
-        self.start_step, self.previous_seconds, stream_state = 0, 0.0, None
+        self.start_step, self.previous_seconds, stream_states = 0, 0.0, None
         if self.resume_from is not None:
-            saved, stream_state = ckpt.load_checkpoint(accel, self.resume_from)
+            saved, stream_states = ckpt.load_checkpoint(accel, self.resume_from, s.streaming)
             self.start_step, self.previous_seconds = saved["step"], saved["train_seconds"]
+        rank, procs = accel.process_index, accel.num_processes
         if s.streaming:
-            self.data["stream"] = open_stream(s, self.data, stream_state)
+            self.dataset = stream_batches(s, self.data, rank, procs, self.start_step, stream_states)
+            self.stream_states = dict(stream_states or {})  # part -> the state after its last batch trained on
+        else:
+            self.dataset, self.stream_states = step_batches(s, self.data, rank, procs), None
         resumed = self.start_step if self.resume_from is not None else None
         self.metrics = Metrics(accel, Path(s.output_dir) / "metrics.jsonl", resumed)
         hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in s.model_dump().items()}
@@ -253,6 +265,7 @@ class Uptraining:
 
         sizes = {"trainable": self.trainable_params, "total": self.total_params}
         resume = (str(self.resume_from), self.start_step) if self.resume_from is not None else None
+        self.data.update(source_report=self.source_report(), num_workers=s.num_workers)
         for line in describe_plan(s, plan, self.data, sizes, resume):
             self.say(line)
         self.say(
@@ -269,14 +282,13 @@ class Uptraining:
 
     # ------------------------------------------------------------------ 3. one optimizer step
     def train_step(self, step: int, batch: torch.Tensor) -> dict:
-        """Forward, backward and update on this process's share of one global batch; the losses, reduced."""
-        s, accel, model = self.s, self.accelerator, self.model
-        rank, procs, mb = accel.process_index, accel.num_processes, s.micro_batch_size
+        """Forward, backward and update on this process's rows of one step (`grad_accum` micro-batches one after
+        the other); the losses, reduced over processes."""
+        s, accel, model, mb = self.s, self.accelerator, self.model, self.s.micro_batch_size
         sums = torch.zeros(3, device=accel.device)  # loss, lm loss, kl
         grad_norm = None
         for micro in range(s.grad_accum):
-            first = (micro * procs + rank) * mb
-            ids = batch[first : first + mb].to(accel.device)
+            ids = batch[micro * mb : (micro + 1) * mb].to(accel.device)
             with accel.accumulate(model):
                 logits = self.task.logits(model, ids)
                 lm = self.task.loss(logits, ids)
@@ -341,8 +353,10 @@ class Uptraining:
             "train_seconds": seconds,
             "run": self.run_id,
         }
-        stream = self.data.get("stream")
-        self.last_checkpoint = ckpt.save_checkpoint(self.accelerator, self.s, step, state, stream).name
+        streams = None
+        if self.stream_states is not None:
+            streams = {"num_processes": self.accelerator.num_processes, "parts": self.stream_states}
+        self.last_checkpoint = ckpt.save_checkpoint(self.accelerator, self.s, step, state, streams).name
 
     # ------------------------------------------------------------------ 5. the loop
     def train(self) -> Summary:
@@ -358,11 +372,25 @@ class Uptraining:
             unit="step",
             dynamic_ncols=True,
         )
-        batches = global_batches(s, self.data, plan["global_batch"], self.start_step)
+        loader = make_loader(self.dataset, s.num_workers, self.start_step, total)
+        batches = iter(loader)
         self.session_start, measured_from = time.time(), None
+        self.data_wait, self.wait_measured = 0.0, 0.0  # waiting for data, and waiting + stepping (from step 2 on)
         try:
             for step in range(self.start_step + 1, total + 1):
-                row = self.train_step(step, next(batches))
+                started = time.perf_counter()
+                item = next(batches)
+                waited = time.perf_counter() - started
+                if isinstance(item, dict):  # a stream's batch, with its part's state when a checkpoint may follow
+                    assert item["step"] == step, (item["step"], step)
+                    if item["state"] is not None:
+                        self.stream_states[item["part"]] = item["state"]
+                    item = item["batch"]
+                row = self.train_step(step, item)
+                row["data_wait_s"] = waited
+                if step > self.start_step + 1:  # the first batch waits for the workers to start
+                    self.data_wait += waited
+                    self.wait_measured += time.perf_counter() - started  # waiting + the step itself
                 if self.hooks.after_step is not None:
                     self.hooks.after_step(step)
                 now = time.time()
@@ -389,7 +417,21 @@ class Uptraining:
                     self.save(step)
         finally:
             bar.close()
+            del batches, loader  # stops the workers
         return self.finish()
+
+    def source_report(self) -> list[dict]:
+        """Each training source: its weight, the tokens the whole run draws from it, its token cache."""
+        s, plan = self.s, self.plan
+        weights, procs = self.data.get("weights") or mixture.exact_weights([1.0]), plan["num_processes"]
+        if s.streaming:  # each process's parts take turns at the steps, with their own quotas
+            rows = mixture.rows_per_source(plan["total_steps"], s.micro_batch_size * s.grad_accum, weights,
+                                           max(s.num_workers, 1))  # fmt: skip
+            rows = [r * procs for r in rows]
+        else:
+            rows = mixture.rows_per_source(plan["total_steps"], plan["global_batch"], weights)
+        sources = self.data.get("sources") or [{"name": self.data["train_name"], "weight": 1.0}]
+        return [{**src, "tokens": r * s.block_tokens} for src, r in zip(sources, rows)]
 
     # ------------------------------------------------------------------ 6. the result
     def finish(self) -> Summary:
@@ -423,6 +465,8 @@ class Uptraining:
             "final_eval": evals[-1] if evals else None,
             "resumed_from": str(self.resume_from) if self.resume_from else None,
             "last_checkpoint": self.last_checkpoint,
+            "data_sources": self.source_report(),
+            "data_wait_fraction": self.data_wait / self.wait_measured if self.wait_measured else None,
         }
         final = ckpt.save_output(self.accelerator, self.model, s, self.tokenizer, summary, self.metrics.rows)
         self.accelerator.end_training()
@@ -447,6 +491,9 @@ def uptrain(settings: Settings, options: Options | None = None, hooks: Hooks | N
     # accelerate warns on every checkpoint of a model with tied embeddings that it stored the shared tensor once
     logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
     hf_logging.disable_progress_bar()
+    import datasets
+
+    datasets.disable_progress_bars()  # the token cache's map and filter
     run = Uptraining(settings, options, hooks)
     finished = run.check()
     if finished is not None:

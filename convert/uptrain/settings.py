@@ -64,9 +64,18 @@ def _names(value: Any) -> Any:
 
 
 def _sources(value: Any) -> Any:
-    """One source or a list of them (a string starting with `[` is a list)."""
+    """One source or a list of them (a string starting with `[` is a list); a list of mappings is a mixture."""
     value = _none_word(value)
-    return _names(value) if isinstance(value, list) or (isinstance(value, str) and value.startswith("[")) else value
+    if isinstance(value, str) and value.startswith("["):
+        value = _names(value)
+    if isinstance(value, list) and any(isinstance(v, dict) for v in value):
+        from convert.uptrain.mixture import check_entries
+
+        entries = check_entries(value)
+        if isinstance(entries, str):
+            raise PydanticCustomError("setting", entries)
+        return entries
+    return _names(value) if isinstance(value, list) else value
 
 
 def _precision(value: Any) -> Any:
@@ -107,7 +116,10 @@ class Settings(BaseModel):
     peak_tflops: Annotated[MaybeFloat, Field(gt=0)] = None  # one device's peak, for MFU; default: known GPUs
     trust_remote_code: bool = False  # run the Python code a model folder ships (config.json `auto_map`)
     # --- data
-    data: Annotated[str | list[str], BeforeValidator(_sources)]  # local files (globs ok) or a hub dataset name
+    # local files (globs ok) or a hub dataset name; or a mixture: [{source, weight, config, split, text_column}]
+    data: Annotated[str | list[str] | list[dict[str, Any]], BeforeValidator(_sources)]
+    num_workers: Count = Field(1, ge=0)  # DataLoader workers per process preparing batches (0: the training thread)
+    data_cache: MaybeStr = None  # the token cache of in-memory corpora (default: ~/.cache/gqa-convert/tokens)
     data_config: MaybeStr = None
     data_split: str = "train"
     text_column: str = "text"
@@ -227,6 +239,8 @@ def _span_problems(s: Settings) -> list[str]:
         problems.append(f"objective=span_corruption: {str(e).replace('input_length', 'block_size')}")
     if s.streaming:
         problems.append("objective=span_corruption reads the corpus into memory: set streaming=false")
+    if isinstance(s.data, list) and s.data and isinstance(s.data[0], dict) and len(s.data) > 1:
+        problems.append("objective=span_corruption takes one source, not a mixture: give data one source")
     return problems
 
 
@@ -266,6 +280,7 @@ RUN_KEYS = (
     "kd_weight",
     "kd_temperature",
 )
+STREAM_KEYS = ("num_workers",)  # in the fingerprint of streaming runs only: a stream is split per worker
 SPAN_KEYS = ("objective", "noise_density", "mean_span_length")  # in the fingerprint of span-corruption runs only
 # In the fingerprint only when changed from these defaults, so that older checkpoints still resume.
 OPTIONAL_RUN_KEYS = {"optimizer": "adamw", "attn_implementation": "sdpa"}

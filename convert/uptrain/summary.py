@@ -39,6 +39,8 @@ class Summary(TypedDict):
     final_eval: dict | None
     resumed_from: str | None
     last_checkpoint: str | None
+    data_sources: list[dict]  # per training source: name, weight, tokens drawn over the run, token cache (in memory)
+    data_wait_fraction: float | None  # of the step time (from the second step on), spent waiting for data
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -178,6 +180,20 @@ def describe_plan(s, plan: dict, data: dict, sizes: dict, resume: tuple[str, int
         + ")"
         + f"; lr {s.lr}, warmup {plan['warmup_steps']}, cosine to {s.min_lr_ratio} x lr",
     ]
+    for src in data.get("source_report", []):
+        share = f"weight {src['weight']:.3g}, " if len(data["source_report"]) > 1 else ""
+        lines.append(f"  source      {src['name']}: {share}{src['tokens']:,} tokens over the run")
+        cache = src.get("cache")
+        if cache is None:
+            continue
+        if cache["hit"]:
+            lines.append(f"  cache       hit: {cache['folder']} ({cache['parts']} parts)")
+        else:
+            here = ", ".join(map(str, cache["tokenized_here"])) or "none"
+            where = f"{cache['folder']} (parts {here} of {cache['parts']} by this process)"
+            lines.append(f"  cache       miss: tokenized into {where}")
+    if data.get("num_workers") is not None:
+        lines.append(f"  loader      {data['num_workers']} worker(s) per process preparing batches")
     if resume is not None:
         where, step = resume
         lines.append(f"  resume      from {where} (step {step}, {step * plan['tokens_per_step']:,} tokens)")

@@ -199,14 +199,42 @@ def logged_steps(out: Path) -> int:
     return max(steps)
 
 
-def kill_after_checkpoint(command: list[str], out: Path, step: int = 6, logged: int = 8) -> dict:
-    """Run the uptraining `command` with slowed steps, SIGKILL it once the step-`step` checkpoint exists and `logged`
+SLOW_STEPS = "after_step=lambda step: time.sleep(0.3)"  # slow steps: a kill lands mid-run
+
+
+def hooked_script(folder: Path, hooks: str = SLOW_STEPS) -> Path:
+    """`hooked_command`'s program as a script file, for `accelerate launch` (which runs files, not `-c`)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    script = folder / "hooked_uptrain.py"
+    script.write_text(hooked_command([], hooks)[2] + "\n")
+    return script
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (torchrun starts each rank in a session of its own, so no process group holds
+    them all), from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def kill_after_checkpoint(command: list[str], out: Path, step: int = 6, logged: int = 8, hooked: bool = True) -> dict:
+    """Run the uptraining `command` with slowed steps (`hooked=False`: `command` slows itself, e.g. a launch of
+    `hooked_script`), SIGKILL it and every process below it once the step-`step` checkpoint exists and `logged`
     steps are in its metrics; what was left: exit code, checkpoint, final model, steps logged, the log's tail."""
     out.mkdir(parents=True)
     log_path = out.parent / "killed.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
-            hooked_command(command, "after_step=lambda step: time.sleep(0.3)"),  # slow steps: the kill lands mid-run
+            hooked_command(command, SLOW_STEPS) if hooked else command,
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=REPO,
@@ -218,7 +246,9 @@ def kill_after_checkpoint(command: list[str], out: Path, step: int = 6, logged: 
             if checkpoint.is_file() and logged_steps(out) >= logged:
                 break
             time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)
+        for pid in [proc.pid, *descendants(proc.pid)]:  # as a lost node: every process, all but at once
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         return {
             "returncode": proc.wait(60),
             "checkpoint": checkpoint.is_file(),

@@ -52,6 +52,28 @@ def test_yaml_then_overrides(tmp_path):
     assert s.data == ["a.txt", "b.txt"] and s.max_steps == 5 and s.lr == 0.002 and s.mixed_precision == "no"
 
 
+def test_a_mixture_from_yaml_and_the_data_settings(tmp_path):
+    config = tmp_path / "mix.yaml"
+    config.write_text(
+        "model: m\noutput_dir: o\nmax_steps: 5\ndata:\n  - {source: web/*.jsonl, weight: 0.7}\n"
+        "  - {source: bigcode/the-stack-smol, config: python, text_column: content, weight: 0.3}\n"
+    )
+    s, _ = load_settings([str(config), "num_workers=2", "data_cache=/tmp/c"])
+    assert s.data == [
+        {"source": "web/*.jsonl", "weight": 0.7},
+        {"source": "bigcode/the-stack-smol", "config": "python", "text_column": "content", "weight": 0.3},
+    ]
+    assert s.num_workers == 2 and s.data_cache == "/tmp/c" and "num_workers" not in RUN_KEYS
+    assert (
+        load_settings([*REQUIRED, "max_steps=1"])[0].num_workers == 1
+    )  # the default: one worker off the training thread
+    assert "num_workers must be not negative, got -1" in problems([*REQUIRED, "max_steps=1", "num_workers=-1"])
+    mix = "data=[{source: a.txt, weight: 1}, {source: b.txt, weight: 1}]"
+    assert "takes one source, not a mixture" in problems(
+        [*REQUIRED[:1], *REQUIRED[2:], mix, "max_steps=1", "objective=span_corruption"]
+    )
+
+
 @pytest.mark.parametrize("name", sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
 def test_every_shipped_config_is_valid_and_found_by_name(name):
     s, _ = load_settings([name])

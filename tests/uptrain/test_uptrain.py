@@ -22,7 +22,9 @@ import convert.uptrain as uptrain_lib
 from convert.uptrain.budget import plan_budget
 from convert.uptrain.checkpointing import fingerprint
 from tests.helpers.uptrain import (
+    RECIPE,
     REPO,
+    hooked_script,
     kill_after_checkpoint,
     losses,
     mean_pool_kv,
@@ -209,7 +211,53 @@ def scenario_nan(assets, out):
     )
 
 
+# Mixtures on 2 processes with 2 data workers each: a 12-step run, the same run SIGKILLed (every process of the
+# launch at once) after its step-6 checkpoint then resumed, and (in memory) one process running it uninterrupted.
+MIXTURE = ["max_steps=12", "num_workers=2", "save_every=6", "eval_every=6"]
+
+
+def mixture_setting(assets) -> str:
+    """data: a plain-text file (weight 3) and a jsonl with its text in `body` (weight 1), inline YAML."""
+    return (
+        f"data=[{{source: {assets['corpus']}, weight: 3}}, {{source: {assets['jsonl']}, weight: 1, text_column: body}}]"
+    )
+
+
+def mixture_runs(assets, out, extra: list[str]):
+    args = [*BASE, *MIXTURE, f"model={assets['model']}", mixture_setting(assets), *extra, "grad_accum=1", "--quiet"]
+
+    def launch(*program: str) -> list[str]:
+        return two_process_launch(REPO / "recipes/accelerate_ddp.yaml", *program)
+
+    straight = subprocess.run(
+        launch(str(RECIPE), *args, f"output_dir={out.parent / 'straight'}"),
+        capture_output=True, text=True, timeout=600, env=recipe_env(), cwd=REPO,
+    )  # fmt: skip
+    killed = kill_after_checkpoint(
+        launch(str(hooked_script(out.parent)), *args, f"output_dir={out}"), out, hooked=False
+    )
+    resumed = subprocess.run(
+        launch(str(RECIPE), *args, f"output_dir={out}", "resume=auto"),
+        capture_output=True, text=True, timeout=600, env=recipe_env(), cwd=REPO,
+    )  # fmt: skip
+    return straight, killed, resumed
+
+
+def scenario_mixture_in_memory(assets, out):
+    one = run_recipe(
+        [*BASE, *MIXTURE, f"model={assets['model']}", mixture_setting(assets), "micro_batch_size=2", "grad_accum=2",
+         f"output_dir={out.parent / 'one'}"]
+    )  # fmt: skip
+    return one, *mixture_runs(assets, out, ["micro_batch_size=2"])
+
+
+def scenario_mixture_streaming(assets, out):
+    return mixture_runs(assets, out, ["micro_batch_size=4", "streaming=true", "shuffle_buffer=50"])
+
+
 SCENARIOS = {  # the longest chains first
+    "mix_memory": scenario_mixture_in_memory,
+    "mix_stream": scenario_mixture_streaming,
     "kill": scenario_kill_and_resume,
     "stream": scenario_streaming_resume,
     "ddp": scenario_two_processes,
@@ -346,7 +394,50 @@ def test_streaming_resume_continues_the_stream(runs):
     assert sorted(again) == list(range(1, 7))
     assert max(abs(again[s] - first[s]) for s in first) <= 1e-6
     assert json.loads((out / "model" / "training_summary.json").read_text())["resumed_from"].endswith("step-000003")
-    assert (out / "checkpoints" / "step-000003" / "stream_state.json").is_file()
+    assert (out / "checkpoints" / "step-000003" / "data_state-00000.json").is_file()
+
+
+def assert_killed_then_resumed_exactly(out: Path, straight, killed: dict, resumed) -> dict:
+    """The killed run died mid-run after its step-6 checkpoint; resumed, it logged the uninterrupted run's losses
+    bit for bit (and the same final weights); returns the resumed run's summary."""
+    ok(straight)
+    assert killed["returncode"] == -signal.SIGKILL and killed["checkpoint"] and not killed["model"], killed["log"]
+    ok(resumed)
+    summary = json.loads((out / "model" / "training_summary.json").read_text())
+    assert summary["resumed_from"].endswith("step-000006") and summary["num_processes"] == 2
+    expected, got = losses(out.parent / "straight"), losses(out)
+    assert sorted(got) == sorted(expected) == list(range(1, 13))
+    assert got == expected, {s: (got[s], expected[s]) for s in got if got[s] != expected[s]}
+    ref_w, got_w = weights(out.parent / "straight" / "model"), weights(out / "model")
+    assert all(torch.equal(ref_w[k], got_w[k]) for k in ref_w)
+    return summary
+
+
+@pytest.mark.slow  # trains: the runs fixture starts every scenario's subprocesses
+def test_mixture_in_memory_on_two_processes_resumes_exactly_and_matches_one_process(runs):
+    out, (one, straight, killed, resumed) = runs["mix_memory"]
+    summary = assert_killed_then_resumed_exactly(out, straight, killed, resumed)
+    ok(one)
+    expected, got = losses(out.parent / "one"), losses(out)
+    assert max(abs(got[s] - expected[s]) for s in expected) < 1e-4  # the ddp tolerance above
+    sources = summary["data_sources"]
+    assert [s["tokens"] for s in sources] == [9 * 4 * 32, 3 * 4 * 32]  # 3:1 of 12 steps x 4 blocks x 32 tokens
+    # the one-process run tokenized the sources (in 1 part); the 2-process runs and the resume reused its cache
+    assert sources[0]["cache"]["hit"] and sources[0]["cache"]["parts"] == 1
+    assert sources[1]["name"].endswith("corpus.jsonl")
+    assert 0 <= summary["data_wait_fraction"] < 1
+    assert "source      " in one.stdout and "weight 0.75, 1,152 tokens over the run" in one.stdout
+
+
+@pytest.mark.slow  # trains: the runs fixture starts every scenario's subprocesses
+def test_mixture_streamed_on_two_processes_resumes_exactly(runs):
+    out, (straight, killed, resumed) = runs["mix_stream"]
+    summary = assert_killed_then_resumed_exactly(out, straight, killed, resumed)
+    states = sorted(p.name for p in (out / "checkpoints" / "step-000012").glob("data_state-*.json"))
+    assert states == ["data_state-00000.json", "data_state-00001.json"]  # one per process, two parts each
+    parts = json.loads((out / "checkpoints" / "step-000012" / "data_state-00001.json").read_text())["parts"]
+    assert sorted(parts) == ["0", "1"] and all(len(p["sources"]) == 2 for p in parts.values())
+    assert [s["tokens"] for s in summary["data_sources"]] == [9 * 8 * 32, 3 * 8 * 32]
 
 
 @pytest.mark.slow  # trains: the runs fixture starts every scenario's subprocesses
@@ -407,6 +498,37 @@ def test_bad_data(recipe, assets, tmp_path, capsys):
     assert "missing.jsonl' does not exist" in err
     err = fails(recipe, capsys, [*common, f"data={assets['corpus']}", "validation_fraction=0.001"])
     assert "validation data" in err and "fewer tokens than one block" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_mixtures(recipe, assets, tmp_path, capsys):
+    """A bad mixture is refused before any compute with one error line naming the entry and the fix."""
+    corpus, jsonl = assets["corpus"], assets["jsonl"]
+    common = [f"model={assets['model']}", "max_steps=1", f"output_dir={tmp_path / 'out'}"]
+
+    def refused(data: str, *extra: str) -> str:
+        err = fails(recipe, capsys, [*common, f"data={data}", *extra])
+        assert err.count("error: ") == 1 and len(err.strip().splitlines()) == 1, err
+        return err
+
+    err = refused(f"[{{source: {corpus}, weight: 1}}, {{source: {jsonl}, weight: 0, text_column: body}}]")
+    assert "data[1] weight must be positive, got 0: drop the source or give it a share above 0" in err
+    err = refused(f"[{{source: {corpus}, weight: -2}}]")
+    assert "data[0] weight must be positive, got -2" in err
+    err = refused(f"[{{source: {corpus}}}, {{source: {tmp_path / 'missing.jsonl'}, weight: 1}}]")
+    assert "data[1] (" in err and "missing.jsonl' does not exist" in err
+    err = refused(f"[{{source: {corpus}}}, {{source: {jsonl}, weight: 1}}]")  # jsonl's text is in `body`
+    assert "data[1] (" in err and "text column 'text' not found" in err and "id, body" in err
+    assert "(on that entry of data:)" in err
+    err = refused(f"[{{source: {corpus}, weigth: 1}}]")
+    assert "data[0] has unknown key(s) weigth: a mixture entry takes source, weight" in err
+    err = refused("[{weight: 1}]")
+    assert "data[0] names no source" in err
+    err = refused(f"[{{source: {corpus}}}, {{source: {jsonl}, text_column: body}}]", "validation_split=test")
+    assert "validation_split cannot apply to a mixture" in err
+    three = f"[{{source: {corpus}, weight: 5}}, {{source: {corpus}, weight: 3}}, {{source: {corpus}, weight: 2}}]"
+    err = refused(three, "micro_batch_size=1", "grad_accum=1")
+    assert "needs at least 2 rows a batch" in err
     assert not (tmp_path / "out").exists()
 
 
