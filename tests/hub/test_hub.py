@@ -121,8 +121,9 @@ def test_convert_from_the_hub_records_the_commit_and_carries_the_licence(hub, tm
 
     src, sha = publish_source(hub, tmp_path)
     out = tmp_path / "out"
-    from huggingface_hub.utils import are_progress_bars_disabled
+    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
 
+    enable_progress_bars()  # another test's `datasets` call may have switched them off for the whole process
     result = CliRunner().invoke(main, ["convert", "org/tiny-llama", str(out), "-g", "2", "-q", "--revision", "release"])
     assert result.exit_code == 0, result.output
     assert result.stderr == "" and not are_progress_bars_disabled()  # -q: no download bars, and they are back after
