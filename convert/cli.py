@@ -95,6 +95,14 @@ def main() -> None:
     default=None,
     help="Calibrated methods: where the layers run while calibrating (default cpu; auto: cuda when available).",
 )
+@click.option(
+    "--option",
+    "method_option",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Calibrated methods: any other method option (repeatable; docs/calibrated.md lists them), e.g. "
+    "--option reconstruct_epochs=2. VALUE is read as JSON (numbers, true/false), else as a string.",
+)
 def convert(
     source: str,
     output: str,
@@ -117,6 +125,7 @@ def convert(
     grouping: str | None,
     calibration_dtype: str | None,
     device: str | None,
+    method_option: tuple[str, ...],
 ) -> None:
     """Convert SOURCE (folder or hub id) into OUTPUT with NUM_KV_HEADS key/value heads."""
     from .checkpoint import convert_checkpoint
@@ -134,6 +143,14 @@ def convert(
         )
         if v is not None
     }
+    for pair in method_option:
+        key, eq, value = pair.partition("=")
+        if not eq or not key:
+            _fail(ConversionError(f"--option {pair!r}: write KEY=VALUE, e.g. --option reconstruct_epochs=2"))
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
     try:
         report = convert_checkpoint(
             source,

@@ -79,3 +79,24 @@ def test_bad_options_name_the_method(tmp_path):
     src = save(tiny_model("llama"), tmp_path / "src")
     with pytest.raises(ConversionError, match="method 'reconstructed': reconstruct_lr"):
         convert(src, tmp_path / "a", 1, reconstruct_lr=0)
+
+
+def test_cli_method_options(tmp_path):
+    """`--option KEY=VALUE` reaches the method (JSON values); a malformed one is one error line, nothing written."""
+    from click.testing import CliRunner
+
+    from convert.cli import main
+
+    src = save(tiny_model("llama"), tmp_path / "src")
+    common = ["-g", "1", "--calibration-data", "random", "--calibration-tokens", "192", "--quiet"]
+    run = CliRunner().invoke(
+        main,
+        ["convert", str(src), str(tmp_path / "out"), "--method", "reconstructed", *common]
+        + ["--option", "reconstruct_epochs=0.5", "--option", "refit_o=false"],
+    )
+    assert run.exit_code == 0, run.output
+    cal = json.loads((tmp_path / "out" / "gqa_convert.json").read_text())["calibration"]
+    assert cal["reconstruct_epochs"] == 0.5 and cal["refit_o"] is False
+    bad = CliRunner().invoke(main, ["convert", str(src), str(tmp_path / "bad"), *common, "--option", "epochs"])
+    assert bad.exit_code == 2 and "error: --option 'epochs': write KEY=VALUE" in bad.output
+    assert not (tmp_path / "bad").exists()
