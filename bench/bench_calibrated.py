@@ -58,6 +58,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from tables import provenance  # bench/ is this script's folder, first on sys.path
+
 ROOT = Path(__file__).resolve().parent.parent
 ROWS = {
     "mean": ["--method", "mean"],
@@ -144,7 +146,7 @@ def main() -> int:
 
     sys.path.insert(0, str(ROOT))
     sys.path.insert(0, str(ROOT / "bench"))
-    from convert.evaluate import score_folder, tokenize_file
+    from convert.eval.perplexity import score_folder, tokenize_file
 
     have_data = bool(args.data_dir) and (Path(args.data_dir) / "wikitext-2" / "test.txt").is_file()
     if not have_data and not args.no_methods:
@@ -152,7 +154,7 @@ def main() -> int:
     valid = Path(args.data_dir) / "wikitext-2" / "valid.txt" if have_data else None
     test = Path(args.data_dir) / "wikitext-2" / "test.txt" if have_data else None
     if args.model is None:
-        from convert import smollm2
+        from convert.demo import smollm2
 
         model_path = smollm2.materialize()
         model_name = "SmolLM2-135M-Instruct (float32)"
@@ -242,7 +244,7 @@ def main() -> int:
         "load_average_1m": os.getloadavg()[0],
     }
     if args.json:
-        out = {"meta": meta, "results": results, **extra}
+        out = {"provenance": provenance(), "meta": meta, "results": results, **extra}
         if args.uptrain:
             out["uptraining"] = uptraining
         print(json.dumps(out, indent=2))

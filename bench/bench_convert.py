@@ -67,6 +67,8 @@ import threading
 import time
 from pathlib import Path
 
+from tables import provenance  # bench/ is this script's folder, first on sys.path
+
 METHODS = {
     "copy": "cp -r: the time goal's baseline",
     "convert": "gqa-convert convert",
@@ -502,7 +504,7 @@ def main() -> int:
         [
             sys.executable,
             "-c",
-            "import torch, transformers, convert.checkpoint; "
+            "import torch, transformers, convert.pipeline.conversion; "
             "from transformers import AutoModelForCausalLM, LlamaForCausalLM",
         ],
         check=True,
@@ -602,6 +604,7 @@ def main() -> int:
         "repeats": args.repeats,
         "settle_s": args.settle,
         "commands": {m: " ".join(commands[m]) for m in methods},
+        "provenance": provenance(),
         "median": med,
         "samples": samples,
         "goals": goals,

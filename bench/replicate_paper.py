@@ -74,7 +74,7 @@ from replication_setup import (
 )
 from replication_t5 import init_t5, score_t5, t5_test_examples, train_t5_tokenizer
 
-from convert.evaluate import score_folder
+from convert.eval.perplexity import score_folder
 from convert.formatting import duration
 
 EOS = "<|endoftext|>"
@@ -129,7 +129,7 @@ def init_model(cfg: Config, tokenizer, folder: Path) -> int:
 
 def test_ids(tokenizer, path: Path, block: int, windows: int) -> tuple[torch.Tensor, dict]:
     """The held-out windows, concatenated: scoring them with window = stride = block scores exactly these windows."""
-    from convert.evaluate import tokenize_file
+    from convert.eval.perplexity import tokenize_file
 
     ids = tokenize_file(tokenizer, str(path))
     total = len(ids) // block
@@ -267,7 +267,7 @@ class Runner:
         else:
             self.tokenizer = train_tokenizer(self.data, cfg.vocab_size, tok_dir)
             self.ids, self.eval_info = test_ids(self.tokenizer, self.test, cfg.block_size, cfg.eval_windows)
-        from convert.evaluate import tokenize_file
+        from convert.eval.perplexity import tokenize_file
 
         self.train_tokens = len(tokenize_file(self.tokenizer, str(self.data)))
         self.log(

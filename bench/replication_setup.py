@@ -136,7 +136,8 @@ def make_config(args: argparse.Namespace) -> Config:
     if cfg.eval_windows < 0:
         problems.append("--eval-windows must be >= 0")
     if cfg.arch == "t5":
-        from convert.span_corruption import SpanCorruption, SpanCorruptionError
+        from convert.errors import SpanCorruptionError
+        from convert.text.span_corruption import SpanCorruption
 
         try:
             _ = SpanCorruption(input_length=cfg.block_size).raw_length
@@ -294,13 +295,13 @@ def provenance() -> dict:
         "bench/replication_setup.py",
         "bench/replication_analysis.py",
         "bench/replication_t5.py",
-        "convert/span_corruption.py",
-        "convert/compare_seq2seq.py",
+        "convert/text/span_corruption.py",
+        "convert/eval/seq2seq.py",
         *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "convert" / "uptrain").glob("*.py")),
-        "convert/checkpoint.py",
+        "convert/pipeline/conversion.py",
         *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "convert" / "methods").glob("*.py")),
-        "convert/evaluate.py",
-        "convert/data.py",
+        "convert/eval/perplexity.py",
+        "convert/text/sources.py",
     ]
     out = {"files": {f: file_digest(ROOT / f) for f in files if (ROOT / f).is_file()}}
     try:

@@ -19,8 +19,8 @@ import torch
 from replication_analysis import Config
 from replication_setup import train_bpe
 
-from convert.compare_seq2seq import SEED, span_loss
-from convert.span_corruption import SENTINEL, SpanCorruption, corrupt_stream, sentinel_ids
+from convert.eval.seq2seq import SEED, span_loss
+from convert.text.span_corruption import SENTINEL, SpanCorruption, corrupt_stream, sentinel_ids
 
 PAD, EOS, SENTINELS = "<pad>", "</s>", 100
 
@@ -61,7 +61,7 @@ def init_t5(cfg: Config, tokenizer, folder: Path) -> int:
 
 def t5_test_examples(tokenizer, path: Path, input_length: int, examples: int) -> tuple[tuple, dict]:
     """Held-out span-corruption examples of the test text (seed SEED), evenly spaced: ((inputs, targets), info)."""
-    from convert.evaluate import tokenize_file
+    from convert.eval.perplexity import tokenize_file
 
     span = SpanCorruption(input_length=input_length)
     ids = tokenize_file(tokenizer, str(path)).numpy().astype(np.int64)

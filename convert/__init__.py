@@ -1,10 +1,13 @@
 """gqa-convert: turn multi-head attention checkpoints into grouped-query attention ones."""
 
-__version__ = "0.1.0"
-
-from .checkpoint import Report, convert_checkpoint, describe
-from .core import convert_model, kv_cache_bytes_per_token
-from .families import FAMILIES, ConversionError, supported_model_types
+from convert.errors import ConversionError
+from convert.families import FAMILIES, supported_model_types
+from convert.methods import METHODS
+from convert.pipeline.conversion import convert_checkpoint
+from convert.pipeline.merge import convert_model, kv_cache_bytes_per_token
+from convert.pipeline.report import Report
+from convert.pipeline.source import describe
+from convert.version import __version__
 
 __all__ = [
     "__version__",
@@ -18,12 +21,3 @@ __all__ = [
     "METHODS",
     "supported_model_types",
 ]
-
-
-def __getattr__(name: str):
-    # The method registry imports torch; importing this package does not (the CLI starts converting first).
-    if name == "METHODS":
-        from .methods import METHODS
-
-        return METHODS
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

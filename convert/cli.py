@@ -5,20 +5,57 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable
+from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 import click
 
-from . import __version__
-from .families import ConversionError
-from .formatting import human_bytes
-from .methods import method_names  # the registry alone: no method, no torch is imported before copying starts
+from convert.errors import ConversionError, MissingExtra
+from convert.formatting import human_bytes
+from convert.methods import method_names  # the registry alone: no method, no torch is imported before copying starts
+from convert.methods.flags import CalibrationFlags
+from convert.pipeline.conversion import convert_checkpoint
+from convert.pipeline.settings import Settings
+from convert.pipeline.source import describe
+from convert.version import __version__
 
 
 def _fail(error: Exception) -> None:
     click.echo(f"error: {error}", err=True)
     sys.exit(2)
+
+
+def field_names(model: type) -> set[str]:
+    return {f.name for f in fields(model)}
+
+
+def options_from(model: type) -> Callable:
+    """Click options for every field of a settings dataclass declared with `flags.flag` (one source of truth:
+    the name, default, help and choices live on the field)."""
+    hints = get_type_hints(model)
+
+    def decorate(command: Callable) -> Callable:
+        for f in reversed([f for f in fields(model) if "help" in f.metadata]):
+            m = f.metadata
+            names = [f"--{(m['name'] or f.name).replace('_', '-')}", *([m["short"]] if m["short"] else []), f.name]
+            kind = hints[f.name]
+            choices = m["choices"]() if callable(m["choices"]) else m["choices"]
+            if kind is bool:
+                command = click.option(*names, is_flag=True, help=m["help"])(command)
+                continue
+            if choices:
+                kind = click.Choice(list(choices))
+            elif kind in (int, int | None):
+                kind = int
+            else:
+                kind = str
+            show = f.default is not None
+            command = click.option(*names, type=kind, default=f.default, show_default=show, help=m["help"])(command)
+        return command
+
+    return decorate
 
 
 @click.group()
@@ -38,63 +75,10 @@ def main() -> None:
     show_default=True,
     help="How the KV heads of a group are merged.",
 )
-@click.option(
-    "--dtype",
-    type=click.Choice(["keep", "float32", "float16", "bfloat16"]),
-    default="keep",
-    show_default=True,
-    help="Output dtype of floating tensors.",
-)
-@click.option("--revision", default=None, help="Hub revision (branch, tag or commit) when SOURCE is a hub id.")
-@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 2GB, 500MB.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for the random method and calibration.")
-@click.option("--overwrite", is_flag=True, help="Replace a non-empty OUTPUT.")
-@click.option(
-    "--fsync",
-    "durable",
-    is_flag=True,
-    help="Put every file on disk before OUTPUT appears, so that even a power loss cannot leave a partial "
-    "OUTPUT (waits for the disk; see the benchmark in the README).",
-)
-@click.option("--dry-run", is_flag=True, help="Print the plan and write nothing.")
-@click.option("--allow-pickle", is_flag=True, help="Accept pickle (*.bin) weights, loaded with weights_only=True.")
-@click.option("--trust-remote-code", is_flag=True, help="Let transformers run code shipped with the config.")
-@click.option(
-    "--write-modeling-code",
-    is_flag=True,
-    help="Where no stock transformers class can hold the KV heads (bloom, mpt, t5, gpt2/opt at 1 < G < H), write "
-    "modeling code beside the weights; loading it then needs trust_remote_code=True.",
-)
+@options_from(Settings)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar, only the result line.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@click.option(
-    "--calibration-data",
-    default=None,
-    help="Calibrated methods: text to calibrate on, a .txt/.jsonl/.json/.parquet file or a hub dataset "
-    "(default 'builtin': Python's pydoc text, offline; 'random': random token ids).",
-)
-@click.option(
-    "--calibration-tokens", type=int, default=None, help="Calibrated methods: tokens to calibrate on (default 8192)."
-)
-@click.option(
-    "--grouping",
-    type=click.Choice(["contiguous", "similarity"]),
-    default=None,
-    help="Calibrated methods: which KV heads share a group (default contiguous).",
-)
-@click.option(
-    "--calibration-dtype",
-    type=click.Choice(["float32", "bfloat16", "float16"]),
-    default=None,
-    help="Calibrated methods: dtype the layers run in while calibrating (default float32; bfloat16 is fast only "
-    "on CPUs with native bf16 and on GPUs).",
-)
-@click.option(
-    "--device",
-    type=click.Choice(["cpu", "cuda", "auto"]),
-    default=None,
-    help="Calibrated methods: where the layers run while calibrating (default cpu; auto: cuda when available).",
-)
+@options_from(CalibrationFlags)
 @click.option(
     "--option",
     "method_option",
@@ -108,67 +92,32 @@ def convert(
     output: str,
     num_kv_heads: int,
     method: str,
-    dtype: str,
-    revision: str | None,
-    max_shard_size: str,
-    seed: int,
-    overwrite: bool,
-    durable: bool,
-    dry_run: bool,
-    allow_pickle: bool,
-    trust_remote_code: bool,
-    write_modeling_code: bool,
     quiet: bool,
     as_json: bool,
-    calibration_data: str | None,
-    calibration_tokens: int | None,
-    grouping: str | None,
-    calibration_dtype: str | None,
-    device: str | None,
-    method_option: tuple[str, ...],
+    method_option: tuple[str, ...] = (),
+    **flags,
 ) -> None:
     """Convert SOURCE (folder or hub id) into OUTPUT with NUM_KV_HEADS key/value heads."""
-    from .checkpoint import convert_checkpoint
-
     _keep_freed_memory()
-
-    options = {
-        k: v
-        for k, v in (
-            ("calibration_data", calibration_data),
-            ("calibration_tokens", calibration_tokens),
-            ("grouping", grouping),
-            ("calibration_dtype", calibration_dtype),
-            ("device", device),
-        )
-        if v is not None
-    }
+    settings = {k: v for k, v in flags.items() if k in field_names(Settings)}
+    calibration = {k: v for k, v in flags.items() if k in field_names(CalibrationFlags) and v is not None}
     for pair in method_option:
         key, eq, value = pair.partition("=")
         if not eq or not key:
             _fail(ConversionError(f"--option {pair!r}: write KEY=VALUE, e.g. --option reconstruct_epochs=2"))
         try:
-            options[key] = json.loads(value)
+            calibration[key] = json.loads(value)
         except json.JSONDecodeError:
-            options[key] = value
+            calibration[key] = value
     try:
         report = convert_checkpoint(
             source,
             output,
             num_kv_heads,
             method,
-            dtype=dtype,
-            revision=revision,
-            max_shard_size=max_shard_size,
-            overwrite=overwrite,
-            dry_run=dry_run,
-            allow_pickle=allow_pickle,
-            trust_remote_code=trust_remote_code,
-            seed=seed,
+            **settings,
             progress=not (quiet or as_json),
-            method_options=options or None,
-            durable=durable,
-            write_modeling_code=write_modeling_code,
+            method_options=calibration or None,
         )
     except ConversionError as e:
         _fail(e)
@@ -223,7 +172,6 @@ def _print_report(r: Any, quiet: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def inspect(source: str, revision: str | None, allow_pickle: bool, as_json: bool) -> None:
     """Family, heads, KV heads, head_dim, valid --num-kv-heads values and their KV-cache bytes per token."""
-    from .checkpoint import describe
 
     try:
         info = describe(source, revision, allow_pickle)
@@ -298,7 +246,7 @@ def eval_(
     """Perplexity, KV-cache bytes per token and decode speed of MODELS, as one table with ratios to the first."""
     from transformers.utils import logging as hf_logging
 
-    from .compare import as_dicts, compare, format_table
+    from convert.eval.compare import as_dicts, compare, format_table
 
     hf_logging.disable_progress_bar()
     ctx = None
@@ -334,7 +282,7 @@ def eval_(
         click.echo(json.dumps(as_dicts(results), indent=2))
         return
     r0 = results[0]
-    if hasattr(r0, "scoring"):  # an encoder-decoder (convert/compare_seq2seq.py)
+    if hasattr(r0, "scoring"):  # an encoder-decoder (convert/eval/seq2seq.py)
         click.echo(f"{r0.scoring()}, text {data or 'pydoc_data topics (second half)'}")
         click.echo(f"decode: {new_tokens} new tokens from a fixed encoder output of each input length, greedy, cached")
         for r in results:
@@ -392,7 +340,7 @@ def demo(
     """Convert the real SmolLM2-135M (shipped on PyPI, offline) from 3 KV heads to NUM_KV_HEADS by mean pooling and
     by calibration, uptrain the calibrated model for about a minute on the built-in text, and show the models side
     by side."""
-    from .demo import run_demo
+    from convert.demo import run_demo
 
     try:
         r = run_demo(
@@ -461,10 +409,9 @@ def uptrain(args: tuple[str, ...]) -> None:
     CONFIG is a YAML file or a shipped config name (e.g. smollm2-mqa-cpu); `--help` lists every setting. For
     several processes: `accelerate launch [options] -m convert.uptrain CONFIG.yaml ...`.
     """
-    from .extras import MissingExtra
 
     try:
-        from .uptrain import main as uptrain_main
+        from convert.uptrain import main as uptrain_main
     except MissingExtra as e:
         _fail(e)
     sys.exit(uptrain_main(list(args)))

@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import importlib.util
 
+from convert.errors import MissingExtra
+
 # extra -> (module imported, distribution to install); pyproject's [project.optional-dependencies] lists the same.
 EXTRAS: dict[str, tuple[tuple[str, str], ...]] = {
     "uptrain": (("accelerate", "accelerate"), ("peft", "peft")),
 }
-
-
-class MissingExtra(ImportError):
-    """A part of gqa-convert was used whose optional dependencies are not installed."""
 
 
 def missing(extra: str) -> list[str]:

@@ -11,8 +11,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from convert import convert_checkpoint, convert_model
-from convert.evaluate import builtin_text, perplexity
-from convert.smollm2 import materialize
+from convert.demo.smollm2 import materialize
+from convert.eval.perplexity import perplexity
+from convert.text.builtin import builtin_text
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument(

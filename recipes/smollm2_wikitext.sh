@@ -3,7 +3,7 @@
 # scored on WikiText-2 test (12 x 512-token windows). Run from the repository root; takes about 30 minutes on a busy 2-core CPU.
 set -euo pipefail
 DATA=${GQA_DATA_DIR:-../shared/data}
-ORIGINAL=$(python -c 'from convert.smollm2 import materialize; print(materialize())')
+ORIGINAL=$(python -c 'from convert.demo.smollm2 import materialize; print(materialize())')
 CONFIG=recipes/configs/smollm2-mqa-cpu.yaml
 STEPS=${STEPS:-48}
 # One thread: on a CPU shared with other jobs, OpenMP threads waiting on each other made steps 3-6x slower.

@@ -4,13 +4,13 @@
     python recipes/wikitext_ppl.py ../shared/data/wikitext-2/test.txt MODEL_DIR [MODEL_DIR ...]
 
 The first 12 x 512 + 1 tokens of the file, tokenized without special tokens, scored by
-`convert.evaluate.score_text_file`.
+`convert.eval.perplexity.score_text_file`.
 """
 
 import sys
 import time
 
-from convert.evaluate import score_text_file
+from convert.eval.perplexity import score_text_file
 
 WINDOW, WINDOWS = 512, 12
 

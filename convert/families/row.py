@@ -19,10 +19,6 @@ if TYPE_CHECKING:  # torch is imported where tensors are touched: the table and 
 Getter = Callable[[str], "Tensor"]
 
 
-class ConversionError(ValueError):
-    """A bad input: the message names the problem and the fix."""
-
-
 @dataclass
 class Attention:
     """One layer's attention weights, per head, in float32.
@@ -106,7 +102,7 @@ class Family:
     kv_key: str = "num_key_value_heads"
     # What transformers' config class assumes when config.json omits a key (head_dim, the KV-head count,
     # partial_rotary_factor, falcon's flags). Absent here: derived as transformers does (head_dim = hidden / heads,
-    # KV heads = heads, rotary factor 1). tests/test_configs.py checks every row against the config classes.
+    # KV heads = heads, rotary factor 1). tests/families/test_configs.py checks every row against the config classes.
     defaults: Mapping[str, Any] = field(default_factory=dict)
     # Older spellings config.json may use for a key, tried after the key itself: key -> (alias, ...).
     names: Mapping[str, tuple[str, ...]] = field(default_factory=dict)

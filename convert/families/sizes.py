@@ -13,7 +13,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from .row import ConversionError, FalconShapes, Family, Shapes
+from convert.errors import ConversionError
+from convert.families.row import FalconShapes, Family, Shapes
 
 
 def shapes_for(family: Family, config: Any) -> Shapes:

@@ -1,15 +1,19 @@
 """The table: one `Family` row per group of `model_type`s that share every fact the converter uses.
 
-Adding a family is adding a row here (and a tiny config in tests/tiny.py): the converter never branches on
+Adding a family is adding a row here (and a tiny config in tests/helpers/tiny.py): the converter never branches on
 `model_type`, it reads the row. `defaults` hold what the family's transformers config class assumes for keys a
-published config.json may omit; tests/test_configs.py checks them against the config classes themselves.
+published config.json may omit; tests/families/test_configs.py checks them against the config classes themselves.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from .row import ConversionError, Family
+from convert.errors import ConversionError
+from convert.families.mha import MHA_FAMILIES
+from convert.families.row import Family
+from convert.families.t5 import T5_FAMILIES
+from convert.routes.reexpress import source_types
 
 KV = "num_key_value_heads"
 
@@ -101,7 +105,7 @@ FAMILIES: tuple[Family, ...] = (
         notes="classic MHA falcon becomes multi-query (G=1) or the new grouped architecture (1<G<H)",
     ),
     # c_attn rows per head [H, 3, d] without multi_query, [q heads | k | v] with it: falcon's classic and
-    # multi-query arrangements. Also the output class of the gpt2 and opt stock routes (convert.reexpress).
+    # multi-query arrangements. Also the output class of the gpt2 and opt stock routes (convert.routes.reexpress).
     Family(
         ("gpt_bigcode",),
         prefix="transformer.h.{i}.attn.",
@@ -117,8 +121,6 @@ FAMILIES: tuple[Family, ...] = (
     ),
 )
 
-from ..families_mha import MHA_FAMILIES  # noqa: E402  (its rows build on the classes of this package)
-from ..families_t5 import T5_FAMILIES  # noqa: E402  (encoder-decoder rows, built on MhaFamily)
 
 FAMILIES = FAMILIES + MHA_FAMILIES + T5_FAMILIES
 
@@ -140,8 +142,6 @@ def family_for(model_type: str | None) -> Family:
     for fam in FAMILIES:
         if model_type in fam.model_types:
             return fam
-    from ..reexpress import source_types  # here: convert.reexpress imports this package
-
     if model_type in source_types():
         raise ConversionError(
             f"{model_type}'s transformers class has no KV-head count: convert its checkpoint folder "

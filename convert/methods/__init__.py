@@ -14,10 +14,10 @@ import importlib
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
-from ..families import ConversionError
+from convert.errors import ConversionError
 
 if TYPE_CHECKING:
-    from .base import Method
+    from convert.methods.base import Method
 
 # name -> "module:Class", in the order the CLI lists them.
 REGISTRY: dict[str, str] = {

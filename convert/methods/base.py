@@ -17,7 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ..families import Attention, ConversionError
+from convert.errors import ConversionError
+from convert.families import Attention
 
 if TYPE_CHECKING:
     from torch import Tensor

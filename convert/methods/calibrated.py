@@ -26,10 +26,14 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import Tensor
 
-from ..families import Attention, ConversionError, output_shapes
-from .base import Method, permute_kv_heads
-from .grouping import similarity_order
-from .linalg import (
+from convert.errors import ConversionError
+from convert.families import Attention, output_shapes
+from convert.families.mha import MhaFamily
+from convert.figures import new_figure, save_figure
+from convert.methods.base import Method, permute_kv_heads
+from convert.methods.flags import CALIBRATION_DTYPES, GROUPINGS
+from convert.methods.grouping import similarity_order
+from convert.methods.linalg import (
     LayerMath,
     correct_inputs,
     input_correction,
@@ -39,9 +43,10 @@ from .linalg import (
     second_moment,
     slow_share,
 )
-from .reconstruct import layer_attention, reconstruct_attention
-from .runner import LayerRunner, template_classes
-from .text import calibration_ids
+from convert.methods.reconstruct import layer_attention, reconstruct_attention
+from convert.methods.runner import LayerRunner, template_classes
+from convert.methods.text import calibration_ids
+from convert.pipeline.merge import patched_config
 
 PLOT = "calibration_errors.png"
 # Relative error of an attention output that only rounding explains, by calibration dtype: below it the o refit is
@@ -66,13 +71,13 @@ class CalibratedOptions(BaseModel):
     calibration_data: str | None = None  # None: the builtin text; "random": random ids; else a data source
     calibration_tokens: int = Field(8192, ge=2)
     calibration_seq_len: int = Field(512, ge=1)
-    grouping: Literal["contiguous", "similarity"] = "contiguous"
+    grouping: Literal[GROUPINGS] = "contiguous"
     stream: Literal["both", "converted", "original"] = "both"
     drift: float = Field(0.2, ge=0, le=1)
     input_correction: float = Field(0.3, ge=0, le=1)
     refit_o: bool = True
     ridge: float = Field(0.04, ge=0)
-    calibration_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    calibration_dtype: Literal[CALIBRATION_DTYPES] = "float32"
     key_centering: Literal["global", "sequence", "none"] = "global"
     key_weighting: float = Field(0.5, ge=0, le=1)
     value_weighting: float = Field(0.5, ge=0, le=1)
@@ -139,7 +144,7 @@ class Calibrator:
         self.model_type = source.raw_config.get("model_type")
         interleaved, self.qk_norm_family = family_traits(source.family)
         self.pairs = rotary_pairs(source.shapes.rotary_dim, interleaved)
-        new_config, classes = _configs(source, groups)
+        new_config, classes = merged_configs(source, groups)
         # A shipped-code source (gqa_<x>) is read with the template's config class: `source.config` would need the
         # checkpoint's own code, so it must not be evaluated as a default.
         base_config = classes["source_config"] if "source_config" in classes else source.config  # noqa: SIM401
@@ -352,12 +357,10 @@ def position_limit(raw: dict) -> int:
     return 1 << 30
 
 
-def _configs(source: Any, groups: int) -> tuple[Any, dict]:
+def merged_configs(source: Any, groups: int) -> tuple[Any, dict]:
     """The merged model's config and the runner's class settings. A source whose output ships modeling code (or
     that is such an output) runs in the template's classes, from the package's own files: the original at its
     current KV count, the merged model at G."""
-    from ..core import patched_config
-    from ..families_mha import MhaFamily
 
     fam = source.family
     if not isinstance(fam, MhaFamily):
@@ -468,7 +471,6 @@ class Calibrated(Method):
 
 def plot_errors(rows: list[dict], path: Path, title: str = "") -> None:
     """PNG of the per-layer reconstruction errors (keys, values, attention output)."""
-    from ..figures import new_figure, save_figure
 
     rows = sorted(rows, key=lambda r: r["layer"])
     x = [r["layer"] for r in rows]

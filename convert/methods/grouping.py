@@ -8,8 +8,16 @@ from itertools import combinations
 import torch
 from torch import Tensor
 
-from ..families import Attention
-from .linalg import LayerMath, Shift, _cross, _key_nr_problem, _key_rot_problem, _Prepared, _value_problem
+from convert.families import Attention
+from convert.methods.linalg import (
+    LayerMath,
+    Shift,
+    _cross,
+    _key_nr_problem,
+    _key_rot_problem,
+    _Prepared,
+    _value_problem,
+)
 
 
 class GroupCost:

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..families import Attention
+from convert.families import Attention
 
 
 def _sqrt_psd(S: Tensor) -> Tensor:

@@ -1,9 +1,10 @@
 """The pooling methods: each group's K/V heads become one from the weights alone (no data).
 
 The array functions use only `reshape`, `mean`, indexing and arithmetic, which torch tensors and numpy arrays
-share: the method classes call them on float32 tensors, and the torch-free streaming path (`convert.checkpoint`)
-calls them on float32 numpy arrays. Both give the same bits (tests/test_streaming.py). This module imports torch
-only inside the functions that need it, so that the fast path can read `array_pool` without it.
+share: the method classes call them on float32 tensors, and the torch-free streaming path
+(`convert.pipeline.conversion`) calls them on float32 numpy arrays. Both give the same bits
+(tests/pipeline/test_streaming.py). This module imports torch only inside the functions that need it, so that the
+fast path can read `array_pool` without it.
 
 The leading axis is the KV head; groups are contiguous runs of heads (see `convert.methods.base`):
 
@@ -18,8 +19,9 @@ from abc import abstractmethod
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ..families import Attention, ConversionError
-from .base import Method
+from convert.errors import ConversionError
+from convert.families import Attention
+from convert.methods.base import Method
 
 if TYPE_CHECKING:
     import torch

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .runner import LayerRunner, _Stop
+from convert.methods.runner import LayerRunner, _Stop
 
 
 def _rows(xs: list[Tensor]) -> list[tuple[int, int]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from .calibrated import Calibrated, CalibratedOptions
+from convert.methods.calibrated import Calibrated, CalibratedOptions
 
 # Passes over the calibration sequences per layer: what the cost budget (<= 6x one float32 forward) allows.
 DEFAULT_EPOCHS = 1.0

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..families import ConversionError
+from convert.errors import ConversionError
+from convert.routes.shipped import COMMON, TEMPLATES, template_manifest
 
 
 class _Stop(Exception):
@@ -65,7 +66,6 @@ def template_classes(template: str) -> tuple[type, type]:
     """The (config class, causal-LM class) of a shipped-code template, imported from the package's own template
     files (never from a checkpoint folder): a package whose path is the template's folder and the common one, so
     the templates' relative imports resolve as they do beside a checkpoint."""
-    from ..shipped import COMMON, TEMPLATES, template_manifest
 
     manifest = template_manifest(template)
     name = f"_gqa_convert_template_{template}"

@@ -8,7 +8,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..families import ConversionError
+from convert.errors import ConversionError, DataError
+from convert.text.builtin import builtin_text
+from convert.text.sources import describe_source, sample_token_ids
 
 BUILTIN = "builtin"  # Python's own pydoc topics text: offline, ships with every Python
 RANDOM = "random"  # uniform random token ids: no tokenizer needed (tests, data-free smoke runs)
@@ -20,7 +22,7 @@ def calibration_ids(
     """[B, T] token ids (B*T <= n_tokens, T <= seq_len) and a description of where they came from.
 
     data: None or "builtin" (Python's pydoc topics text, offline), "random" (uniform random ids, no tokenizer),
-    or any source `convert.data` reads: local .txt/.jsonl/.json/.parquet files (path or glob) or a hub dataset.
+    or any source `convert.text.sources` reads: local .txt/.jsonl/.json/.parquet files (path or glob) or a hub dataset.
     """
     if n_tokens < 2:
         raise ConversionError(f"--calibration-tokens must be at least 2, got {n_tokens}")
@@ -37,7 +39,6 @@ def calibration_ids(
         return _windows(
             ids, B, T, seed, "the builtin calibration text"
         ), f"builtin: pydoc topics, first half (seed {seed})"
-    from ..data import DataError, describe_source, sample_token_ids
 
     try:
         ids_t = sample_token_ids(data, tokenizer, total, seed)
@@ -49,7 +50,6 @@ def calibration_ids(
 
 def builtin_calibration_text() -> str:
     """Python's pydoc topic pages, first half by name: the half `gqa-convert eval` does not score."""
-    from ..evaluate import builtin_text
 
     return builtin_text("calibration")
 

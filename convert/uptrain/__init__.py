@@ -9,7 +9,8 @@ From a shell: `accelerate launch -m convert.uptrain CONFIG.yaml key=value ...` (
 
 import sys
 
-from convert.extras import MissingExtra, require_extra
+from convert.errors import MissingExtra
+from convert.extras import require_extra
 
 try:
     require_extra("uptrain", "uptraining")  # before the modules below import accelerate and peft
@@ -21,19 +22,15 @@ except MissingExtra as e:
         raise SystemExit(2) from None
     raise
 
-from convert.uptrain.checkpointing import WriteError
-from convert.uptrain.loop import Hooks, TrainingError, main, uptrain
-from convert.uptrain.report import Summary
-from convert.uptrain.settings import Options, Settings, SettingsError, load_settings, make_settings
+from convert.uptrain.loop import Hooks, main, uptrain
+from convert.uptrain.settings import Options, Settings, load_settings, make_settings
+from convert.uptrain.summary import Summary
 
 __all__ = [
     "Hooks",
     "Options",
     "Settings",
-    "SettingsError",
     "Summary",
-    "TrainingError",
-    "WriteError",
     "load_settings",
     "main",
     "make_settings",

@@ -32,7 +32,7 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
 
     Not transformers' `get_cosine_with_min_lr_schedule_with_warmup`: that one ramps `step / warmup`, so the
     first optimizer step runs at learning rate 0 (a step spent for nothing) and every warmup step lags ours by
-    one; after warmup the two agree (tests/test_uptrain_settings.py compares them over a whole schedule).
+    one; after warmup the two agree (tests/uptrain/test_settings.py compares them over a whole schedule).
     """
     if step < warmup:
         return (step + 1) / warmup

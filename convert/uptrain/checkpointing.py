@@ -15,14 +15,12 @@ from pathlib import Path
 
 import torch
 
-from convert.uptrain.report import model_card, plot_losses
-from convert.uptrain.settings import RUN_KEYS, Settings, SettingsError
+from convert.errors import SettingsError, WriteError
+from convert.uptrain.seq2seq import model_class
+from convert.uptrain.settings import RUN_KEYS, Settings
+from convert.uptrain.summary import model_card, plot_losses
 
 CHECKPOINT_PREFIX = "step-"
-
-
-class WriteError(RuntimeError):
-    """Writing a checkpoint or the model failed: a full disk, a file-size limit, a lost mount."""
 
 
 def checkpoint_dir(s: Settings) -> Path:
@@ -162,8 +160,6 @@ def save_output(accelerator, model, s: Settings, tokenizer, summary: dict, rows:
     """The final model as a plain checkpoint in output_dir/model, written to a temporary folder first."""
     from accelerate.utils import DistributedType
     from transformers import AutoConfig
-
-    from convert.uptrain.seq2seq import model_class
 
     out = Path(s.output_dir)
     final, tmp = out / "model", out / ".tmp-model"

@@ -20,10 +20,11 @@ from pathlib import Path
 
 import torch
 
+from convert.errors import DataError, SettingsError, TrainingError
 from convert.formatting import duration
 from convert.uptrain import checkpointing as ckpt
+from convert.uptrain.batches import global_batches, open_stream, prepare_data
 from convert.uptrain.budget import lr_factor, plan_budget
-from convert.uptrain.data import global_batches, open_stream, prepare_data
 from convert.uptrain.model import (
     check_model_folder,
     check_modules,
@@ -34,13 +35,9 @@ from convert.uptrain.model import (
     load_lm,
     use_fsdp_on_cpu,
 )
-from convert.uptrain.report import Metrics, Summary, describe_plan
 from convert.uptrain.seq2seq import check_objective, make_task, model_class
-from convert.uptrain.settings import SPAN_KEYS, Options, Settings, SettingsError
-
-
-class TrainingError(RuntimeError):
-    """A fault during training (a non-finite loss)."""
+from convert.uptrain.settings import SPAN_KEYS, Options, Settings, load_settings
+from convert.uptrain.summary import Metrics, Summary, describe_plan
 
 
 @dataclass
@@ -375,7 +372,7 @@ class Uptraining:
 def uptrain(settings: Settings, options: Options | None = None, hooks: Hooks | None = None) -> Summary:
     """Run (or resume, or find already finished) one uptraining run; its training summary.
 
-    Raises SettingsError (bad settings or inputs, before any compute), convert.data.DataError (unreadable data)
+    Raises SettingsError (bad settings or inputs, before any compute), convert.text.sources.DataError (unreadable data)
     or TrainingError (a non-finite loss; the last checkpoint is kept). Under several processes the summary is
     complete on the main process (the one that writes metrics.jsonl); the others see this session's rows only.
     """
@@ -397,8 +394,6 @@ def uptrain(settings: Settings, options: Options | None = None, hooks: Hooks | N
 
 def main(argv: list[str] | None = None, hooks: Hooks | None = None) -> int:
     """The command line: `CONFIG.yaml key=value ... [--quiet] [--json]`; exit 0, 2 (bad input) or 1 (fault)."""
-    from convert.data import DataError
-    from convert.uptrain.settings import load_settings
 
     try:
         settings, options = load_settings(sys.argv[1:] if argv is None else argv)

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import torch
 
-from convert.uptrain.settings import Settings, SettingsError
+from convert.errors import SettingsError
+from convert.uptrain.seq2seq import model_class
+from convert.uptrain.settings import Settings
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -81,7 +83,6 @@ def count_params(model: torch.nn.Module, trainable_only: bool = False) -> int:
 
 def load_lm(path: str, s: Settings) -> torch.nn.Module:
     """The model (or teacher) in the Auto class of the objective: causal LM, or seq-to-seq for span corruption."""
-    from convert.uptrain.seq2seq import model_class
 
     return model_class(s).from_pretrained(
         path, dtype=getattr(torch, s.model_dtype), trust_remote_code=s.trust_remote_code

@@ -17,9 +17,10 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 
-from convert import data as textdata
-from convert.span_corruption import SpanCorruptionError, corrupt_stream, sentinel_ids
-from convert.uptrain.settings import Settings, SettingsError
+from convert.errors import SettingsError, SpanCorruptionError
+from convert.text import sources as textdata
+from convert.text.span_corruption import corrupt_stream, sentinel_ids
+from convert.uptrain.settings import Settings
 
 VALIDATION_SEED = 0  # the validation masks: the same whatever the run's seed, so runs compare on one set
 

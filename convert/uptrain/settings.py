@@ -23,13 +23,11 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from convert import data as textdata
+from convert.errors import SettingsError, SpanCorruptionError
+from convert.text import sources as textdata
+from convert.text.span_corruption import SpanCorruption
 
 CONFIG_DIR = Path(__file__).parent / "configs"  # the example configs, shipped with the package
-
-
-class SettingsError(ValueError):
-    """Bad settings or inputs, found before any compute."""
 
 
 def _none_word(value: Any) -> Any:
@@ -109,7 +107,7 @@ class Settings(BaseModel):
     data_config: MaybeStr = None
     data_split: str = "train"
     text_column: str = "text"
-    txt_documents: Literal[textdata.TXT_MODES] = "auto"  # see convert/data.py
+    txt_documents: Literal[textdata.TXT_MODES] = "auto"  # see convert/text/sources.py
     streaming: bool = False  # read the corpus lazily (larger than memory or disk)
     shuffle_buffer: Count = Field(10_000, gt=0)  # documents in the streaming shuffle buffer
     validation: Annotated[str | list[str] | None, BeforeValidator(_sources)] = None  # default: `data` itself
@@ -201,8 +199,7 @@ class Settings(BaseModel):
 
     @property
     def span_corruption(self):
-        """The objective's settings (`convert.span_corruption.SpanCorruption`); block_size is the input length."""
-        from convert.span_corruption import SpanCorruption
+        """The objective's settings (`convert.text.span_corruption.SpanCorruption`); block_size is the input length."""
 
         return SpanCorruption(self.noise_density, self.mean_span_length, self.block_size)
 
@@ -217,7 +214,6 @@ class Settings(BaseModel):
 
 def _span_problems(s: Settings) -> list[str]:
     """What span corruption cannot do with these settings (lengths that no run fills, streaming)."""
-    from convert.span_corruption import SpanCorruptionError
 
     problems = []
     try:

@@ -1,0 +1,1 @@
+"""What the tests share: tiny models, fault injection, uptraining runs, hub caches."""
