@@ -9,7 +9,8 @@ from convert.methods.calibrated import Calibrated, CalibratedOptions
 
 # Passes over the calibration sequences per layer: what the cost budget (<= 6x one float32 forward) allows.
 DEFAULT_EPOCHS = 1.0
-DEFAULT_LR = 4e-4  # the better of 1e-4 and 4e-4 on SmolLM2 MQA (bench/results/reconstructed-bbba12a-smollm2-experiment.json)
+# The better of 1e-4 and 4e-4 on SmolLM2 MQA (bench/results/reconstructed-bbba12a-smollm2-experiment.json).
+DEFAULT_LR = 4e-4
 
 
 class ReconstructedOptions(CalibratedOptions):
