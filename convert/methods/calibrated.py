@@ -282,7 +282,9 @@ class Calibrator:
             tensors[key[start:]] = t
         return self.runner.load(True, i, tensors)
 
-    def _reconstruct(self, i: int, merged: Attention, x_in: list[Tensor]) -> tuple[Attention, dict]:
+    def _reconstruct(
+        self, i: int, merged: Attention, x_in: list[Tensor], stats_before: float
+    ) -> tuple[Attention, dict]:
         """Tune the merged layer's attention projections against the o re-fit's target (block-wise
         reconstruction), and read them back in per-head form. The tuned layer stays materialized."""
         layer = self._load_new(i, merged)
@@ -306,6 +308,12 @@ class Calibrator:
             seed=i,
             batch=self.opts.reconstruct_batch,
         )
+        if stats["attn_rel_err_reconstructed"] >= stats_before:
+            # Never worse than the closed form on its own objective: then the closed form is kept.
+            stats["reconstruct_kept"] = False
+            self._load_new(i, merged)
+            return merged, stats
+        stats["reconstruct_kept"] = True
         tuned = layer_attention(layer, names)
         return fam.split(i, lambda k: tuned[k[start:]], keys, self.s_out), stats
 
@@ -336,7 +344,7 @@ class Calibrator:
             and not exact
             and stats.get("attn_rel_err", math.inf) > NOISE_FLOOR[self.dtype]
         ):
-            merged, more = self._reconstruct(i, merged, x_in)
+            merged, more = self._reconstruct(i, merged, x_in, stats.get("attn_rel_err", math.inf))
             stats.update(more)
             layer, given = self.runner.layers(self.runner.skeleton_new)[i], None
         if self.stream != "original":

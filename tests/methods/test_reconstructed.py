@@ -62,16 +62,18 @@ def test_zero_epochs_is_calibrated(tmp_path):
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen2"])
 def test_reconstruction_lowers_the_attention_error(tmp_path, model_type):
-    """Each layer's attention output error on the calibration text goes down from the closed form's (qwen2: with
-    q/k/v biases), and the model it writes loads and runs."""
+    """Each layer's tuned weights are kept exactly where they lower its attention error on the calibration text below
+    the closed form's, at least one layer gains (qwen2: with q/k/v biases), and the model it writes loads and runs."""
     model = tiny_model(model_type)
     src = save(model, tmp_path / "src")
     rec = convert(src, tmp_path / "rec", 1, reconstruct_epochs=4, reconstruct_lr=3e-4)
     prov = json.loads((tmp_path / "rec" / "gqa_convert.json").read_text())
     assert prov["method"] == "reconstructed" and prov["calibration"]["reconstruct_epochs"] == 4
     for r in prov["per_layer"]:
-        assert r["attn_rel_err_reconstructed"] < r["attn_rel_err"], r
+        # Measured on all the calibration text after tuning; tuned weights are kept only where that is lower.
+        assert r["reconstruct_kept"] == (r["attn_rel_err_reconstructed"] < r["attn_rel_err"]), r
         assert r["reconstruct_steps"] == 4 * 384 // 48
+    assert any(r["reconstruct_kept"] for r in prov["per_layer"])
     assert torch.isfinite(logits(rec)).all()
 
 
