@@ -18,6 +18,7 @@ Rows:
     calibrated contiguous   --method calibrated --grouping contiguous
     calibrated similarity   --method calibrated --grouping similarity (with G=1 there is one group: the same
                             merge as contiguous, timed separately)
+    reconstructed           --method reconstructed (calibrated, then block-wise reconstruction of each layer)
 
 The data folder comes from --data-dir or $GQA_DATA_DIR (it holds wikitext-2/valid.txt and test.txt).
 
@@ -27,7 +28,10 @@ The data folder comes from --data-dir or $GQA_DATA_DIR (it holds wikitext-2/vali
 --ratio times, in this process and one after the other, one float32 forward pass of the model over the calibration
 tokens (batches of 4 x 512, no cache, weights already loaded) and the whole calibrated conversion of the same model
 on the same tokens (`convert_checkpoint`, writing included); it prints both and their ratio, with the thread count
-and whether the CPU has native bfloat16 (avx512_bf16 / amx_bf16).
+and whether the CPU has native bfloat16 (avx512_bf16 / amx_bf16). With `reconstructed` among --methods, that
+method's conversion is timed the same way, right after, against the same forward pass.
+--option KEY=VALUE (repeatable) passes a method option to the calibrated methods' rows and timings, for ablations
+(e.g. --option reconstruct_epochs=2 --option refit_o=false).
 
 --sizes builds synthetic llama checkpoints (bfloat16 safetensors, random weights, SmolLM2's tokenizer) of about
 135M, 1B and 3B parameters, calibrates each to MQA in a fresh `gqa-convert convert` process and reports wall time
@@ -62,6 +66,7 @@ ROWS = {
     "first": ["--method", "first"],
     "calibrated contiguous": ["--method", "calibrated", "--grouping", "contiguous"],
     "calibrated similarity": ["--method", "calibrated", "--grouping", "similarity"],
+    "reconstructed": ["--method", "reconstructed"],
 }
 SHORT = {
     "mean": "mean",
@@ -69,6 +74,7 @@ SHORT = {
     "calibrated": "calibrated contiguous",
     "contiguous": "calibrated contiguous",
     "similarity": "calibrated similarity",
+    "reconstructed": "reconstructed",
 }
 
 
@@ -127,6 +133,9 @@ def main() -> int:
     ap.add_argument("--ratio", action="store_true", help="time calibration against one float32 forward pass")
     ap.add_argument("--sizes", nargs="*", default=[], help=f"scaling table on synthetic llamas: {', '.join(SIZES)}")
     ap.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu", help="where calibration runs")
+    ap.add_argument(
+        "--option", action="append", default=[], metavar="KEY=VALUE", help="a calibrated-method option (repeatable)"
+    )
     args = ap.parse_args()
     quiet = args.json
     if set(args.sizes) - set(SIZES):
@@ -196,8 +205,9 @@ def main() -> int:
         for row in rows:
             out = work / row.replace(" ", "-")
             cmd = [str(model_path), str(out), "-g", str(args.num_kv_heads), "--quiet", "--overwrite", *ROWS[row]]
-            if "calibrated" in ROWS[row]:
+            if "calibrated" in ROWS[row] or "reconstructed" in ROWS[row]:
                 cmd += ["--calibration-data", str(valid), "--calibration-tokens", str(args.calibration_tokens)]
+                cmd += [x for kv in args.option for x in ("--option", kv)]
             log(f"{row}: gqa-convert convert {' '.join(cmd)}", quiet)
             wall, rss = timed_convert(cmd, work / f"{out.name}.log")
             prov = json.loads((out / "gqa_convert.json").read_text())
@@ -297,14 +307,26 @@ def ratio_run(model_path: Path, valid: Path | None, args, work: Path, quiet: boo
     del model
     log(f"ratio: float32 forward over {ids.numel()} tokens: {forward_s:.1f} s", quiet)
     options = {"calibration_data": data, "calibration_tokens": args.calibration_tokens, "device": args.device}
-    start = time.perf_counter()
-    convert_checkpoint(
-        model_path, work / "ratio-out", 1, "calibrated", progress=False, overwrite=True, method_options=options
-    )
-    convert_s = time.perf_counter() - start
-    shutil.rmtree(work / "ratio-out", ignore_errors=True)
-    log(f"ratio: calibrated conversion: {convert_s:.1f} s", quiet)
+    options.update(parse_options(args.option))
+    seconds = {}
+    for method in ["calibrated"] + (["reconstructed"] if "reconstructed" in args.methods else []):
+        start = time.perf_counter()
+        convert_checkpoint(
+            model_path, work / "ratio-out", 1, method, progress=False, overwrite=True, method_options=options
+        )
+        seconds[method] = time.perf_counter() - start
+        shutil.rmtree(work / "ratio-out", ignore_errors=True)
+        log(f"ratio: {method} conversion: {seconds[method]:.1f} s ({seconds[method] / forward_s:.2f} x)", quiet)
+    convert_s = seconds["calibrated"]
+    extra = {}
+    if "reconstructed" in seconds:
+        extra = {
+            "reconstructed_convert_s": seconds["reconstructed"],
+            "ratio_reconstructed": seconds["reconstructed"] / forward_s,
+        }
     return {
+        **extra,
+        "options": options,
         "tokens": int(ids.numel()),
         "calibration_data": where,
         "forward_float32_s": forward_s,
@@ -316,6 +338,18 @@ def ratio_run(model_path: Path, valid: Path | None, args, work: Path, quiet: boo
     }
 
 
+def parse_options(pairs: list[str]) -> dict:
+    """KEY=VALUE strings -> method options (JSON values: numbers, true/false; anything else a string)."""
+    out = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
 def print_ratio(r: dict) -> None:
     print(
         f"calibration cost: {r['tokens']} tokens of {r['calibration_data']}, {r['torch_threads']} torch threads, "
@@ -324,6 +358,9 @@ def print_ratio(r: dict) -> None:
     print(f"  one float32 forward pass   {r['forward_float32_s']:>8.1f} s")
     print(f"  calibrated conversion      {r['calibrated_convert_s']:>8.1f} s")
     print(f"  ratio                      {r['ratio']:>8.2f} x   (goal <= 3, bar <= 4)")
+    if "ratio_reconstructed" in r:
+        print(f"  reconstructed conversion   {r['reconstructed_convert_s']:>8.1f} s")
+        print(f"  ratio                      {r['ratio_reconstructed']:>8.2f} x   (goal <= 6)")
 
 
 def synthetic_llama(folder: Path, size: str, tokenizer_from: Path) -> tuple[int, int]:

@@ -82,11 +82,36 @@ def main() -> None:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar, only the result line.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @options_from(CalibrationFlags)
-def convert(source: str, output: str, num_kv_heads: int, method: str, quiet: bool, as_json: bool, **flags) -> None:
+@click.option(
+    "--option",
+    "method_option",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Calibrated methods: any other method option (repeatable; docs/calibrated.md lists them), e.g. "
+    "--option reconstruct_epochs=2. VALUE is read as JSON (numbers, true/false), else as a string.",
+)
+def convert(
+    source: str,
+    output: str,
+    num_kv_heads: int,
+    method: str,
+    quiet: bool,
+    as_json: bool,
+    method_option: tuple[str, ...] = (),
+    **flags,
+) -> None:
     """Convert SOURCE (folder or hub id) into OUTPUT with NUM_KV_HEADS key/value heads."""
     _keep_freed_memory()
     settings = {k: v for k, v in flags.items() if k in field_names(Settings)}
     calibration = {k: v for k, v in flags.items() if k in field_names(CalibrationFlags) and v is not None}
+    for pair in method_option:
+        key, eq, value = pair.partition("=")
+        if not eq or not key:
+            _fail(ConversionError(f"--option {pair!r}: write KEY=VALUE, e.g. --option reconstruct_epochs=2"))
+        try:
+            calibration[key] = json.loads(value)
+        except json.JSONDecodeError:
+            calibration[key] = value
     try:
         report = convert_checkpoint(
             source,
@@ -343,6 +368,13 @@ def _eval_vllm(models: list[str], options: dict, kv_memory: str, as_json: bool) 
 @click.option(
     "--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True, help="Calibrate on."
 )
+@click.option(
+    "--uptrain-steps",
+    type=click.IntRange(min=0),
+    default=32,
+    show_default=True,
+    help="Steps (one 256-token block each, about 2 s on 2 cores) the calibrated model is uptrained; 0: none.",
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def demo(
@@ -351,15 +383,25 @@ def demo(
     windows: int,
     calibration_tokens: int,
     device: str,
+    uptrain_steps: int,
     quiet: bool,
     as_json: bool,
 ) -> None:
     """Convert the real SmolLM2-135M (shipped on PyPI, offline) from 3 KV heads to NUM_KV_HEADS by mean pooling and
-    by calibration, and show the three models side by side."""
+    by calibration, uptrain the calibrated model for about a minute on the built-in text, and show the models side
+    by side."""
     from convert.demo import run_demo
 
     try:
-        r = run_demo(output, num_kv_heads, windows, calibration_tokens, device, progress=not (quiet or as_json))
+        r = run_demo(
+            output,
+            num_kv_heads,
+            windows,
+            calibration_tokens,
+            device,
+            progress=not (quiet or as_json),
+            uptrain_steps=uptrain_steps,
+        )
     except (ConversionError, FileNotFoundError) as e:
         _fail(e)
     if as_json:
@@ -371,16 +413,23 @@ def demo(
         f"{r['eval_windows']} x {r['window']} tokens; calibrated on {cal['calibration_tokens']} tokens of "
         f"{cal['calibration_data']} ({cal['device']})"
     )
-    click.echo(f"{'model':<12}{'KV heads':>9}{'KV cache/token':>16}{'perplexity':>12}{'convert s':>11}")
-    for name, m in r["models"].items():
-        secs = f"{m['convert_seconds']:.1f}" if "convert_seconds" in m else "-"
+    up = r.get("uptraining") or {}
+    if up:
         click.echo(
-            f"{name:<12}{m['kv_heads']:>9}{m['kv_cache_bytes_per_token']:>14,} B{m['perplexity']:>12.2f}{secs:>11}"
+            f"uptrained: the calibrated model, {up['steps']} steps, {up['tokens']:,} tokens of {up['data']}, "
+            f"full training, lr {up['lr']:g}"
+        )
+    click.echo(f"{'model':<12}{'KV heads':>9}{'KV cache/token':>16}{'perplexity':>12}{'seconds':>9}")
+    for name, m in r["models"].items():
+        secs = m.get("convert_seconds", m.get("uptrain_seconds"))
+        secs = "-" if secs is None else f"{secs:.1f}"
+        click.echo(
+            f"{name:<12}{m['kv_heads']:>9}{m['kv_cache_bytes_per_token']:>14,} B{m['perplexity']:>12.2f}{secs:>9}"
         )
     click.echo(f"prompt: {r['prompt']}")
     for name, m in r["models"].items():
         click.echo(f"  {name + ':':<12} {m['completion']}")
-    click.echo(f"load the calibrated model:  {r['from_pretrained']}")
+    click.echo(f"load the {'uptrained' if up else 'calibrated'} model:  {r['from_pretrained']}")
     click.echo(f"({r['seconds']:.0f} s in all)")
 
 

@@ -25,6 +25,7 @@ REGISTRY: dict[str, str] = {
     "first": "convert.methods.pooling:First",
     "random": "convert.methods.pooling:Random",
     "calibrated": "convert.methods.calibrated:Calibrated",
+    "reconstructed": "convert.methods.reconstructed:Reconstructed",
 }
 
 

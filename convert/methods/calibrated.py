@@ -43,6 +43,7 @@ from convert.methods.linalg import (
     second_moment,
     slow_share,
 )
+from convert.methods.reconstruct import layer_attention, reconstruct_attention
 from convert.methods.runner import LayerRunner, template_classes
 from convert.methods.text import calibration_ids
 from convert.pipeline.merge import patched_config
@@ -50,6 +51,8 @@ from convert.pipeline.merge import patched_config
 PLOT = "calibration_errors.png"
 # Relative error of an attention output that only rounding explains, by calibration dtype: below it the o refit is
 # not made (the merge was exact; bf16 runs of two different but equivalent layers differ by about 1%).
+# Relative key/value error below which a merge counts as exact (float64 rounding is about 1e-12).
+EXACT = 1e-8
 NOISE_FLOOR = {torch.float32: 1e-4, torch.bfloat16: 0.03, torch.float16: 0.005}
 
 
@@ -79,23 +82,25 @@ class CalibratedOptions(BaseModel):
     key_weighting: float = Field(0.5, ge=0, le=1)
     value_weighting: float = Field(0.5, ge=0, le=1)
     device: str = "cpu"  # cpu, cuda, cuda:N or auto (cuda when there is one)
+    # Block-wise reconstruction after the closed form (`convert.methods.reconstruct`): 0 passes = off.
+    reconstruct_epochs: float = Field(0.0, ge=0, le=100)
+    reconstruct_lr: float = Field(1e-4, gt=0, le=1)
+    reconstruct_batch: int = Field(1, ge=1)
 
     @classmethod
-    def parse(cls, options: dict[str, Any]) -> CalibratedOptions:
+    def parse(cls, options: dict[str, Any], method: str = "calibrated") -> CalibratedOptions:
         """Options as given (None = default), or a ConversionError naming each bad option and what it accepts."""
         given = {k: v for k, v in options.items() if v is not None}
         unknown = sorted(set(given) - set(cls.model_fields))
         if unknown:
-            raise ConversionError(
-                f"method 'calibrated' has no option(s) {unknown}; it knows {sorted(cls.model_fields)}"
-            )
+            raise ConversionError(f"method {method!r} has no option(s) {unknown}; it knows {sorted(cls.model_fields)}")
         try:
             return cls(**given)
         except ValidationError as e:
             problems = "; ".join(
                 f"{'.'.join(map(str, err['loc']))}: {err['msg']} (got {err['input']!r})" for err in e.errors()
             )
-            raise ConversionError(f"method 'calibrated': {problems}") from None
+            raise ConversionError(f"method {method!r}: {problems}") from None
 
     def torch_device(self) -> torch.device:
         """The device calibration runs on; a CUDA device that is not there is refused with the fix."""
@@ -120,7 +125,7 @@ class LayerCalibration:
     layer: int
     math: LayerMath
     grouping: str
-    finish: Callable[[int, Attention], tuple[Attention, dict]]
+    finish: Callable[..., tuple[Attention, dict]]  # (layer, merged, exact=False) -> (merged, statistics)
 
 
 class Calibrator:
@@ -181,6 +186,9 @@ class Calibrator:
             "key_centering": opts.key_centering,
             "key_weighting": opts.key_weighting,
             "value_weighting": opts.value_weighting,
+            "reconstruct_epochs": opts.reconstruct_epochs,
+            "reconstruct_lr": opts.reconstruct_lr,
+            "reconstruct_batch": opts.reconstruct_batch,
         }
 
     def _tensors(self, i: int) -> dict[str, Tensor]:
@@ -274,7 +282,43 @@ class Calibrator:
             tensors[key[start:]] = t
         return self.runner.load(True, i, tensors)
 
-    def finish(self, i: int, merged: Attention) -> tuple[Attention, dict]:
+    def _reconstruct(
+        self, i: int, merged: Attention, x_in: list[Tensor], stats_before: float
+    ) -> tuple[Attention, dict]:
+        """Tune the merged layer's attention projections against the o re-fit's target (block-wise
+        reconstruction), and read them back in per-head form. The tuned layer stays materialized."""
+        layer = self._load_new(i, merged)
+        fam = self.src.family
+        keys = fam.attention_keys(i, self.present)
+        start = len(self.runner.layer_prefix) + len(str(i)) + 1
+        names = [k[start:] for k in keys]
+        Y = self.pending["Y"]
+        bias = self.pending["tensors"].get(f"{self.runner.o_path}.bias")
+        if bias is not None:  # the target is without o's bias; the module's output has it
+            Y = Y + bias.float().to(Y.device)
+        stats = reconstruct_attention(
+            self.runner,
+            layer,
+            i,
+            x_in,
+            Y,
+            names,
+            self.opts.reconstruct_epochs,
+            self.opts.reconstruct_lr,
+            seed=i,
+            batch=self.opts.reconstruct_batch,
+        )
+        if stats["attn_rel_err_reconstructed"] >= stats_before:
+            # Never worse than the closed form on its own objective: then the closed form is kept.
+            stats["reconstruct_kept"] = False
+            self._load_new(i, merged)
+            return merged, stats
+        stats["reconstruct_kept"] = True
+        tuned = layer_attention(layer, names)
+        return fam.split(i, lambda k: tuned[k[start:]], keys, self.s_out), stats
+
+    def finish(self, i: int, merged: Attention, exact: bool = False) -> tuple[Attention, dict]:
+        """Re-fit o_proj (and reconstruct the layer unless the merge was `exact`), then move the streams on."""
         if self.pending.get("layer") != i:
             raise RuntimeError(f"calibration context of layer {i} was not prepared (layers must come in order)")
         stats: dict = {}
@@ -294,6 +338,15 @@ class Calibrator:
                 given = [c.reshape(x.shape).to(x.dtype) for c, x in zip(torch.split(y, sizes), self.x_new)]
             else:
                 layer = self._load_new(i, merged)
+        # An exact merge is left as it is: the error left is rounding, and fitting it would move weights off it.
+        if (
+            self.opts.reconstruct_epochs > 0
+            and not exact
+            and stats.get("attn_rel_err", math.inf) > NOISE_FLOOR[self.dtype]
+        ):
+            merged, more = self._reconstruct(i, merged, x_in, stats.get("attn_rel_err", math.inf))
+            stats.update(more)
+            layer, given = self.runner.layers(self.runner.skeleton_new)[i], None
         if self.stream != "original":
             self.x_new = self.runner.run(layer, i, self.x_new, attention_output=given)["out"]
         self.runner.unload(True, i)
@@ -349,8 +402,10 @@ class Calibrated(Method):
         self.calibrator: Calibrator | None = None
         self.info: dict = {}
 
+    options_class: type[CalibratedOptions] = CalibratedOptions
+
     def layer_contexts(self, source: Any, groups: int, seed: int, **options: Any) -> Callable[[int], dict] | None:
-        opts = CalibratedOptions.parse(options)
+        opts = self.options_class.parse(options, self.name)
         self.calibrator, self.info = None, {"started": time.perf_counter()}
         if groups == source.shapes.num_kv_heads:
             self.info["summary"] = {"note": "G equals the current KV-head count: nothing to merge, weights unchanged"}
@@ -386,7 +441,10 @@ class Calibrated(Method):
         if lm.correction is not None:
             att = correct_inputs(att, lm.correction)
         merged, stats = merge_layer(att, groups, lm)
-        merged, more = calibration.finish(layer, merged)
+        # Keys and values reproduced to float64 rounding: what is left of the attention error is the calibration
+        # dtype's rounding, not something reconstruction should fit.
+        exact = max(stats.get("k_rel_err", 1.0), stats.get("v_rel_err", 1.0)) < EXACT
+        merged, more = calibration.finish(layer, merged, exact=exact)
         stats.update(more)
         stats["kv_order"] = order
         stats["key_merge"] = "weighted mean (q/k norm)" if calibration.math.qk_norm else "complex fold"

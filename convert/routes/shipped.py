@@ -24,12 +24,13 @@ COMMON = "common"
 FLAG = "--write-modeling-code"
 # Every method runs on the decoder-only templates (calibrated builds the template's own classes from these files).
 # Where a method does not fit a template: why, said in the refusal.
-SHIPPED_METHODS = ("mean", "first", "random", "calibrated")
+SHIPPED_METHODS = ("mean", "first", "random", "calibrated", "reconstructed")
 WEIGHT_ONLY = ("mean", "first", "random")
 UNFIT: dict[tuple[str, str], str] = {
     ("t5", "calibrated"): "its layer runner calibrates decoder-only models layer by layer, and T5's decoder "
     "attention reads the encoder's output (cross-attention) that the runner does not compute",
 }
+UNFIT[("t5", "reconstructed")] = UNFIT[("t5", "calibrated")]
 
 
 def load_hint(loads_with: str = "AutoModelForCausalLM") -> str:
