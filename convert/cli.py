@@ -368,13 +368,6 @@ def _eval_vllm(models: list[str], options: dict, kv_memory: str, as_json: bool) 
 @click.option(
     "--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True, help="Calibrate on."
 )
-@click.option(
-    "--uptrain-steps",
-    type=click.IntRange(min=0),
-    default=32,
-    show_default=True,
-    help="Steps (one 256-token block each, about 2 s on 2 cores) the calibrated model is uptrained; 0: none.",
-)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def demo(
@@ -383,25 +376,15 @@ def demo(
     windows: int,
     calibration_tokens: int,
     device: str,
-    uptrain_steps: int,
     quiet: bool,
     as_json: bool,
 ) -> None:
     """Convert the real SmolLM2-135M (shipped on PyPI, offline) from 3 KV heads to NUM_KV_HEADS by mean pooling and
-    by calibration, uptrain the calibrated model for about a minute on the built-in text, and show the models side
-    by side."""
+    by calibration, and show the three models side by side."""
     from convert.demo import run_demo
 
     try:
-        r = run_demo(
-            output,
-            num_kv_heads,
-            windows,
-            calibration_tokens,
-            device,
-            progress=not (quiet or as_json),
-            uptrain_steps=uptrain_steps,
-        )
+        r = run_demo(output, num_kv_heads, windows, calibration_tokens, device, progress=not (quiet or as_json))
     except (ConversionError, FileNotFoundError) as e:
         _fail(e)
     if as_json:
@@ -413,23 +396,16 @@ def demo(
         f"{r['eval_windows']} x {r['window']} tokens; calibrated on {cal['calibration_tokens']} tokens of "
         f"{cal['calibration_data']} ({cal['device']})"
     )
-    up = r.get("uptraining") or {}
-    if up:
-        click.echo(
-            f"uptrained: the calibrated model, {up['steps']} steps, {up['tokens']:,} tokens of {up['data']}, "
-            f"full training, lr {up['lr']:g}"
-        )
-    click.echo(f"{'model':<12}{'KV heads':>9}{'KV cache/token':>16}{'perplexity':>12}{'seconds':>9}")
+    click.echo(f"{'model':<12}{'KV heads':>9}{'KV cache/token':>16}{'perplexity':>12}{'convert s':>11}")
     for name, m in r["models"].items():
-        secs = m.get("convert_seconds", m.get("uptrain_seconds"))
-        secs = "-" if secs is None else f"{secs:.1f}"
+        secs = f"{m['convert_seconds']:.1f}" if "convert_seconds" in m else "-"
         click.echo(
-            f"{name:<12}{m['kv_heads']:>9}{m['kv_cache_bytes_per_token']:>14,} B{m['perplexity']:>12.2f}{secs:>9}"
+            f"{name:<12}{m['kv_heads']:>9}{m['kv_cache_bytes_per_token']:>14,} B{m['perplexity']:>12.2f}{secs:>11}"
         )
     click.echo(f"prompt: {r['prompt']}")
     for name, m in r["models"].items():
         click.echo(f"  {name + ':':<12} {m['completion']}")
-    click.echo(f"load the {'uptrained' if up else 'calibrated'} model:  {r['from_pretrained']}")
+    click.echo(f"load the calibrated model:  {r['from_pretrained']}")
     click.echo(f"({r['seconds']:.0f} s in all)")
 
 

