@@ -33,8 +33,8 @@ def rss_anon() -> int:
 finish = calibrated.Calibrator.finish
 
 
-def recorded(self, i, merged):
-    out = finish(self, i, merged)
+def recorded(self, i, merged, **kwargs):
+    out = finish(self, i, merged, **kwargs)
     after_layer.append(rss_anon())
     return out
 
