@@ -15,6 +15,7 @@ from convert.eval.common import (
     PeakMemory,
     cache_bytes,
     check_lengths,
+    eval_device,
     find_tokenizer,
     model_facts,
     positions,
@@ -71,9 +72,7 @@ def evaluate_causal(
     """
     refuse_shipped_code(path, trust_remote_code)
 
-    dev = torch.device(
-        "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
-    )
+    dev = eval_device(device)
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     check_lengths(path, config, window, contexts, new_tokens)
     tok = AutoTokenizer.from_pretrained(find_tokenizer(path, tokenizer), trust_remote_code=trust_remote_code)

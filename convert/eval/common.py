@@ -47,6 +47,13 @@ class ModelEval:
     left_out: list[str] = field(default_factory=list)  # default contexts the model (or the text) is too short for
 
 
+def eval_device(device: str) -> torch.device:
+    """`auto`: CUDA when there is one, else the CPU; any other name as torch spells it (cpu, cuda, cuda:1)."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
 def text_ids(tokenizer, data: str | None, max_tokens: int | None) -> tuple[torch.Tensor, str]:
     """Token ids to score (at most `max_tokens`; None: the whole text), and where they came from.
 

@@ -25,6 +25,7 @@ from convert.eval.common import (
     ModelEval,
     PeakMemory,
     cache_bytes,
+    eval_device,
     find_tokenizer,
     model_facts,
     refuse_shipped_code,
@@ -126,9 +127,7 @@ def evaluate_seq2seq(
 
     del stride  # an example is scored whole
     refuse_shipped_code(path, trust_remote_code)
-    dev = torch.device(
-        "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
-    )
+    dev = eval_device(device)
     tok = AutoTokenizer.from_pretrained(find_tokenizer(path, tokenizer), trust_remote_code=trust_remote_code)
     model = AutoModelForSeq2SeqLM.from_pretrained(path, trust_remote_code=trust_remote_code).to(dev).eval()
     settings = SpanCorruption(input_length=window)
