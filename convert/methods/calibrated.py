@@ -399,7 +399,7 @@ class Calibrated(Method):
     needs_calibration = True
 
     def __init__(self) -> None:
-        self.calibrator: Calibrator | None = None
+        self.calibrator: Any = None  # a Calibrator, or a T5Calibrator (convert.methods.seq2seq)
         self.info: dict = {}
 
     options_class: type[CalibratedOptions] = CalibratedOptions
@@ -410,7 +410,12 @@ class Calibrated(Method):
         if groups == source.shapes.num_kv_heads:
             self.info["summary"] = {"note": "G equals the current KV-head count: nothing to merge, weights unchanged"}
             return None
-        self.calibrator = Calibrator(source, groups, seed, opts)
+        if source.raw_config.get("is_encoder_decoder"):  # T5, mT5: the decoder's self- and cross-attention
+            from convert.methods.seq2seq import T5Calibrator
+
+            self.calibrator = T5Calibrator(source, groups, seed, opts)
+        else:
+            self.calibrator = Calibrator(source, groups, seed, opts)
         return self.calibrator
 
     def merge(
@@ -439,7 +444,7 @@ class Calibrated(Method):
                 if lm.moment is not None:
                     lm = replace(lm, moment=lambda heads, f=lm.moment: f([order[h] for h in heads]))
         if lm.correction is not None:
-            att = correct_inputs(att, lm.correction)
+            att = correct_inputs(att, lm.correction, ("q", "k", "v") if lm.C_kv is None else ("q",))
         merged, stats = merge_layer(att, groups, lm)
         # Keys and values reproduced to float64 rounding: what is left of the attention error is the calibration
         # dtype's rounding, not something reconstruction should fit.

@@ -175,12 +175,17 @@ class LayerMath:
     # [D+1, D+1]: maps the converted model's attention inputs towards the original model's (least squares), applied
     # to q/k/v rows before merging (two-stream calibration only).
     correction: Tensor | None = None
+    # [D+1, D+1]: second moment of [K 1] when keys and values read another input K than the queries (T5's
+    # cross-attention reads the encoder's output): keys and values are fitted in it, the queries weigh them in C.
+    # `means` and `moment` are then K's.
+    C_kv: Tensor | None = None
 
     def group_moment(self, heads: list[int], alpha: float) -> tuple[Tensor, Tensor | None]:
+        base = self.C if self.C_kv is None else self.C_kv
         if self.moment is None or alpha == 0:
-            return self.C, self.means
+            return base, self.means
         Cw, mw = self.moment(heads)
-        C = (1 - alpha) * self.C + alpha * Cw
+        C = (1 - alpha) * base + alpha * Cw
         if self.means is None or mw is None:
             return C, None
         return C, torch.cat([(1 - alpha) ** 0.5 * self.means, alpha**0.5 * mw], dim=1)
@@ -356,11 +361,12 @@ def input_correction(A_new: Tensor, A_orig: Tensor, C: Tensor, beta: float, ridg
     return eye + beta * torch.linalg.solve(C + lam * eye, cross - C)
 
 
-def correct_inputs(att: Attention, M: Tensor) -> Attention:
-    """q/k/v rows w -> M w (the projections read corrected inputs); biases appear only where the layer has them."""
+def correct_inputs(att: Attention, M: Tensor, names: tuple[str, ...] = ("q", "k", "v")) -> Attention:
+    """Rows w of the projections `names` -> M w (they read corrected inputs); biases appear only where the layer
+    has them. Cross-attention corrects only q (its keys and values read the encoder's output)."""
     D = att.q.shape[-1]
     out = {}
-    for name in ("q", "k", "v"):
+    for name in names:
         w, b = getattr(att, name), getattr(att, f"{name}_bias")
         if b is None:
             out[name] = (w.double() @ M[:D, :D].T).float()  # no constant input: the D x D block only

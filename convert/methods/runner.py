@@ -79,7 +79,8 @@ def template_classes(template: str) -> tuple[type, type]:
         module, cls = ref.rsplit(".", 1)
         return getattr(importlib.import_module(f"{name}.{module}"), cls)
 
-    return load(auto["AutoConfig"]), load(auto["AutoModelForCausalLM"])
+    # the class that loads the output: the causal LM, or T5's seq2seq class (`loads_with` in template.json)
+    return load(auto["AutoConfig"]), load(auto[manifest.get("loads_with", "AutoModelForCausalLM")])
 
 
 # Free heap bytes kept between layers whatever the layer's size: small models fault memory in too (a few ms each).

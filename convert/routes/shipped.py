@@ -27,10 +27,9 @@ FLAG = "--write-modeling-code"
 SHIPPED_METHODS = ("mean", "first", "random", "calibrated", "reconstructed")
 WEIGHT_ONLY = ("mean", "first", "random")
 UNFIT: dict[tuple[str, str], str] = {
-    ("t5", "calibrated"): "its layer runner calibrates decoder-only models layer by layer, and T5's decoder "
-    "attention reads the encoder's output (cross-attention) that the runner does not compute",
+    ("t5", "reconstructed"): "its block reconstruction tunes decoder-only layers; T5 has the closed form only "
+    "(--method calibrated)",
 }
-UNFIT[("t5", "reconstructed")] = UNFIT[("t5", "calibrated")]
 
 
 def load_hint(loads_with: str = "AutoModelForCausalLM") -> str:
@@ -81,7 +80,7 @@ def check_method(template: str, method: str) -> None:
     if why:
         raise ConversionError(
             f"--method {method} is not available where the output ships its own modeling code ({model_type}): "
-            f"{why}. Use --method {', '.join(WEIGHT_ONLY)}"
+            f"{why}. Use --method {', '.join(m for m in SHIPPED_METHODS if (template, m) not in UNFIT)}"
         )
     if method not in SHIPPED_METHODS:
         raise ConversionError(
