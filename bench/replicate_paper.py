@@ -8,7 +8,7 @@ llama pretrained from scratch, with this project's own converter and uptraining 
 
 `--arch t5` runs the same steps on a small T5.1.1 trained and scored with span corruption (bench/replication_t5.py):
 the pretraining and uptraining budgets count input + target tokens, the score is the held-out span-corruption
-perplexity, and the calibrated method (not available for T5) is left out with a note.
+perplexity, and the calibrated method calibrates on span-corrupted training text (convert/methods/seq2seq.py).
 
 One command does everything, in order:
 
@@ -193,16 +193,13 @@ def available_methods(wanted: list[str], arch: str = "llama") -> tuple[list[str]
     from convert.methods import METHODS
 
     notes = []
-    if "calibrated" in wanted and "calibrated" not in METHODS and arch != "t5":
+    if "calibrated" in wanted and "calibrated" not in METHODS:
         try:
             import convert.calibrate  # noqa: F401  registers "calibrated"
         except Exception as e:  # missing or broken module: run the rest, say why
             notes.append(
                 f"method 'calibrated' left out: convert.calibrate could not be imported ({type(e).__name__}: {e})"
             )
-    if arch == "t5" and "calibrated" in wanted:
-        wanted = [m for m in wanted if m != "calibrated"]
-        notes.append("method 'calibrated' left out: it has no T5 route (weight-only methods only; docs/dev/t5.md)")
     keep = [m for m in wanted if m in METHODS]
     for m in wanted:
         if m not in METHODS and not any(m in n for n in notes):

@@ -260,13 +260,19 @@ def test_g_that_does_not_divide_the_heads_is_refused(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_calibrated_is_refused_before_anything_is_written(tmp_path):
+def test_calibrated_converts_and_reconstructed_is_refused_before_anything_is_written(tmp_path):
+    """calibrated has a T5 route (tests/methods/test_calibrated_t5.py); block reconstruction does not."""
     src = save(tiny_t5("t5"), tmp_path / "src")
     args = ["convert", str(src), str(tmp_path / "out"), "-g", "2", "--write-modeling-code", "--method", "calibrated"]
+    result = CliRunner().invoke(main, [*args, "--calibration-data", "random"])
+    assert result.exit_code == 0, result.output
+    assert load(tmp_path / "out").config.num_key_value_heads == 2
+    args = ["convert", str(src), str(tmp_path / "rec"), "-g", "2", "--write-modeling-code", "--method", "reconstructed"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2
-    assert "--method calibrated is not available" in result.output and "mean, first, random" in result.output
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+    assert "--method reconstructed is not available" in result.output
+    assert "mean, first, random, calibrated" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
 
 
 def test_shipped_code_is_written_only_when_asked(tmp_path):

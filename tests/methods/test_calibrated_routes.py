@@ -133,15 +133,16 @@ def test_checkpoint_saved_from_the_base_model(kind, groups, tmp_path):
     torch.testing.assert_close(logits(out), logits(model), rtol=1e-4, atol=1e-4)
 
 
-def test_t5_is_refused_with_the_reason(tmp_path):
-    """Where calibrated does not fit (T5's decoder reads the encoder output), exit 2 names why and what to use."""
+def test_t5_reconstructed_is_refused_with_the_reason(tmp_path):
+    """Where a method does not fit (block reconstruction on T5; calibrated has its T5 route), exit 2 names why and
+    what to use."""
     from tests.helpers.t5 import save, tiny_t5
 
     src = save(tiny_t5("t5"), tmp_path / "src")
-    args = ["convert", str(src), str(tmp_path / "out"), "-g", "2", "--write-modeling-code", "--method", "calibrated"]
+    args = ["convert", str(src), str(tmp_path / "out"), "-g", "2", "--write-modeling-code", "--method", "reconstructed"]
     run = CliRunner().invoke(main, args)
     assert run.exit_code == 2
-    assert "cross-attention" in run.output and "Use --method mean, first, random" in run.output
+    assert "block reconstruction" in run.output and "Use --method mean, first, random, calibrated" in run.output
     assert not (tmp_path / "out").exists()
 
 
