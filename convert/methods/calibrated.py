@@ -14,6 +14,7 @@ slower than a float32 one, and float32 rounds less. Statistics are accumulated i
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import time
@@ -49,6 +50,9 @@ from convert.methods.text import calibration_ids
 from convert.pipeline.merge import patched_config
 
 PLOT = "calibration_errors.png"
+# Encoder-decoder sources (T5, mT5) get their own calibrator, which builds on this module; named as the method
+# registry names classes (imported on first use), so that the two modules do not import each other.
+ENCODER_DECODER_CALIBRATOR = "convert.methods.seq2seq:T5Calibrator"
 # Relative error of an attention output that only rounding explains, by calibration dtype: below it the o refit is
 # not made (the merge was exact; bf16 runs of two different but equivalent layers differ by about 1%).
 # Relative key/value error below which a merge counts as exact (float64 rounding is about 1e-12).
@@ -411,9 +415,8 @@ class Calibrated(Method):
             self.info["summary"] = {"note": "G equals the current KV-head count: nothing to merge, weights unchanged"}
             return None
         if source.raw_config.get("is_encoder_decoder"):  # T5, mT5: the decoder's self- and cross-attention
-            from convert.methods.seq2seq import T5Calibrator
-
-            self.calibrator = T5Calibrator(source, groups, seed, opts)
+            module, name = ENCODER_DECODER_CALIBRATOR.split(":")
+            self.calibrator = getattr(importlib.import_module(module), name)(source, groups, seed, opts)
         else:
             self.calibrator = Calibrator(source, groups, seed, opts)
         return self.calibrator
