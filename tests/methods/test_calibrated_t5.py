@@ -47,7 +47,7 @@ def test_g_equal_to_heads_leaves_logits_unchanged(kind, tmp_path):
     torch.testing.assert_close(logits(converted, inputs()), logits(model, inputs()), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", [*KINDS, "mt5"])
 @pytest.mark.parametrize("groups", [2, 1])
 def test_identical_heads_in_each_group_merge_exactly(kind, groups, tmp_path):
     """Self- and cross-attention heads identical within each group: the merge reproduces the source (float32
@@ -93,6 +93,34 @@ def test_written_files_report_and_config(tmp_path):
     assert all(r["attn_rel_err"] <= r["attn_rel_err_folded"] + 1e-9 for r in layers)
 
 
+def test_the_calibrator_computes_the_models_own_encoder_output_and_decoder_streams(tmp_path):
+    """The encoder output every cross-attention reads, and the decoder's residual streams after the last block, are
+    the model's own on the calibration examples (identical heads: the converted stream stays the original's)."""
+    from convert.methods.calibrated import Calibrated, CalibratedOptions
+    from convert.methods.seq2seq import T5Calibrator, span_examples
+    from convert.pipeline.source import open_source
+
+    model = tiny_t5("t5.1.1")
+    make_groups_identical(model, 2)
+    src = open_source(save(model, tmp_path / "src"), groups=2)
+    cal = T5Calibrator(src, 2, 0, CalibratedOptions.parse(RANDOM))
+    enc_ids, targets, _ = span_examples(None, "random", RANDOM["calibration_tokens"], 32, 0, 96)
+    dec_ids = torch.cat([torch.zeros_like(targets[:, :1]), targets[:, :-1]], dim=1)
+    with torch.no_grad():
+        out = model(input_ids=enc_ids, decoder_input_ids=dec_ids, output_hidden_states=True)
+    torch.testing.assert_close(torch.cat(cal.enc_out), out.encoder_last_hidden_state, rtol=1e-5, atol=1e-5)
+    method = Calibrated()
+    for i in range(2 * DEC_LAYERS):
+        ctx = cal(i)["calibration"]
+        att = src.family.split(i, src.get, src.family.attention_keys(i, set(src.tensors)), src.shapes)
+        method.merge(att, 2, layer=i, seed=0, calibration=ctx)
+    want = out.decoder_hidden_states[-1]  # the last block's output, after the decoder's final norm
+    with torch.no_grad():
+        final = model.decoder.final_layer_norm
+        torch.testing.assert_close(final(torch.cat(cal.x_orig)), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(final(torch.cat(cal.x_new)), want, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_calibrated_beats_mean_on_a_random_t5(kind, tmp_path):
     """Output error against the source on inputs calibration never saw (random weights: a weak check; the trained
@@ -105,6 +133,18 @@ def test_calibrated_beats_mean_on_a_random_t5(kind, tmp_path):
         converted = load(convert(src, tmp_path / method, 1, method, calibration_tokens=4096))
         err[method] = float((logits(converted, inputs()) - ref).pow(2).mean())
     assert err["calibrated"] < 0.7 * err["mean"], err
+
+
+def test_a_gqa_t5_output_regrouped(tmp_path):
+    """A gqa_t5 output (G = 2, mean) calibrated down to G = 1: the original runs in the shipped class at its own KV
+    count (heads identical within groups of 4: exact)."""
+    model = tiny_t5("t5.1.1")
+    make_groups_identical(model, 1)
+    g2 = convert(save(model, tmp_path / "src"), tmp_path / "g2", 2, "mean")
+    out = convert(g2, tmp_path / "g1", 1)
+    converted = load(out)
+    assert converted.config.num_key_value_heads == 1
+    torch.testing.assert_close(logits(converted, inputs()), logits(model, inputs()), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("stream", ["converted", "original"])
