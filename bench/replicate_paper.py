@@ -539,6 +539,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     wall = time.time() - start
     command = "python bench/replicate_paper.py " + " ".join(argv)
+    finished = time.strftime("%Y-%m-%d %H:%M:%S %z")
     results = {
         "command": command,
         "quick": args.quick,
@@ -563,8 +564,9 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "wall_seconds": wall,
         "cells_reused": runner.reused,
-        "provenance": code,
-        "finished": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        # commit, command and date as bench/tables.py reads them, beside the digests of the files the run read
+        "provenance": {**code, "commit": (code.get("git_head") or "?")[:7], "command": command, "date": finished},
+        "finished": finished,
     }
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "results.md").write_text(markdown(results))
