@@ -264,7 +264,7 @@ def test_calibrated_converts_and_reconstructed_is_refused_before_anything_is_wri
     """calibrated has a T5 route (tests/methods/test_calibrated_t5.py); block reconstruction does not."""
     src = save(tiny_t5("t5"), tmp_path / "src")
     args = ["convert", str(src), str(tmp_path / "out"), "-g", "2", "--write-modeling-code", "--method", "calibrated"]
-    result = CliRunner().invoke(main, [*args, "--calibration-data", "random"])
+    result = CliRunner().invoke(main, [*args, "--calibration-data", "random", "--option", "calibration_seq_len=32"])
     assert result.exit_code == 0, result.output
     assert load(tmp_path / "out").config.num_key_value_heads == 2
     args = ["convert", str(src), str(tmp_path / "rec"), "-g", "2", "--write-modeling-code", "--method", "reconstructed"]
