@@ -67,8 +67,14 @@ def test_written_files_report_and_config(tmp_path):
     """Real safetensors: the encoder, the relative position bias and the feed-forward layers byte for byte; every
     decoder attention module (self and cross) merged to G heads; q and o rewritten; the report says what ran."""
     model = tiny_t5("t5.1.1")
-    src = save(model, tmp_path / "src")
-    out = convert(src, tmp_path / "out", 2)
+    src, out = save(model, tmp_path / "src"), tmp_path / "out"
+    report = convert_checkpoint(
+        src, out, 2, "calibrated", progress=False, write_modeling_code=True, method_options=RANDOM
+    )
+    assert (report.method, report.kv_heads_before, report.kv_heads_after) == ("calibrated", H, 2)
+    assert report.route == "shipped code" and report.output_model_type == "gqa_t5"
+    assert "AutoModelForSeq2SeqLM.from_pretrained" in report.load_with
+    assert any("cross-attention" in n for n in report.notes)  # both caches, before and after
     before, after = tensors(src), tensors(out)
     assert set(before) == set(after)
     for name, t in before.items():
