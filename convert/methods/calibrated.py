@@ -463,7 +463,7 @@ class Calibrated(Method):
         summary["time_s"] = round(time.perf_counter() - self.info.get("started", time.perf_counter()), 2)
         rows = [r for r in report.per_layer if "k_rel_err" in r]
         qk = any(r.get("key_merge", "").startswith("weighted") for r in rows)
-        summary["key_merge"] = (
+        summary["key_merge"] = summary.get("key_merge") or (  # a calibrator may say it itself (T5)
             "approximate: this family normalizes q/k per head after the projection, which no fold commutes with; "
             "merged keys are the query-energy weighted mean of each group's keys"
             if qk

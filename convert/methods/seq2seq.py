@@ -165,6 +165,8 @@ class T5Calibrator:
             "key_weighting": opts.key_weighting,
             "value_weighting": opts.value_weighting,
             "encoder_decoder": "encoder run once; decoder self- and cross-attention merged, encoder kept",
+            "key_merge": "no rotary (relative position bias): a full linear map per group, weighted by the query "
+            "covariance, folded into q; cross-attention keys and values fitted on the encoder output",
         }
 
     # --- materializing ------------------------------------------------------------------------------------------

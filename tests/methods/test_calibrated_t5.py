@@ -92,6 +92,7 @@ def test_written_files_report_and_config(tmp_path):
     assert config["model_type"] == "gqa_t5" and config["num_key_value_heads"] == 2
     prov = json.loads((out / "gqa_convert.json").read_text())
     cal = prov["calibration"]
+    assert cal["key_merge"].startswith("no rotary") and cal["encoder_decoder"].startswith("encoder run once")
     assert cal["calibration_sequences"] == 1024 // (32 + cal["calibration_target_len"])
     assert cal["calibration_seq_len"] == 32 and cal["calibration_target_len"] > 0
     layers = [r for r in prov["per_layer"] if "k_rel_err" in r]
