@@ -60,7 +60,7 @@ def span_examples(
     try:
         span = SpanCorruption(input_length=input_length)
     except SpanCorruptionError as e:
-        raise ConversionError(f"--calibration-seq-len {input_length}: {e}") from None
+        raise ConversionError(f"calibration_seq_len={input_length} (the T5 input length): {e}") from None
     per_row = span.input_length + span.target_length
     rows = max(1, n_tokens // per_row)
     if data == RANDOM:

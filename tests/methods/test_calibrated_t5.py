@@ -175,6 +175,17 @@ def test_cli_converts_and_refuses_what_does_not_fit(tmp_path):
     sim = [*base[:2], str(tmp_path / "sim"), *base[2:], "--method", "calibrated", "--option", "grouping=similarity"]
     refused = CliRunner().invoke(main, sim)
     assert refused.exit_code == 2 and "grouping=similarity is not available on T5" in refused.output
+    short = [
+        *base[:2],
+        str(tmp_path / "short"),
+        *base[2:],
+        "--method",
+        "calibrated",
+        "--option",
+        "calibration_seq_len=2",
+    ]
+    refused = CliRunner().invoke(main, short)
+    assert refused.exit_code == 2 and "calibration_seq_len=2 (the T5 input length)" in refused.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ok", "src"]
 
 
