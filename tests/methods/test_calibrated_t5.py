@@ -216,7 +216,7 @@ def _pretrain(folder: Path, corpus: Path, tokenizer, steps: int) -> None:
 def test_calibrated_beats_mean_on_a_trained_t5(tmp_path):
     """A tiny T5.1.1 pretrained here with span corruption (a few seconds), converted to MQA and GQA-2: calibrated
     (calibrated on the training text) has a much lower held-out span-corruption loss than mean pooling (measured:
-    MHA 1.77, MQA mean 4.98 / calibrated 1.77, GQA-2 mean 3.24)."""
+    MHA 1.85; MQA mean 5.20, calibrated 1.86; GQA-2 mean 3.35, calibrated 1.86)."""
     from convert.eval.seq2seq import span_loss
     from convert.text.span_corruption import SpanCorruption, examples
     from tests.helpers.uptrain import t5_tokenizer, toy_documents, write_corpus
@@ -226,7 +226,7 @@ def test_calibrated_beats_mean_on_a_trained_t5(tmp_path):
     tok = t5_tokenizer(docs)
     corpus = write_corpus(tmp_path / "train.txt", docs)
     src = t5_folder(tok, tmp_path / "src", d_model=48)
-    _pretrain(src, corpus, tok, steps=150)
+    _pretrain(src, corpus, tok, steps=120)
     held = tok("\n\n".join(toy_documents(40, seed=7)), add_special_tokens=False).input_ids
     x, y = examples(np.asarray(held, dtype=np.int64), tok, SpanCorruption(input_length=32), seed=1)
     x, y = torch.from_numpy(x), torch.from_numpy(y)
@@ -234,7 +234,7 @@ def test_calibrated_beats_mean_on_a_trained_t5(tmp_path):
         loss = {"mha": span_loss(AutoModelForSeq2SeqLM.from_pretrained(src).eval(), x, y)}
         for g in (1, 2):
             for method in ("mean", "calibrated"):
-                opts = {"calibration_data": str(corpus), "calibration_tokens": 8192, "calibration_seq_len": 32}
+                opts = {"calibration_data": str(corpus), "calibration_tokens": 4096, "calibration_seq_len": 32}
                 out = tmp_path / f"g{g}-{method}"
                 convert_checkpoint(
                     src,
