@@ -202,43 +202,52 @@ def run_llama(args, log: Log) -> dict:
     D = pre["tokens"]
     goal = (1 + TOLERANCE) * pre["ppl"]
     control_max = args.control_max_alpha if not args.quick else max(grid)
-    control = control_rows(runner, [a for a in grid if a <= control_max], D, args.seed, pre)
-    log(
-        f"llama: MHA {pre['ppl']:.2f}, goal {goal:.2f}; control "
-        + ", ".join(f"{pct(c['alpha'])} {c['ppl']:.2f}" for c in control)
-    )
+    control = {0.0: {"alpha": 0.0, "ppl": pre["ppl"], "uptrain_tokens": 0}}
+    whole = args.quick or args.whole_grid
     curves, cross = {}, {}
     for start in STARTS:
-        rows = start_rows(runner, start, grid, D, args.seed, args.kd_weight)
-        points = curve(rows)
-        for a in extend:
-            if crossings(points, pre["ppl"], control)["vs_original"]["alpha"] is not None:
-                break
-            log(f"llama: {start} not within {TOLERANCE:.0%} by {pct(points[-1]['alpha'])}: running alpha {pct(a)}")
-            if a <= control_max and not any(c["alpha"] == a for c in control):
-                control = sorted(control + control_rows(runner, [a], D, args.seed, pre)[1:], key=lambda c: c["alpha"])
-            points = curve(rows + start_rows(runner, start, [a], D, args.seed, args.kd_weight))
-            rows = points
+        points: list[dict] = []
+        for a in grid + extend:
+            if a <= control_max and a not in control:
+                control[a] = control_rows(runner, [a], D, args.seed, pre)[-1]
+            points = curve(points + start_rows(runner, start, [a], D, args.seed, args.kd_weight))
+            c = crossings(points, pre["ppl"], list(control.values()))
+            reached = c["vs_original"]["alpha"] is not None
+            reached_control = c["vs_control"]["alpha"] is not None or a >= control_max
+            if not whole and reached and reached_control:
+                break  # the grid points above the crossing cost tokens and change no crossing
+            if a == grid[-1] and not reached and extend:
+                log(
+                    f"llama: {start} not within {TOLERANCE:.0%} by {pct(a)}: extending to {', '.join(map(pct, extend))}"
+                )
+            if a >= grid[-1] and reached and not whole:
+                break  # the extension stops once reached
         curves[start] = points
-        cross[start] = crossings(points, pre["ppl"], control)
+        cross[start] = crossings(points, pre["ppl"], list(control.values()))
         c = cross[start]["vs_original"]
         log(
             f"llama: {start:<14} "
             + ", ".join(f"{pct(p['alpha'])} {p['ppl']:.2f}" for p in points)
             + f" -> within {TOLERANCE:.0%} at alpha {pct(c['alpha'])} ({c['how']})"
         )
+    control = curve(list(control.values()))
+    log(
+        f"llama: MHA {pre['ppl']:.2f}, goal {goal:.2f}; control "
+        + ", ".join(f"{pct(c['alpha'])} {c['ppl']:.2f}" for c in control)
+    )
     for folder in (work / "converted").glob("g1-*"):
         shutil.rmtree(folder, ignore_errors=True)
     return {
         "model": f"llama {cfg.num_layers} layers, hidden {cfg.hidden_size}, {cfg.num_heads} heads (MHA) -> MQA",
         "parameters": pre["parameters"],
+        "heads": cfg.num_heads,
         "pretraining_tokens": D,
         "mha_ppl": pre["ppl"],
         "goal_ppl": goal,
         "eval": runner.eval_info,
         "config": dataclasses.asdict(cfg),
         "kd": {"kd_weight": args.kd_weight, "kd_temperature": 1.0, "teacher": "the MHA original"},
-        "control": curve(control),
+        "control": control,
         "curves": curves,
         "crossing": cross,
         "work": str(work),
@@ -350,6 +359,7 @@ def run_smollm2(args, log: Log) -> dict:
         "pretraining_tokens": SMOLLM2_PRETRAIN_TOKENS,
         "pretraining_tokens_source": "https://huggingface.co/HuggingFaceTB/SmolLM2-135M (model card: 2T tokens)",
         "eval": f"convert.uptrain validation: the first {args.smollm2_eval_blocks} blocks of 512 tokens of {test.name}",
+        "eval_blocks": args.smollm2_eval_blocks,
         "original_ppl": original_ppl,
         "goal_ppl": goal,
         "recipe": "lr 3e-4, warmup 1 step, cosine to 0.1 x lr, 1 block of 512 tokens per step, AdamW, wd 0.1, clip 1.0",
@@ -371,59 +381,53 @@ def _alpha_cell(c: dict) -> str:
 
 
 def summary_table(results: dict) -> dict:
-    cols = ["study", "model", "measure", "start", "before uptraining", "to within 5% of the original (α)", "tokens"]
+    cols = [
+        "study",
+        "model",
+        "measure",
+        "start",
+        "before uptraining",
+        "uptraining to within 5% of the original (α)",
+        "α against the control trained as long",
+        "tokens",
+    ]
     rows = [
-        [
-            f"[{a['study']}]({a['link']})",
-            a["model"],
-            a["measure"],
-            a["start"],
-            "-",
-            f"{a['reached']}: {a['fraction']}",
-            "-",
-        ]
+        [f"[{a['study']}]({a['link']})", a["model"], a["measure"], a["start"], "-"]
+        + [f"{a['reached']}: **{a['fraction']}**", "-", "-"]
         for a in ANCHORS
     ]
     names = {"mean": "mean", "calibrated": "calibrated", "calibrated+kd": "calibrated + distillation"}
     if "llama" in results:
         L = results["llama"]
+        model = f"replication llama, {L['parameters'] / 1e6:.1f}M, {L['heads']} → 1 KV heads"
+        model += f", D = {L['pretraining_tokens']:,}"
+        measure = f"WikiText-2 test perplexity (MHA {L['mha_ppl']:.2f}, goal {L['goal_ppl']:.2f})"
         for start in STARTS:
             pts, c = L["curves"][start], L["crossing"][start]
             vo, vc = c["vs_original"], c["vs_control"]
             tokens = "-" if vo["alpha"] is None else f"{vo['alpha'] * L['pretraining_tokens']:,.0f}"
-            rows.append([
-                "this project",
-                f"replication llama, {L['parameters'] / 1e6:.1f}M, 8 → 1 KV heads, D = {L['pretraining_tokens']:,}",
-                f"WikiText-2 test perplexity (MHA {L['mha_ppl']:.2f}, goal {L['goal_ppl']:.2f})",
-                names[start],
-                f"{pts[0]['ppl']:.2f}",
-                f"{_alpha_cell(vo)}; vs the control trained as long: {_alpha_cell(vc)}",
-                tokens,
-            ])  # fmt: skip
+            rows.append(["this project", model, measure, names[start], f"{pts[0]['ppl']:.2f}"]
+                        + [_alpha_cell(vo), _alpha_cell(vc), tokens])  # fmt: skip
     if "smollm2" in results:
         S = results["smollm2"]
+        measure = (
+            f"perplexity, {S['eval_blocks']} × 512 WikiText-2 test tokens "
+            f"(original {S['original_ppl']:.2f}, goal {S['goal_ppl']:.2f})"
+        )
         for start in STARTS:
             r = S["runs"][start]
-            first = r["curve"][0]["ppl"]
             if r["first_within"] is None:
                 reached = (
                     f"not reached within {r['tokens']:,} tokens (α = {r['fraction_of_pretraining']:.1e}): "
-                    f"{r['final_ppl']:.2f} at the end"
+                    f"{r['final_ppl']:,.2f} at the end"
                 )
             else:
                 reached = (
                     f"reached at {r['first_within']:,} tokens (α = {r['first_within'] / S['pretraining_tokens']:.1e})"
                 )
-            rows.append([
-                "this project",
-                "SmolLM2-135M-Instruct, 3 → 1 KV heads, D = 2T (model card)",
-                f"perplexity, first {S['eval'].split('first ')[1].split(' blocks')[0]} × 512 WikiText-2 test tokens "
-                f"(original {S['original_ppl']:.2f}, goal {S['goal_ppl']:.2f})",
-                names[start],
-                f"{first:,.2f}",
-                reached,
-                f"{r['tokens']:,} run",
-            ])  # fmt: skip
+            model = "SmolLM2-135M-Instruct, 3 → 1 KV heads, D = 2T (model card)"
+            before = f"{r['curve'][0]['ppl']:,.2f}"
+            rows.append(["this project", model, measure, names[start], before, reached, "-", f"{r['tokens']:,} run"])
     return {"columns": cols, "rows": rows}
 
 
@@ -467,6 +471,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test", help="held-out text (default: test.txt beside --data)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--kd-weight", type=float, default=0.5, help="distillation weight (convert.uptrain kd_weight)")
+    p.add_argument(
+        "--whole-grid",
+        action="store_true",
+        help="run every grid alpha for every start (default: a start stops at its first alpha within the goal)",
+    )
     p.add_argument("--max-alpha", type=float, default=1.0, help="largest alpha --extend may run (default 1.0)")
     p.add_argument("--control-max-alpha", type=float, default=0.2, help="largest alpha the MHA control is run at")
     p.add_argument("--smollm2-tokens", type=int, default=10240, help="uptraining tokens per SmolLM2 run")
