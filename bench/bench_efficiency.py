@@ -174,13 +174,15 @@ def curve(rows: list[dict]) -> list[dict]:
     return [by_alpha[a] for a in sorted(by_alpha)]
 
 
-def crossings(points: list[dict], mha_ppl: float, control: list[dict]) -> dict:
-    alphas, ppls = [p["alpha"] for p in points], [p["ppl"] for p in points]
+def crossings(points: list[dict], mha_ppl: float, control: list[dict], D: int) -> dict:
+    """Where `points` come within 5% of the MHA original and of the control trained as long. Alpha is the tokens
+    each run actually trained on over D (budgets are rounded up to whole steps), not the nominal grid value."""
+    alphas, ppls = [p["uptrain_tokens"] / D for p in points], [p["ppl"] for p in points]
     fixed = crossing(alphas, ppls, [(1 + TOLERANCE) * mha_ppl] * len(alphas))
     by_alpha = {c["alpha"]: c["ppl"] for c in control}
     shared = [p for p in points if p["alpha"] in by_alpha]
     vs_control = crossing(
-        [p["alpha"] for p in shared],
+        [p["uptrain_tokens"] / D for p in shared],
         [p["ppl"] for p in shared],
         [(1 + TOLERANCE) * by_alpha[p["alpha"]] for p in shared],
     )
@@ -211,7 +213,7 @@ def run_llama(args, log: Log) -> dict:
             if a <= control_max and a not in control:
                 control[a] = control_rows(runner, [a], D, args.seed, pre)[-1]
             points = curve(points + start_rows(runner, start, [a], D, args.seed, args.kd_weight))
-            c = crossings(points, pre["ppl"], list(control.values()))
+            c = crossings(points, pre["ppl"], list(control.values()), D)
             reached = c["vs_original"]["alpha"] is not None
             reached_control = c["vs_control"]["alpha"] is not None or a >= control_max
             if not whole and reached and reached_control:
@@ -223,7 +225,7 @@ def run_llama(args, log: Log) -> dict:
             if a >= grid[-1] and reached and not whole:
                 break  # the extension stops once reached
         curves[start] = points
-        cross[start] = crossings(points, pre["ppl"], list(control.values()))
+        cross[start] = crossings(points, pre["ppl"], list(control.values()), D)
         c = cross[start]["vs_original"]
         log(
             f"llama: {start:<14} "
@@ -432,12 +434,14 @@ def summary_table(results: dict) -> dict:
 
 
 def curves_table(results: dict) -> dict:
-    """Perplexity against alpha, one row per start point (the llama) and the SmolLM2 curves against tokens."""
+    """Perplexity against the nominal alpha, one row per start point and the control, and the tokens trained."""
     L = results["llama"]
-    alphas = sorted({p["alpha"] for pts in L["curves"].values() for p in pts} | {c["alpha"] for c in L["control"]})
+    series = {"MHA control (trained on)": L["control"], **L["curves"]}
+    alphas = sorted({p["alpha"] for pts in series.values() for p in pts})
     cols = ["llama MQA, test perplexity", *[f"α = {pct(a)}" for a in alphas]]
-    rows = []
-    series = {"MHA control (trained on)": L["control"], **{k: v for k, v in L["curves"].items()}}
+    tokens = {p["alpha"]: p["uptrain_tokens"] for pts in series.values() for p in pts}
+    step = f"{L['config']['micro_batch_size']} × {L['config']['block_size']}"
+    rows = [[f"uptraining tokens (whole steps of {step})", *[f"{tokens[a]:,}" for a in alphas]]]
     for name, pts in series.items():
         by = {p["alpha"]: p["ppl"] for p in pts}
         rows.append([name, *[f"{by[a]:.2f}" if a in by else "-" for a in alphas]])
