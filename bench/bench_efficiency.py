@@ -338,11 +338,12 @@ def run_smollm2(args, log: Log) -> dict:
             log(f"smollm2: converted to MQA with {method} in {time.time() - t0:.0f} s")
         starts[method] = folder
     steps = max(1, args.smollm2_tokens // 512)
-    ref = smollm2_run(
-        smollm2_settings(args, original, work / "up-original", valid, test, 1, None), work, "original", args.fresh, log
-    )
-    original_ppl = ref["curve"][0]["ppl"]
+    # the control: the original trained on as long (its step-0 evaluation is the original's perplexity)
+    s = smollm2_settings(args, original, work / "up-control", valid, test, steps, None)
+    control = smollm2_run(s, work, "control", args.fresh, log)
+    original_ppl = control["curve"][0]["ppl"]
     goal = (1 + TOLERANCE) * original_ppl
+    control_at = {c["tokens"]: c["ppl"] for c in control["curve"]}
     runs = {}
     for start in STARTS:
         model = starts["calibrated" if start == "calibrated+kd" else start]
@@ -352,6 +353,12 @@ def run_smollm2(args, log: Log) -> dict:
         tokens = [c["tokens"] for c in r["curve"]]
         ppls = [c["ppl"] for c in r["curve"]]
         r["first_within"] = first_within(tokens, ppls, goal)
+        shared = [c for c in r["curve"] if c["tokens"] in control_at]
+        r["first_within_control"] = first_within(
+            [c["tokens"] for c in shared],
+            [c["ppl"] for c in shared],
+            [(1 + TOLERANCE) * control_at[c["tokens"]] for c in shared],
+        )
         r["final_ppl"] = ppls[-1]
         r["fraction_of_pretraining"] = r["tokens"] / SMOLLM2_PRETRAIN_TOKENS
         r["tokens_per_s"] = r["tokens"] / r["seconds"]
@@ -364,6 +371,7 @@ def run_smollm2(args, log: Log) -> dict:
         "eval_blocks": args.smollm2_eval_blocks,
         "original_ppl": original_ppl,
         "goal_ppl": goal,
+        "control": control,
         "recipe": "lr 3e-4, warmup 1 step, cosine to 0.1 x lr, 1 block of 512 tokens per step, AdamW, wd 0.1, clip 1.0",
         "runs": runs,
     }
@@ -429,7 +437,11 @@ def summary_table(results: dict) -> dict:
                 )
             model = "SmolLM2-135M-Instruct, 3 → 1 KV heads, D = 2T (model card)"
             before = f"{r['curve'][0]['ppl']:,.2f}"
-            rows.append(["this project", model, measure, names[start], before, reached, "-", f"{r['tokens']:,} run"])
+            w = r["first_within_control"]
+            vs_control = f"reached at {w:,} tokens" if w is not None else f"not reached within {r['tokens']:,} tokens"
+            rows.append(
+                ["this project", model, measure, names[start], before, reached, vs_control, f"{r['tokens']:,} run"]
+            )
     return {"columns": cols, "rows": rows}
 
 
@@ -452,7 +464,8 @@ def smollm2_curves_table(results: dict) -> dict:
     S = results["smollm2"]
     tokens = sorted({c["tokens"] for r in S["runs"].values() for c in r["curve"]})
     cols = ["SmolLM2 MQA, validation perplexity", *[f"{t:,} tokens" for t in tokens]]
-    rows = [["original (step-0 evaluation)", f"{S['original_ppl']:.2f}", *["-"] * (len(tokens) - 1)]]
+    by = {c["tokens"]: c["ppl"] for c in S["control"]["curve"]}
+    rows = [["original, trained on (control)", *[f"{by[t]:,.2f}" if t in by else "-" for t in tokens]]]
     for name, r in S["runs"].items():
         by = {c["tokens"]: c["ppl"] for c in r["curve"]}
         rows.append([name, *[f"{by[t]:,.2f}" if t in by else "-" for t in tokens]])
@@ -481,7 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run every grid alpha for every start (default: a start stops at its first alpha within the goal)",
     )
     p.add_argument("--max-alpha", type=float, default=1.0, help="largest alpha --extend may run (default 1.0)")
-    p.add_argument("--control-max-alpha", type=float, default=0.2, help="largest alpha the MHA control is run at")
+    p.add_argument("--control-max-alpha", type=float, default=0.5, help="largest alpha the MHA control is run at")
     p.add_argument("--smollm2-tokens", type=int, default=10240, help="uptraining tokens per SmolLM2 run")
     p.add_argument("--smollm2-eval-every", type=int, default=5, help="validation every N steps (512 tokens each)")
     p.add_argument("--smollm2-eval-blocks", type=int, default=4, help="validation blocks of 512 test tokens")

@@ -41,10 +41,14 @@ def crossing(alphas: list[float], ppls: list[float], targets: list[float]) -> di
     return {"alpha": None, "how": "not reached", "between": [points[-1][0], points[-1][0]]}
 
 
-def first_within(tokens: list[int], ppls: list[float], target: float) -> int | None:
-    """The first measured token count at which ppl <= target (no interpolation), or None."""
-    for t, p in sorted(zip(tokens, ppls)):
-        if p <= target:
+def first_within(tokens: list[int], ppls: list[float], target: float | list[float]) -> int | None:
+    """The first measured token count at which ppl <= target (one goal, or one per point), or None. No
+    interpolation: the points are evaluations along one run."""
+    targets = target if isinstance(target, list) else [target] * len(tokens)
+    if not (len(tokens) == len(ppls) == len(targets)):
+        raise ValueError("first_within needs one ppl and one target per token count")
+    for t, p, goal in sorted(zip(tokens, ppls, targets)):
+        if p <= goal:
             return t
     return None
 

@@ -59,6 +59,9 @@ def test_crossing_edge_cases():
         m.crossing([0.0, 0.01], [1.0], [1.0, 1.0])
     assert m.first_within([512, 0, 1024], [50.0, 90.0, 40.0], 45.0) == 1024
     assert m.first_within([0, 512], [90.0, 50.0], 45.0) is None
+    assert m.first_within([0, 512, 1024], [90.0, 50.0, 40.0], [80.0, 52.5, 30.0]) == 512  # a goal per point
+    with pytest.raises(ValueError, match="one ppl and one target per token count"):
+        m.first_within([0, 512], [90.0, 50.0], [1.0])
     assert m.pct(0.0025) == "0.25%" and m.pct(None) == "-" and m.pct(0.0) == "0"
 
 
