@@ -399,7 +399,7 @@ def summary_table(results: dict) -> dict:
         "before uptraining",
         "uptraining to within 5% of the original (α)",
         "α against the control trained as long",
-        "tokens",
+        "tokens (α × D)",
     ]
     rows = [
         [f"[{a['study']}]({a['link']})", a["model"], a["measure"], a["start"], "-"]
