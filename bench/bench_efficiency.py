@@ -440,7 +440,7 @@ def summary_table(results: dict) -> dict:
             w = r["first_within_control"]
             vs_control = f"reached at {w:,} tokens" if w is not None else f"not reached within {r['tokens']:,} tokens"
             rows.append(
-                ["this project", model, measure, names[start], before, reached, vs_control, f"{r['tokens']:,} run"]
+                ["this project", model, measure, names[start], before, reached, vs_control, f"{r['tokens']:,} trained"]
             )
     return {"columns": cols, "rows": rows}
 
