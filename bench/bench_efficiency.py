@@ -4,7 +4,7 @@ alpha of the pretraining tokens, a converted MQA model needs to get within 5% of
 starting points: `mean` (the paper's pooling), `calibrated` (this project's merge) and `calibrated` uptrained with the
 original as teacher (`teacher` / `kd_weight` of convert.uptrain).
 
-    python bench/bench_efficiency.py                 # both models, the full grids (about 40 min on a shared 2-core CPU)
+    python bench/bench_efficiency.py                 # both models (about 45 min on a shared 2-core CPU)
     python bench/bench_efficiency.py --parts llama   # the replication llama only
     python bench/bench_efficiency.py --quick         # smoke run: the tiny replication llama, 3 alphas (< 1 min)
 
@@ -13,20 +13,24 @@ WikiText-2 valid; the replication's own code pretrains, converts, uptrains and s
 shared: a cell the replication computed is reused here, and the other way round). Each alpha of the grid is its own
 uptraining run with the replication's recipe (warmup + cosine over that run's budget, peak lr 1e-4, where pretraining
 ended), not a checkpoint part-way through a longer run: a point mid-way through a cosine schedule has not annealed,
-so it would overstate the tokens needed. The MHA model trained on for the same budgets is the control. When a start
-point has not reached the goal by the largest alpha of the grid, --extend alphas are run for it one by one until it
-does. The crossing is interpolated linearly in log alpha between the two grid points around it (the gap
-perplexity - goal), against two goals: 1.05 x the MHA original (alpha = 0), and 1.05 x the control trained on as long.
+so it would overstate the tokens needed. The MHA model trained on for the same budgets is the control (up to
+--control-max-alpha). Alpha runs from 0 up the grid (0.25% ... 20%) and a start stops at its first alpha within both
+goals (--whole-grid: every alpha); one that has not reached the goal by 20% runs 50%, then 100% (up to --max-alpha).
+The crossing is interpolated linearly in log alpha between the two grid points around it (the gap perplexity -
+goal), with alpha the tokens each run trained on over D (budgets are whole steps), against two goals: 1.05 x the MHA
+original (alpha = 0), and 1.05 x the control trained on as long.
 
 SmolLM2-135M-Instruct (real weights, convert/demo/smollm2.py) is converted GQA-3 -> MQA the same three ways and
 uptrained for --smollm2-tokens tokens on WikiText-2 valid (one run each, the recipe's settings: lr 3e-4, warmup 1
 step, cosine to 0.1 x lr, blocks of 512 tokens), validating every --smollm2-eval-every steps on the first
---smollm2-eval-blocks blocks of 512 tokens of WikiText-2 test (the library's own validation; the original is scored on
-the same blocks by the step-0 evaluation of a one-step run). With a budget of tens of thousands of tokens against the
-2T tokens SmolLM2-135M was pretrained on, this measures where the curve is, not the crossing: no extrapolation.
+--smollm2-eval-blocks blocks of 512 tokens of WikiText-2 test (the library's own validation). The control is the
+original trained the same way; its step-0 evaluation is the original's perplexity on those blocks. With a budget
+of tens of thousands of tokens against the 2T tokens SmolLM2-135M was pretrained on, this measures where the curve
+is, not the crossing: no extrapolation.
 
 Writes bench/results/efficiency-COMMIT.json (--output to change it; --quick writes efficiency-COMMIT-quick.json)
-with a `table` (the summary beside the anchors) and `curves_table` for bench/tables.py, and the provenance. Finished
+with a `table` (the summary beside the anchors), `curves_table` and `smollm2_curves_table` for bench/tables.py
+(`<!-- table: FILE.json#curves_table -->`), and the provenance. Finished
 llama cells and SmolLM2 runs are kept under --work (default: $GQA_CONVERT_CACHE or ~/.cache/gqa-convert); --fresh
 ignores them. --json prints the results on stdout (progress on stderr). Exit status 0, 2 on bad arguments or data.
 """
