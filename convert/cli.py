@@ -389,7 +389,7 @@ def demo(
 ) -> None:
     """Convert the real SmolLM2-135M (shipped on PyPI, offline) from 3 KV heads to NUM_KV_HEADS by mean pooling and
     by calibration, uptrain the calibrated one for about a minute, and show the models side by side."""
-    from convert.demo import run_demo
+    from convert.demo import format_demo, run_demo
     from convert.errors import SettingsError, TrainingError
 
     try:
@@ -407,32 +407,7 @@ def demo(
     if as_json:
         click.echo(json.dumps(r, indent=2))
         return
-    cal = r["calibration"]
-    click.echo(
-        f"SmolLM2-135M-Instruct, {r['kv_heads'][0]} -> {r['kv_heads'][1]} KV heads; perplexity on {r['eval_text']}, "
-        f"{r['eval_windows']} x {r['window']} tokens; calibrated on {cal['calibration_tokens']} tokens of "
-        f"{cal['calibration_data']} ({cal['device']})"
-    )
-    up = r["uptraining"]
-    if up:
-        click.echo(
-            f"uptrained: the calibrated model distilled from the original (kd_weight {up['kd_weight']:g}, train "
-            f"{up['train']}, lr {up['lr']:g}) on {up['data']}: {up['steps']} steps x {up['block_size']} tokens = "
-            f"{up['tokens']:,} tokens in {up['train_seconds']:.0f} s; perplexity {up['perplexity_before']:.2f} -> "
-            f"{up['perplexity_after']:.2f}"
-        )
-    click.echo(f"{'model':<12}{'KV heads':>9}{'KV cache/token':>16}{'perplexity':>12}{'seconds':>9}")
-    for name, m in r["models"].items():
-        secs = m.get("convert_seconds", m.get("uptrain_seconds"))
-        secs = f"{secs:.1f}" if secs is not None else "-"
-        click.echo(
-            f"{name:<12}{m['kv_heads']:>9}{m['kv_cache_bytes_per_token']:>14,} B{m['perplexity']:>12.2f}{secs:>9}"
-        )
-    click.echo(f"prompt: {r['prompt']}")
-    for name, m in r["models"].items():
-        click.echo(f"  {name + ':':<12} {m['completion']}")
-    click.echo(f"load the {'uptrained' if up else 'calibrated'} model:  {r['from_pretrained']}")
-    click.echo(f"({r['seconds']:.0f} s in all)")
+    click.echo(format_demo(r))
 
 
 def _keep_freed_memory() -> None:

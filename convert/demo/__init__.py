@@ -12,11 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from convert.demo import smollm2
+from convert.demo.report import format_demo
 from convert.demo.uptraining import UPTRAIN_SECONDS, uptrain_calibrated
 from convert.errors import ConversionError
 from convert.eval.perplexity import perplexity
 from convert.pipeline.conversion import convert_checkpoint
 from convert.text.builtin import builtin_text
+
+__all__ = ["format_demo", "run_demo"]
 
 PROMPT = "The three most important things to know about the Python programming language are"
 # Half the method's default (8192), so that conversion and scoring stay near half a minute on a quiet 2-core CPU.
