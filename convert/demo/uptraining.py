@@ -11,7 +11,8 @@ Why these settings (measured on SmolLM2-135M GQA-3 -> MQA calibrated on 4096 tok
   a fifth of a block's weights, and no MLP weight gradient is computed;
 - lr 1e-4: 3e-4 gave about the same perplexity after 8 steps (74.1) with a higher KL to the original (0.90
   against 0.84); 1e-3 raised the perplexity after 5 steps;
-- blocks of 256 tokens, one a step: short steps, so that a minute gives tens of them on two cores;
+- blocks of 256 tokens, one a step: short steps, so that a minute holds as many as it can (18 s a step measured
+  on two cores shared with three other jobs, load average 6-9; a quiet machine runs several times faster);
 - a constant learning rate after one warmup step, stopped by the wall clock (`max_seconds`), with a floor of 8
   steps (`min_steps`), so that a slow machine still trains enough to improve.
 
