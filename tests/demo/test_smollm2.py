@@ -114,3 +114,31 @@ def test_demo_refuses_bad_arguments_before_any_work(args, message, tmp_path):
     result = CliRunner().invoke(main, ["demo", "--output", str(tmp_path / "demo"), *args])
     assert result.exit_code == 2 and result.output.strip() == message, result.output
     assert not (tmp_path / "demo").exists()
+
+
+def test_demo_report_without_uptraining_names_the_calibrated_model():
+    """`--uptrain-seconds 0`: three models, no uptraining line, and `from_pretrained` loads the calibrated one."""
+    from convert.demo import format_demo
+
+    row = {"kv_heads": 1, "kv_cache_bytes_per_token": 15360, "perplexity": 150.0, "completion": "x y"}
+    r = {
+        "kv_heads": [3, 1],
+        "eval_text": "pydoc_data topics (second half)",
+        "eval_windows": 4,
+        "window": 512,
+        "calibration": {"calibration_tokens": 4096, "calibration_data": "builtin", "device": "cpu"},
+        "uptraining": {},
+        "prompt": "P",
+        "models": {
+            "original": {**row, "kv_heads": 3, "kv_cache_bytes_per_token": 46080, "perplexity": 19.7},
+            "mean": {**row, "convert_seconds": 0.4},
+            "calibrated": {**row, "convert_seconds": 19.0},
+        },
+        "from_pretrained": 'AutoModelForCausalLM.from_pretrained("out/calibrated")',
+        "seconds": 31.0,
+    }
+    lines = format_demo(r).splitlines()
+    assert not any(line.startswith("uptrained") for line in lines)
+    assert lines[2].split() == ["original", "3", "46,080", "B", "19.70", "-"]
+    assert lines[4].split() == ["calibrated", "1", "15,360", "B", "150.00", "19.0"]
+    assert lines[-2] == 'load the calibrated model:  AutoModelForCausalLM.from_pretrained("out/calibrated")'
