@@ -4,6 +4,9 @@ command that produced it, read from the JSON, never typed into prose.
     python bench/tables.py           rewrite every `<!-- table: FILE.json -->` ... `<!-- /table -->` block in docs/
     python bench/tables.py --check   exit 1 if a block is not what its JSON renders (the tests run this)
 
+`<!-- table: FILE.json#KEY -->` renders the entry KEY of the file (a {"columns": [...], "rows": [...]} table) instead
+of its main `table`, so one results file can give a page several tables.
+
 A results file states its provenance as {"provenance": {"commit": ..., "command": ..., "date": ...}} (the benches
 write it); older files carry the commit under "git" and the date under "meta".
 """
@@ -20,7 +23,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-BLOCK = re.compile(r"(<!-- table: (?P<file>[\w.\-]+\.json) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
+BLOCK = re.compile(
+    r"(<!-- table: (?P<file>[\w.\-]+\.json)(?:#(?P<key>\w+))? -->\n)(?P<body>.*?)(<!-- /table -->)", re.S
+)
 
 
 def provenance(argv: list[str] | None = None) -> dict:
@@ -110,19 +115,27 @@ def _scaling(d: dict) -> list[str]:
     return rows
 
 
-def render(name: str, page: Path) -> str:
-    """The block for results file `name` on docs page `page` (links relative to the page)."""
+def _table(t: dict) -> list[str]:
+    lines = ["| " + " | ".join(t["columns"]) + " |", "|" + "---|" * len(t["columns"])]
+    return lines + ["| " + " | ".join(map(str, r)) + " |" for r in t["rows"]]
+
+
+def render(name: str, page: Path, key: str | None = None) -> str:
+    """The block for results file `name` (its entry `key`, when given) on docs page `page` (links relative to the
+    page)."""
     d = json.loads((RESULTS / name).read_text())
-    if "median" in d and "goals" in d:
+    if key is not None:
+        if key not in d:
+            raise SystemExit(f"bench/tables.py: {name} has no entry {key!r}")
+        lines = _table(d[key])
+    elif "median" in d and "goals" in d:
         lines = _convert(d)
     elif d.get("scaling"):
         lines = _scaling(d)
     elif d.get("results"):
         lines = _calibrated(d)
     elif "table" in d:  # a bench that renders its own rows: {"table": {"columns": [...], "rows": [[...], ...]}}
-        t = d["table"]
-        lines = ["| " + " | ".join(t["columns"]) + " |", "|" + "---|" * len(t["columns"])]
-        lines += ["| " + " | ".join(map(str, r)) + " |" for r in t["rows"]]
+        lines = _table(d["table"])
     else:
         raise SystemExit(f"bench/tables.py: no renderer for {name}: give it a 'table' entry")
     link = os.path.relpath(RESULTS / name, page.parent)
@@ -130,7 +143,7 @@ def render(name: str, page: Path) -> str:
 
 
 def rewrite(text: str, page: Path) -> str:
-    return BLOCK.sub(lambda m: m.group(1) + render(m.group("file"), page) + m.group(4), text)
+    return BLOCK.sub(lambda m: m.group(1) + render(m.group("file"), page, m.group("key")) + m.group(5), text)
 
 
 def main() -> int:

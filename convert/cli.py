@@ -354,7 +354,7 @@ def _eval_vllm(models: list[str], options: dict, kv_memory: str, as_json: bool) 
     "--output",
     type=click.Path(file_okay=False),
     default=None,
-    help="Folder for the two converted models, mean/ and calibrated/ (default: in the gqa-convert cache).",
+    help="Folder for the models: mean/, calibrated/, uptrained/model/ (default: in the gqa-convert cache).",
 )
 @click.option("--num-kv-heads", "-g", type=int, default=1, show_default=True, help="KV heads after conversion.")
 @click.option("--windows", type=int, default=4, show_default=True, help="512-token windows scored per model.")
@@ -368,6 +368,13 @@ def _eval_vllm(models: list[str], options: dict, kv_memory: str, as_json: bool) 
 @click.option(
     "--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True, help="Calibrate on."
 )
+@click.option(
+    "--uptrain-seconds",
+    type=float,
+    default=60.0,
+    show_default=True,
+    help="Wall-clock seconds of distilling the calibrated model from the original (0: no uptraining).",
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def demo(
@@ -376,37 +383,31 @@ def demo(
     windows: int,
     calibration_tokens: int,
     device: str,
+    uptrain_seconds: float,
     quiet: bool,
     as_json: bool,
 ) -> None:
     """Convert the real SmolLM2-135M (shipped on PyPI, offline) from 3 KV heads to NUM_KV_HEADS by mean pooling and
-    by calibration, and show the three models side by side."""
-    from convert.demo import run_demo
+    by calibration, uptrain the calibrated one for about a minute, and show the models side by side."""
+    from convert.demo import format_demo, run_demo
+    from convert.errors import SettingsError, TrainingError
 
     try:
-        r = run_demo(output, num_kv_heads, windows, calibration_tokens, device, progress=not (quiet or as_json))
-    except (ConversionError, FileNotFoundError) as e:
+        r = run_demo(
+            output,
+            num_kv_heads,
+            windows,
+            calibration_tokens,
+            device,
+            progress=not (quiet or as_json),
+            uptrain_seconds=uptrain_seconds,
+        )
+    except (ConversionError, FileNotFoundError, SettingsError, TrainingError, MissingExtra) as e:
         _fail(e)
     if as_json:
         click.echo(json.dumps(r, indent=2))
         return
-    cal = r["calibration"]
-    click.echo(
-        f"SmolLM2-135M-Instruct, {r['kv_heads'][0]} -> {r['kv_heads'][1]} KV heads; perplexity on {r['eval_text']}, "
-        f"{r['eval_windows']} x {r['window']} tokens; calibrated on {cal['calibration_tokens']} tokens of "
-        f"{cal['calibration_data']} ({cal['device']})"
-    )
-    click.echo(f"{'model':<12}{'KV heads':>9}{'KV cache/token':>16}{'perplexity':>12}{'convert s':>11}")
-    for name, m in r["models"].items():
-        secs = f"{m['convert_seconds']:.1f}" if "convert_seconds" in m else "-"
-        click.echo(
-            f"{name:<12}{m['kv_heads']:>9}{m['kv_cache_bytes_per_token']:>14,} B{m['perplexity']:>12.2f}{secs:>11}"
-        )
-    click.echo(f"prompt: {r['prompt']}")
-    for name, m in r["models"].items():
-        click.echo(f"  {name + ':':<12} {m['completion']}")
-    click.echo(f"load the calibrated model:  {r['from_pretrained']}")
-    click.echo(f"({r['seconds']:.0f} s in all)")
+    click.echo(format_demo(r))
 
 
 def _keep_freed_memory() -> None:

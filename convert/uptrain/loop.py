@@ -375,6 +375,7 @@ class Uptraining:
         loader = make_loader(self.dataset, s.num_workers, self.start_step, total)
         batches = iter(loader)
         self.session_start, measured_from = time.time(), None
+        self.last_step, self.stopped_early = self.start_step, False
         self.data_wait, self.wait_measured = 0.0, 0.0  # waiting for data, and waiting + stepping (from step 2 on)
         try:
             for step in range(self.start_step + 1, total + 1):
@@ -411,25 +412,44 @@ class Uptraining:
                         f"  measured    {speed:,.0f} tokens/s over steps {step - 2}-{step}: {total - step} steps "
                         f"left, about {duration(left)} of training (evaluations and checkpoints not counted)"
                     )
-                if (s.eval_every and step % s.eval_every == 0) or step == total:
+                out_of_time = self.out_of_time(step)
+                if (s.eval_every and step % s.eval_every == 0) or step == total or out_of_time:
                     self.evaluate(step)
                 if s.save_every and step % s.save_every == 0:
                     self.save(step)
+                self.last_step = step
+                if out_of_time and step < total:
+                    self.stopped_early = True
+                    self.say(f"  stopped     at step {step} of {total}: max_seconds ({s.max_seconds:g} s) reached")
+                    break
         finally:
             bar.close()
             del batches, loader  # stops the workers
         return self.finish()
 
-    def source_report(self) -> list[dict]:
-        """Each training source: its weight, the tokens the whole run draws from it, its token cache."""
+    def out_of_time(self, step: int) -> bool:
+        """max_seconds: whether the training time so far (resumed sessions included) has passed it, once min_steps
+        are done. Every process must stop at the same step, so the processes' answers are reduced (any one out of
+        time stops all)."""
+        s = self.s
+        if s.max_seconds is None or step < s.min_steps:
+            return False
+        late = self.previous_seconds + time.time() - self.session_start >= s.max_seconds
+        flag = torch.tensor([float(late)], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(flag, "sum").item() > 0)
+
+    def source_report(self, steps: int | None = None) -> list[dict]:
+        """Each training source: its weight, the tokens the whole run draws from it (over `steps`, default the
+        planned steps), its token cache."""
         s, plan = self.s, self.plan
+        steps = plan["total_steps"] if steps is None else steps
         weights, procs = self.data.get("weights") or mixture.exact_weights([1.0]), plan["num_processes"]
         if s.streaming:  # each process's parts take turns at the steps, with their own quotas
-            rows = mixture.rows_per_source(plan["total_steps"], s.micro_batch_size * s.grad_accum, weights,
+            rows = mixture.rows_per_source(steps, s.micro_batch_size * s.grad_accum, weights,
                                            max(s.num_workers, 1))  # fmt: skip
             rows = [r * procs for r in rows]
         else:
-            rows = mixture.rows_per_source(plan["total_steps"], plan["global_batch"], weights)
+            rows = mixture.rows_per_source(steps, plan["global_batch"], weights)
         sources = self.data.get("sources") or [{"name": self.data["train_name"], "weight": 1.0}]
         return [{**src, "tokens": r * s.block_tokens} for src, r in zip(sources, rows)]
 
@@ -438,23 +458,26 @@ class Uptraining:
         s, plan = self.s, self.plan
         train_seconds = self.previous_seconds + time.time() - self.session_start
         evals, train_rows = self.metrics.of_kind("eval"), self.metrics.of_kind("train")
-        tokens = plan["tokens"]
+        steps = self.last_step  # the planned steps, unless max_seconds stopped the run earlier
+        tokens = steps * plan["tokens_per_step"]
         summary: Summary = {
             "model_dir": str(Path(s.output_dir) / "model"),
             "settings": s.model_dump(),
             "run": self.run_id,
             "data": self.data["train_name"],
             "validation": self.data.get("val_name"),
-            "steps": plan["total_steps"],
+            "steps": steps,
+            "planned_steps": plan["total_steps"],
+            "stopped_early": self.stopped_early,
             "global_batch": plan["global_batch"],
             "warmup_steps": plan["warmup_steps"],
             "tokens": tokens,
-            "compute_fraction": plan["alpha"],
+            "compute_fraction": tokens / s.pretraining_tokens if s.pretraining_tokens else None,
             "num_processes": plan["num_processes"],
             "total_params": self.total_params,
             "trainable_params": self.trainable_params,
             "teacher_params": self.teacher_params,
-            "flops_estimate": plan["flops"],
+            "flops_estimate": plan["flops_per_token"] * tokens,
             "memory_estimate": self.memory.as_dict(),
             "peak_memory_mib": max((r["peak_memory_mib"] for r in train_rows), default=None),
             "train_seconds": train_seconds,
@@ -465,7 +488,7 @@ class Uptraining:
             "final_eval": evals[-1] if evals else None,
             "resumed_from": str(self.resume_from) if self.resume_from else None,
             "last_checkpoint": self.last_checkpoint,
-            "data_sources": self.source_report(),
+            "data_sources": self.source_report(steps),
             "data_wait_fraction": self.data_wait / self.wait_measured if self.wait_measured else None,
         }
         final = ckpt.save_output(self.accelerator, self.model, s, self.tokenizer, summary, self.metrics.rows)

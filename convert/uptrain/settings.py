@@ -143,6 +143,9 @@ class Settings(BaseModel):
     tokens: Annotated[MaybeCount, Field(gt=0)] = None
     compute_fraction: Annotated[MaybeFloat, Field(gt=0)] = None  # alpha: tokens = alpha x pretraining_tokens
     pretraining_tokens: Annotated[MaybeCount, Field(gt=0)] = None  # also reports alpha
+    # a wall-clock cap on top of the budget: stop after the first step that ends past it, but not before min_steps
+    max_seconds: Annotated[MaybeFloat, Field(gt=0)] = None
+    min_steps: Count = Field(1, gt=0)
     # --- optimisation: AdamW, linear warmup, cosine decay to min_lr_ratio x lr
     lr: float = Field(1e-4, gt=0)
     min_lr_ratio: Unit = 0.1

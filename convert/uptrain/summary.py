@@ -20,7 +20,9 @@ class Summary(TypedDict):
     run: dict[str, Any]  # the settings that decide the trajectory (see checkpointing.fingerprint)
     data: str
     validation: str | None
-    steps: int
+    steps: int  # the steps done: the planned ones, or fewer where max_seconds stopped the run
+    planned_steps: int
+    stopped_early: bool  # max_seconds stopped the run before its planned steps
     global_batch: int
     warmup_steps: int
     tokens: int

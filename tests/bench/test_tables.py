@@ -32,3 +32,23 @@ def test_a_changed_result_makes_the_check_fail(tmp_path, monkeypatch):
     monkeypatch.setattr(tables, "RESULTS", tmp_path)
     changed = tables.rewrite(text, page)
     assert changed != text and "0.847" in changed
+
+
+def test_a_named_entry_renders_its_own_table(tmp_path, monkeypatch):
+    """`<!-- table: FILE.json#KEY -->` renders the entry KEY of the file, beside the file's main table."""
+    sys.path.insert(0, str(TABLES.parent))
+    import tables
+
+    data = {
+        "table": {"columns": ["a"], "rows": [[1]]},
+        "curves": {"columns": ["x", "y"], "rows": [["p", 2.5]]},
+        "provenance": {"commit": "abc1234", "command": "python bench/x.py", "date": "2026-12-04T00:00:00+00:00"},
+    }
+    (tmp_path / "x.json").write_text(json.dumps(data))
+    monkeypatch.setattr(tables, "RESULTS", tmp_path)
+    page = tmp_path / "page.md"
+    text = "<!-- table: x.json -->\n<!-- /table -->\n<!-- table: x.json#curves -->\nold\n<!-- /table -->\n"
+    out = tables.rewrite(text, page)
+    assert "| a |\n|---|\n| 1 |" in out
+    assert "<!-- table: x.json#curves -->\n| x | y |\n|---|---|\n| p | 2.5 |\n" in out and "old" not in out
+    assert "Commit abc1234, 2026-12-04, `python bench/x.py`. Results: [bench/results/x.json](x.json)." in out

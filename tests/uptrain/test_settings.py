@@ -105,6 +105,8 @@ def test_recipes_configs_is_the_shipped_folder():
         (["max_steps=1", "eval_every=-1"], "eval_every must be not negative, got -1"),
         (["max_steps=1", "block_size=1"], "block_size must be at least 2, got 1"),
         (["max_steps=1", "grad_accum=0"], "grad_accum must be positive, got 0"),
+        (["max_steps=1", "max_seconds=0"], "max_seconds must be positive, got 0"),
+        (["max_steps=1", "min_steps=0"], "min_steps must be positive, got 0"),
         (["max_steps=1", "train=kv", "kv_modules="], "train=kv needs kv_modules"),
         (["max_steps=1", "resume=/no/such/folder"], "resume must be never, auto or a checkpoint folder"),
         (["tokens=100", "max_steps=1"], "give exactly one budget: max_steps, tokens, or compute_fraction"),
