@@ -22,6 +22,7 @@ second Python process would pay the imports and model loading again out of the d
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,8 @@ def uptrain_calibrated(
     from convert.uptrain import Options, Settings, uptrain
 
     root.mkdir(parents=True, exist_ok=True)
+    # The demo's own folder, rewritten on every run like its mean/ and calibrated/ conversions.
+    shutil.rmtree(root / "uptrained", ignore_errors=True)
     data = root / "builtin-train.txt"
     data.write_text(builtin_text("calibration"), encoding="utf-8")
     settings = Settings(
