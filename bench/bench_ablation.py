@@ -67,13 +67,14 @@ def main() -> int:
     ap.add_argument("--windows", type=int, default=12)
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--rows", nargs="+", default=None, help="row names (default: all)")
+    ap.add_argument("--name", default=None, help="the model's name in the results (default: its folder name)")
     ap.add_argument("--json", action="store_true", help="print the results as JSON only")
     ap.add_argument("--out", default=None, help="also write the JSON here")
     args = ap.parse_args()
     data = Path(args.data_dir or "") / "wikitext-2"
     if not args.data_dir or not (data / "test.txt").is_file():
         ap.error("no WikiText-2: pass --data-dir or set GQA_DATA_DIR to the folder holding wikitext-2/")
-    rows = [r for r in ROWS if args.rows is None or r[0] in args.rows or r[2] in args.rows]
+    rows = [r for r in ROWS if args.rows is None or r[0] in args.rows]
     if not rows:
         ap.error(f"--rows {args.rows}: choose from {', '.join(r[0] for r in ROWS)}")
 
@@ -88,7 +89,7 @@ def main() -> int:
 
         model, name = smollm2.materialize(), "SmolLM2-135M-Instruct (float32)"
     else:
-        model, name = Path(args.model), Path(args.model).name
+        model, name = Path(args.model), args.name or Path(args.model).name
     ids = tokenize_file(AutoTokenizer.from_pretrained(model), str(data / "test.txt"), args.windows * args.window + 1)
 
     def ppl(folder: Path) -> float:

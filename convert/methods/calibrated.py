@@ -179,17 +179,7 @@ class Calibrator:
             "calibration_tokens": int(ids.numel()),
             "calibration_sequences": int(ids.shape[0]),
             "calibration_seq_len": self.seq_len,
-            "calibration_dtype": opts.calibration_dtype,
-            "device": str(self.device),
-            "grouping": opts.grouping,
-            "stream": opts.stream,
-            "drift": self.drift,
-            "input_correction": self.input_correction,
-            "refit_o": opts.refit_o,
-            "ridge": opts.ridge,
-            "key_centering": opts.key_centering,
-            "key_weighting": opts.key_weighting,
-            "value_weighting": opts.value_weighting,
+            **fit_summary(opts, self.device, self.drift, self.input_correction),
             "reconstruct_epochs": opts.reconstruct_epochs,
             "reconstruct_lr": opts.reconstruct_lr,
             "reconstruct_batch": opts.reconstruct_batch,
@@ -358,6 +348,24 @@ class Calibrator:
             self.x_orig = self.pending["next_orig"]
         self.pending = {}
         return merged, stats
+
+
+def fit_summary(opts: CalibratedOptions, device: torch.device, drift: float, correction: float) -> dict[str, Any]:
+    """The fitting options a calibration records in its provenance (decoder and encoder-decoder alike); drift and
+    input correction as applied (0 on one stream)."""
+    return {
+        "calibration_dtype": opts.calibration_dtype,
+        "device": str(device),
+        "grouping": opts.grouping,
+        "stream": opts.stream,
+        "drift": drift,
+        "input_correction": correction,
+        "refit_o": opts.refit_o,
+        "ridge": opts.ridge,
+        "key_centering": opts.key_centering,
+        "key_weighting": opts.key_weighting,
+        "value_weighting": opts.value_weighting,
+    }
 
 
 def position_limit(raw: dict) -> int:

@@ -41,6 +41,7 @@ from convert.methods.calibrated import (
     CalibratedOptions,
     LayerCalibration,
     _apart,
+    fit_summary,
     merged_configs,
 )
 from convert.methods.linalg import LayerMath, input_correction, refit_o, rotary_pairs, second_moment
@@ -153,17 +154,7 @@ class T5Calibrator:
             "calibration_sequences": int(inputs.shape[0]),
             "calibration_seq_len": self.enc_len,
             "calibration_target_len": self.dec_len,
-            "calibration_dtype": opts.calibration_dtype,
-            "device": str(self.device),
-            "grouping": opts.grouping,
-            "stream": opts.stream,
-            "drift": self.drift,
-            "input_correction": self.input_correction,
-            "refit_o": opts.refit_o,
-            "ridge": opts.ridge,
-            "key_centering": opts.key_centering,
-            "key_weighting": opts.key_weighting,
-            "value_weighting": opts.value_weighting,
+            **fit_summary(opts, self.device, self.drift, self.input_correction),
             "encoder_decoder": "encoder run once; decoder self- and cross-attention merged, encoder kept",
             "key_merge": "no rotary (relative position bias): a full linear map per group, weighted by the query "
             "covariance, folded into q; cross-attention keys and values fitted on the encoder output",
