@@ -95,16 +95,17 @@ def _calibrated(d: dict) -> list[str]:
     ]
     if "ratio" in d:
         r = d["ratio"]
-        out += [
-            "",
-            f"Cost: the calibrated conversion took {r['calibrated_convert_s']:.2f} s, one float32 forward pass "
-            f"over the same {r['tokens']:,} tokens {r['forward_float32_s']:.2f} s: **{r['ratio']:.2f}×**.",
-        ]
+        line = (
+            f"Cost: one float32 forward pass over the same {r['tokens']:,} tokens took {r['forward_float32_s']:.2f} s;"
+        )
+        if "ratio" in r:
+            line += f" the calibrated conversion {r['calibrated_convert_s']:.2f} s: **{r['ratio']:.2f}×**;"
         if "ratio_reconstructed" in r:
-            out[-1] += (
-                f" `--method reconstructed` took {r['reconstructed_convert_s']:.2f} s: "
-                f"**{r['ratio_reconstructed']:.2f}×** (budget 6×)."
+            line += (
+                f" `--method reconstructed` {r['reconstructed_convert_s']:.2f} s: "
+                f"**{r['ratio_reconstructed']:.2f}×** (budget 6×);"
             )
+        out += ["", line[:-1] + "."]
     return out
 
 
