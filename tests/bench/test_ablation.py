@@ -12,8 +12,7 @@ import pytest
 
 from convert import convert_checkpoint
 from convert.eval.perplexity import score_folder, tokenize_file
-from convert.text.builtin import builtin_text
-from tests.helpers.eval import make
+from tests.helpers.eval import make, wikitext_folder
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "bench" / "bench_ablation.py"
@@ -26,11 +25,7 @@ def run(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture
 def data(tmp_path) -> Path:
-    folder = tmp_path / "data" / "wikitext-2"
-    folder.mkdir(parents=True)
-    (folder / "valid.txt").write_text(builtin_text("calibration"))
-    (folder / "test.txt").write_text(builtin_text("eval"))
-    return folder.parent
+    return wikitext_folder(tmp_path)
 
 
 def test_rows_and_the_calibrated_row_reproduced(tmp_path, data):

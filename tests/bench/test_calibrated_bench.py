@@ -10,19 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from convert.text.builtin import builtin_text
-from tests.helpers.eval import make
+from tests.helpers.eval import make, wikitext_folder
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
 def data(tmp_path) -> Path:
-    folder = tmp_path / "data" / "wikitext-2"
-    folder.mkdir(parents=True)
-    (folder / "valid.txt").write_text(builtin_text("calibration"))
-    (folder / "test.txt").write_text(builtin_text("eval"))
-    return folder.parent
+    return wikitext_folder(tmp_path)
 
 
 @pytest.mark.parametrize(

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import functools
 from collections import Counter
+from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from convert.text.builtin import builtin_text
 from tests.helpers.tiny import save, tiny_model
 
 
@@ -37,3 +39,12 @@ def make(tmp_path, name: str, zero_head: bool = False, **overrides):
     folder = save(model, tmp_path / name)
     word_tokenizer(model.config.vocab_size).save_pretrained(folder)
     return folder
+
+
+def wikitext_folder(tmp_path: Path) -> Path:
+    """A data folder shaped like ../shared/data (wikitext-2/valid.txt and test.txt), from the built-in text."""
+    folder = tmp_path / "data" / "wikitext-2"
+    folder.mkdir(parents=True)
+    (folder / "valid.txt").write_text(builtin_text("calibration"))
+    (folder / "test.txt").write_text(builtin_text("eval"))
+    return folder.parent
